@@ -1,0 +1,63 @@
+"""The `rcn` command: one entry point, a sub-command per job.
+
+Each sub-command lives in its own module as `main(argv) -> int`, imported only when used so
+that `rcn env` or `rcn prepare` never pay for importing DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from rcn_dist.errors import RcnError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("rcn_dist.data.prepare", "convert a dataset into WebDataset shards + manifest"),
+    "train": ("rcn_dist.train", "train (plain, torchrun, deepspeed, srun or mpirun)"),
+    "eval": ("rcn_dist.eval", "evaluate a run: test error, ELBO, IW bound, sample figures"),
+    "sample": ("rcn_dist.sample", "draw samples, the drawing animation, reconstructions"),
+    "report": ("rcn_dist.report", "one page with a run's config, curves, numbers and pictures"),
+    "bench": ("rcn_dist.bench", "benchmarks: throughput, FLOPs, fraction of peak"),
+    "submit": ("rcn_dist.submit", "submit a training run to Slurm (or locally) with submitit"),
+    "env": ("rcn_dist.parallel.env", "print the detected launch environment and exit"),
+    "export": ("rcn_dist.export", "export consolidated weights (safetensors + config JSON)"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: rcn <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`rcn <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from rcn_dist import __version__
+
+        print(f"rcn_dist {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"rcn: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return run_main(module.main, rest)
+
+
+def run_main(fn, argv: list[str]) -> int:
+    """Run a sub-command; an RcnError becomes one line on stderr and its exit code."""
+    try:
+        return int(fn(argv) or 0)
+    except RcnError as e:
+        print(f"rcn: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+
+
+def entry() -> None:
+    sys.exit(main())

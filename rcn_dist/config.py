@@ -1,0 +1,521 @@
+"""The one configuration tree of rcn_dist.
+
+Every knob of a run lives here: dataclasses with a docstring under each field, checked in
+``__post_init__``. A config is built from a named preset, then a file (JSON or TOML, parsed as
+data, never evaluated), then ``section.field=value`` overrides from the command line, in that
+order ("CLI > file > preset").
+
+    >>> from rcn_dist.config import preset
+    >>> cfg = preset("tiny")
+    >>> cfg = apply_overrides(cfg, ["model.T=6", "train.lr=3e-3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rcn_dist.errors import RcnError
+
+
+class ConfigError(RcnError, ValueError):
+    """A configuration value is wrong; the message names the field."""
+
+
+def _require(ok: bool, name: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field {name}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    """The Recurrent Capsule Network's shape (see docs/model.md)."""
+
+    in_channels: int = 1
+    """Image channels: 1 for (Fashion-)MNIST, 3 for CIFAR-10."""
+    height: int = 28
+    """Image height in pixels."""
+    width: int = 28
+    """Image width in pixels."""
+    n_classes: int = 10
+    """Number of class capsules in the encoder (one per class)."""
+    T: int = 64
+    """Number of drawing steps (DRAW's T)."""
+    rnn: str = "lstm"
+    """Recurrent cell of encoder and decoder: "lstm" (the paper) or "gru" (its section 9)."""
+    enc_hidden: int = 256
+    """Hidden size of the encoder RNN."""
+    dec_hidden: int = 256
+    """Hidden size of the decoder RNN."""
+    z_dim: int = 100
+    """Size of the Gaussian latent z_t drawn at every step."""
+    read_attn: bool = True
+    """Use DRAW's Gaussian-filterbank read; off: the encoder reads the whole image and error image."""
+    read_n: int = 2
+    """Read window is read_n x read_n (DRAW MNIST: 2)."""
+    write_attn: bool = True
+    """Use DRAW's Gaussian-filterbank write; off: each step writes the whole canvas."""
+    write_n: int = 5
+    """Write window is write_n x write_n (DRAW MNIST: 5)."""
+
+    # Encoder capsules: conv -> conv -> primary capsules -> class capsules (routing).
+    enc_conv_channels: tuple[int, ...] = (256, 128)
+    """Channels of the encoder's convolutions before the primary capsules (paper: 256, 128)."""
+    enc_conv_kernel: int = 5
+    """Kernel size of those convolutions (paper: 5, stride 1)."""
+    enc_primary_types: int = 32
+    """Number of primary capsule types (channels of capsules) in the encoder."""
+    enc_primary_dim: int = 8
+    """Dimension of each encoder primary capsule."""
+    enc_primary_kernel: int = 9
+    """Kernel of the primary-capsule convolution (Sabour et al.: 9)."""
+    enc_primary_stride: int = 2
+    """Stride of the primary-capsule convolution (Sabour et al.: 2)."""
+    class_caps_dim: int = 16
+    """Dimension of each class capsule."""
+    routing_iters: int = 3
+    """Dynamic-routing iterations r."""
+
+    # Decoder capsules, run at every step: z -> seed map -> 2 deconvs -> primary caps -> caps.
+    dec_seed_channels: int = 32
+    """Channels of the feature map that a linear layer makes from z_t before the deconvolutions."""
+    dec_seed_size: int = 8
+    """Spatial size (square) of that seed map."""
+    dec_deconv_channels: tuple[int, ...] = (128, 256)
+    """Channels of the decoder's two transposed convolutions (paper: 128, 256)."""
+    dec_deconv_kernel: int = 5
+    """Kernel of the transposed convolutions (stride 1: each grows the map by kernel - 1)."""
+    dec_primary_types: int = 32
+    """Number of primary capsule types in the decoder."""
+    dec_primary_dim: int = 8
+    """Dimension of each decoder primary capsule."""
+    dec_primary_kernel: int = 9
+    """Kernel of the decoder's primary-capsule convolution."""
+    dec_primary_stride: int = 2
+    """Stride of the decoder's primary-capsule convolution."""
+    dec_caps: int = 10
+    """Number of capsules in the decoder's final capsule layer."""
+    dec_caps_dim: int = 16
+    """Dimension of each capsule of the decoder's final capsule layer."""
+    dec_z_skip: bool = True
+    """Also feed z_t itself to the decoder RNN beside the capsule output (DRAW feeds z_t)."""
+
+    likelihood: str = "bernoulli"
+    """D(x | c_T): "bernoulli" on binarised data (nats), or "logistic", a discretised logistic with
+    256 bins per sub-pixel and a learned scale per channel (CIFAR-10; reported in bits/dim too)."""
+    margin_weight: float = 100.0
+    """Weight of the margin loss against the ELBO (which is hundreds of nats per image)."""
+    m_plus: float = 0.9
+    """Margin loss: a present class should have capsule length above m_plus."""
+    m_minus: float = 0.1
+    """Margin loss: an absent class should have capsule length below m_minus."""
+    margin_lambda: float = 0.5
+    """Margin loss: down-weighting of the absent-class term."""
+
+    def __post_init__(self) -> None:
+        self.enc_conv_channels = tuple(self.enc_conv_channels)
+        self.dec_deconv_channels = tuple(self.dec_deconv_channels)
+        for name in (
+            "in_channels", "height", "width", "n_classes", "T", "enc_hidden", "dec_hidden",
+            "z_dim", "read_n", "write_n", "enc_conv_kernel", "enc_primary_types",
+            "enc_primary_dim", "enc_primary_kernel", "enc_primary_stride", "class_caps_dim",
+            "routing_iters", "dec_seed_channels", "dec_seed_size", "dec_deconv_kernel",
+            "dec_primary_types", "dec_primary_dim", "dec_primary_kernel", "dec_primary_stride",
+            "dec_caps", "dec_caps_dim",
+        ):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v > 0, f"model.{name}", f"must be a positive integer, got {v!r}")
+        _require(self.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {self.in_channels}")
+        _require(self.n_classes >= 2, "model.n_classes", "must be at least 2")
+        _require(self.rnn in ("lstm", "gru"), "model.rnn", f"must be 'lstm' or 'gru', got {self.rnn!r}")
+        _require(self.likelihood in ("bernoulli", "logistic"), "model.likelihood",
+                 f"must be 'bernoulli' or 'logistic', got {self.likelihood!r}")
+        _require(len(self.enc_conv_channels) >= 1 and all(c > 0 for c in self.enc_conv_channels),
+                 "model.enc_conv_channels", "must be one or more positive channel counts")
+        _require(len(self.dec_deconv_channels) >= 1 and all(c > 0 for c in self.dec_deconv_channels),
+                 "model.dec_deconv_channels", "must be one or more positive channel counts")
+        _require(self.margin_weight >= 0, "model.margin_weight", "must be >= 0")
+        _require(0 <= self.m_minus < self.m_plus <= 1, "model.m_plus",
+                 f"need 0 <= m_minus < m_plus <= 1, got m_minus={self.m_minus}, m_plus={self.m_plus}")
+        # Spatial bookkeeping: every kernel must fit the map it slides over.
+        size = min(self.height, self.width)
+        for i, _ in enumerate(self.enc_conv_channels):
+            _require(self.enc_conv_kernel <= size, "model.enc_conv_kernel",
+                     f"kernel {self.enc_conv_kernel} is larger than the {size}x{size} map "
+                     f"it meets at encoder convolution {i + 1} (image {self.height}x{self.width})")
+            size -= self.enc_conv_kernel - 1
+        _require(self.enc_primary_kernel <= size, "model.enc_primary_kernel",
+                 f"kernel {self.enc_primary_kernel} is larger than the {size}x{size} map it meets "
+                 f"after the encoder convolutions (image {self.height}x{self.width})")
+        dec = self.dec_seed_size + len(self.dec_deconv_channels) * (self.dec_deconv_kernel - 1)
+        _require(self.dec_primary_kernel <= dec, "model.dec_primary_kernel",
+                 f"kernel {self.dec_primary_kernel} is larger than the decoder's {dec}x{dec} map")
+        _require(not self.read_attn or self.read_n <= min(self.height, self.width), "model.read_n",
+                 "read window larger than the image")
+        _require(not self.write_attn or self.write_n <= min(self.height, self.width), "model.write_n",
+                 "write window larger than the image")
+
+    # Derived sizes, used by the model and by docs/model.md.
+    def enc_primary_grid(self) -> tuple[int, int]:
+        """Spatial size (h, w) of the encoder's primary-capsule map."""
+        h, w = self.height, self.width
+        for _ in self.enc_conv_channels:
+            h, w = h - self.enc_conv_kernel + 1, w - self.enc_conv_kernel + 1
+        k, s = self.enc_primary_kernel, self.enc_primary_stride
+        return (h - k) // s + 1, (w - k) // s + 1
+
+    def dec_primary_grid(self) -> int:
+        """Spatial size (square) of the decoder's primary-capsule map."""
+        m = self.dec_seed_size + len(self.dec_deconv_channels) * (self.dec_deconv_kernel - 1)
+        return (m - self.dec_primary_kernel) // self.dec_primary_stride + 1
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is fed."""
+
+    dir: str = "data/fashion-mnist"
+    """A directory prepared by `rcn prepare` (shards + manifest.json)."""
+    binarize: str = "dynamic"
+    """"dynamic" (a fresh Bernoulli draw per sample and epoch, seeded), "fixed" (threshold 0.5),
+    or "none" (keep grey levels: for the logistic likelihood)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    shuffle: bool = True
+    """Shuffle shards and samples, seeded by (seed, epoch)."""
+
+    def __post_init__(self) -> None:
+        _require(self.binarize in ("dynamic", "fixed", "none"), "data.binarize",
+                 f"must be 'dynamic', 'fixed' or 'none', got {self.binarize!r}")
+        _require(isinstance(self.num_workers, int) and self.num_workers >= 0, "data.num_workers",
+                 "must be a non-negative integer")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. Batch sizes, precision, clipping and LR live here, not in the DeepSpeed JSON."""
+
+    steps: int = 10000
+    """Optimizer steps to train for."""
+    batch_size: int = 64
+    """Global batch: micro_batch x grad_accum x data-parallel world size."""
+    micro_batch: int = 0
+    """Per-rank micro-batch; 0 derives it from batch_size, grad_accum and the world size."""
+    grad_accum: int = 1
+    """Gradient-accumulation steps per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (Adam)."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    lr_schedule: str = "cosine"
+    """"cosine" (to min_lr_ratio x lr at the last step) or "constant" after warm-up."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of lr for the cosine schedule."""
+    weight_decay: float = 0.0
+    """Adam weight decay."""
+    grad_clip: float = 10.0
+    """Global gradient-norm clip; 0 disables."""
+    precision: str = "fp32"
+    """"fp32", "bf16" (CPU and GPU) or "fp16" (GPU only, with dynamic loss scaling)."""
+    seed: int = 0
+    """Seeds the weights, the data order, binarisation and the latent noise."""
+    eval_every: int = 500
+    """Evaluate on the test split every N steps (0: only at the end)."""
+    eval_batches: int = 0
+    """Batches of the test split per periodic evaluation (0: the whole split)."""
+    ckpt_every: int = 500
+    """Checkpoint every N steps (and at the end and on a stop signal)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted after a newer one is complete."""
+    nan_policy: str = "stop"
+    """On a NaN/inf loss: "stop" (exit, naming the last good checkpoint) or "skip" the step."""
+    log_every: int = 1
+    """Write a metrics.jsonl line every N steps."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "keep_last", "log_every"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v > 0, f"train.{name}", f"must be a positive integer, got {v!r}")
+        for name in ("micro_batch", "warmup_steps", "eval_every", "eval_batches", "ckpt_every"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v >= 0, f"train.{name}", f"must be a non-negative integer, got {v!r}")
+        _require(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _require(self.precision in ("fp32", "bf16", "fp16"), "train.precision",
+                 f"must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        _require(self.lr_schedule in ("cosine", "constant"), "train.lr_schedule",
+                 f"must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        _require(self.nan_policy in ("stop", "skip"), "train.nan_policy",
+                 f"must be 'stop' or 'skip', got {self.nan_policy!r}")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over processes (data parallelism comes from the world size)."""
+
+    pipeline_stages: int = 1
+    """1: every rank holds the whole model. 2: encoder stack on one rank, decoder on the next."""
+    micro_batches: int = 1
+    """Micro-batches in flight through the pipeline per step (pipeline_stages = 2 only)."""
+    zero_stage: int = -1
+    """ZeRO stage; -1 takes it from the DeepSpeed JSON (0 when there is none)."""
+
+    def __post_init__(self) -> None:
+        _require(self.pipeline_stages in (1, 2), "parallel.pipeline_stages",
+                 f"must be 1 or 2, got {self.pipeline_stages}")
+        _require(isinstance(self.micro_batches, int) and self.micro_batches >= 1,
+                 "parallel.micro_batches", "must be a positive integer")
+        _require(self.zero_stage in (-1, 0, 1, 2, 3), "parallel.zero_stage",
+                 f"must be -1 or 0..3, got {self.zero_stage}")
+
+
+@dataclass
+class EvalConfig:
+    """`rcn eval` and `rcn sample`."""
+
+    iw_samples: int = 50
+    """K of the importance-weighted bound."""
+    iw_examples: int = 1000
+    """Test images used for the importance-weighted bound (0: all)."""
+    nn_samples: int = 256
+    """Generated samples for the nearest-neighbour and Frechet figures."""
+    nn_train_images: int = 10000
+    """Training images searched for nearest neighbours (0: all)."""
+    classifier_steps: int = 300
+    """Steps of the small feature classifier trained for the Frechet distance."""
+
+    def __post_init__(self) -> None:
+        for name in ("iw_samples", "nn_samples", "classifier_steps"):
+            _require(getattr(self, name) > 0, f"eval.{name}", "must be positive")
+        for name in ("iw_examples", "nn_train_images"):
+            _require(getattr(self, name) >= 0, f"eval.{name}", "must be >= 0")
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    name: str = "custom"
+    """The preset (or file) this config came from; informational."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data path."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and the loop."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Pipeline split and ZeRO."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation and sampling."""
+
+    def __post_init__(self) -> None:
+        if self.model.likelihood == "logistic":
+            _require(self.data.binarize == "none", "data.binarize",
+                     "the logistic likelihood models grey levels: set data.binarize=none")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+            "parallel": ParallelConfig, "eval": EvalConfig}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    """Turn a parsed value (or a CLI string) into the field's declared type, or refuse."""
+    origin = getattr(typ, "__origin__", None)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field {name}: expected a list, got {value!r}")
+        return tuple(_coerce(v, int, name) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"config field {name}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config field {name}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config field {name}: expected an integer, got {value!r}") from None
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config field {name}: expected a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config field {name}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(d: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a Config from a nested dict laid over `base` (default: the dataclass defaults).
+
+    Unknown sections or keys are refused, naming them.
+    """
+    cur = base.to_dict() if base is not None else Config().to_dict()
+    for key, val in d.items():
+        if key == "name":
+            cur["name"] = _coerce(val, str, "name")
+            continue
+        if key not in SECTIONS:
+            raise ConfigError(f"unknown config section {key!r} (known: name, {', '.join(SECTIONS)})")
+        if not isinstance(val, dict):
+            raise ConfigError(f"config section {key!r} must be a table/object, got {type(val).__name__}")
+        types = _field_types(SECTIONS[key])
+        for k, v in val.items():
+            if k not in types:
+                raise ConfigError(f"unknown config key {key}.{k}")
+            cur[key][k] = _coerce(v, types[k], f"{key}.{k}")
+    return Config(
+        name=cur["name"],
+        **{s: cls(**cur[s]) for s, cls in SECTIONS.items()},
+    )
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.field=value` strings (as typed on a command line)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) == 1 and parts[0] == "name":
+            nested["name"] = value
+            continue
+        if len(parts) != 2:
+            raise ConfigError(f"override key {key!r} must be section.field (e.g. train.lr)")
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return from_dict(nested, base=cfg)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Parse a JSON or TOML config file as data (never evaluated)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_bytes()
+    try:
+        if p.suffix == ".toml":
+            return tomllib.loads(text.decode("utf-8"))
+        if p.suffix == ".json":
+            obj = json.loads(text)
+            if not isinstance(obj, dict):
+                raise ConfigError(f"config file {p}: the top level must be an object")
+            return obj
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} does not parse: {e}") from None
+    raise ConfigError(f"config file {p}: unsupported format {p.suffix!r} (use .json or .toml)")
+
+
+# ---------------------------------------------------------------- presets
+def _tiny() -> Config:
+    return Config(
+        name="tiny",
+        model=ModelConfig(
+            T=4, enc_hidden=32, dec_hidden=32, z_dim=8, read_n=3, write_n=3,
+            enc_conv_channels=(16, 16), enc_primary_types=4, enc_primary_dim=4,
+            class_caps_dim=8, routing_iters=3,
+            dec_seed_channels=4, dec_seed_size=4, dec_deconv_channels=(8, 16),
+            dec_primary_types=4, dec_primary_dim=4, dec_primary_kernel=5, dec_primary_stride=2,
+            dec_caps=4, dec_caps_dim=8, margin_weight=50.0,
+        ),
+        data=DataConfig(dir="data/fashion-mnist"),
+        train=TrainConfig(steps=20, batch_size=16, lr=3e-3, warmup_steps=0, eval_every=10,
+                          eval_batches=2, ckpt_every=10),
+    )
+
+
+def _small() -> Config:
+    # The CPU quickstart: 2 cores, minutes. Capsules narrow, few steps, no paper sizes.
+    return Config(
+        name="small",
+        model=ModelConfig(
+            T=8, enc_hidden=128, dec_hidden=128, z_dim=16, read_n=5, write_n=5,
+            enc_conv_channels=(64, 64), enc_primary_types=16, enc_primary_dim=8,
+            class_caps_dim=16, routing_iters=3,
+            dec_seed_channels=8, dec_seed_size=4, dec_deconv_channels=(16, 32),
+            dec_primary_types=8, dec_primary_dim=8, dec_primary_kernel=5, dec_primary_stride=2,
+            dec_caps=8, dec_caps_dim=8, margin_weight=100.0,
+        ),
+        data=DataConfig(dir="data/fashion-mnist"),
+        train=TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup_steps=50, eval_every=500,
+                          eval_batches=20, ckpt_every=250),
+    )
+
+
+def _mnist() -> Config:
+    # The paper's sizes (section 7) and DRAW's MNIST values where the paper gives none.
+    return Config(name="mnist", model=ModelConfig(), data=DataConfig(dir="data/mnist"),
+                  train=TrainConfig(steps=50000, batch_size=128, lr=1e-3, precision="bf16"))
+
+
+def _cifar10() -> Config:
+    return Config(
+        name="cifar10",
+        model=ModelConfig(in_channels=3, height=32, width=32, likelihood="logistic",
+                          enc_hidden=400, dec_hidden=400, z_dim=200, read_n=5, write_n=5),
+        data=DataConfig(dir="data/cifar10", binarize="none"),
+        train=TrainConfig(steps=100000, batch_size=128, lr=1e-3, precision="bf16"),
+    )
+
+
+def _multimnist() -> Config:
+    cfg = _mnist()
+    cfg.name = "multimnist"
+    cfg.model = dataclasses.replace(cfg.model, height=36, width=36)
+    cfg.data = DataConfig(dir="data/multimnist")
+    return cfg
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "mnist": _mnist, "cifar10": _cifar10,
+           "multimnist": _multimnist}
+
+
+def preset(name: str) -> Config:
+    """A fresh copy of a named preset: tiny (tests), small (CPU quickstart), mnist, cifar10,
+    multimnist (the paper's sizes, for GPUs)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return PRESETS[name]()
+
+
+def resolve(preset_name: str | None = None, file: str | Path | None = None,
+            overrides: list[str] | None = None) -> Config:
+    """Preset, then file, then overrides. A file may name its own base with `preset = "..."`."""
+    d = load_file(file) if file is not None else {}
+    base_name = d.pop("preset", None) if isinstance(d, dict) else None
+    name = preset_name or base_name
+    cfg = preset(name) if name else Config()
+    if d:
+        cfg = from_dict(d, base=cfg)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
