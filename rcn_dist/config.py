@@ -219,8 +219,9 @@ class TrainConfig:
     """Adam weight decay."""
     grad_clip: float = 10.0
     """Global gradient-norm clip; 0 disables."""
-    precision: str = "fp32"
-    """"fp32", "bf16" (CPU and GPU) or "fp16" (GPU only, with dynamic loss scaling)."""
+    precision: str = "auto"
+    """"fp32", "bf16" (CPU and GPU), "fp16" (GPU only, with dynamic loss scaling), or "auto": what
+    the DeepSpeed JSON enables, else fp32. An explicit value that the JSON contradicts is refused."""
     seed: int = 0
     """Seeds the weights, the data order, binarisation and the latent noise."""
     eval_every: int = 500
@@ -231,8 +232,6 @@ class TrainConfig:
     """Checkpoint every N steps (and at the end and on a stop signal)."""
     keep_last: int = 3
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
-    nan_policy: str = "stop"
-    """On a NaN/inf loss: "stop" (exit, naming the last good checkpoint) or "skip" the step."""
     log_every: int = 1
     """Write a metrics.jsonl line every N steps."""
 
@@ -245,12 +244,10 @@ class TrainConfig:
             _require(isinstance(v, int) and v >= 0, f"train.{name}", f"must be a non-negative integer, got {v!r}")
         _require(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
-        _require(self.precision in ("fp32", "bf16", "fp16"), "train.precision",
-                 f"must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        _require(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
+                 f"must be 'auto', 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
         _require(self.lr_schedule in ("cosine", "constant"), "train.lr_schedule",
                  f"must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-        _require(self.nan_policy in ("stop", "skip"), "train.nan_policy",
-                 f"must be 'stop' or 'skip', got {self.nan_policy!r}")
 
 
 @dataclass
@@ -474,7 +471,7 @@ def _small() -> Config:
 def _mnist() -> Config:
     # The paper's sizes (section 7) and DRAW's MNIST values where the paper gives none.
     return Config(name="mnist", model=ModelConfig(), data=DataConfig(dir="data/mnist"),
-                  train=TrainConfig(steps=50000, batch_size=128, lr=1e-3, precision="bf16"))
+                  train=TrainConfig(steps=50000, batch_size=128, lr=1e-3))
 
 
 def _cifar10() -> Config:
@@ -483,7 +480,7 @@ def _cifar10() -> Config:
         model=ModelConfig(in_channels=3, height=32, width=32, likelihood="logistic",
                           enc_hidden=400, dec_hidden=400, z_dim=200, read_n=5, write_n=5),
         data=DataConfig(dir="data/cifar10", binarize="none"),
-        train=TrainConfig(steps=100000, batch_size=128, lr=1e-3, precision="bf16"),
+        train=TrainConfig(steps=100000, batch_size=128, lr=1e-3),
     )
 
 

@@ -1,0 +1,14 @@
+"""Entry point for launchers: `deepspeed launch/train.py --deepspeed configs/ds.json --preset small`,
+`torchrun --nproc_per_node 2 launch/train.py ...`, `srun python launch/train.py ...`,
+`mpirun -np 2 python launch/train.py ...` or plain `python launch/train.py ...`.
+
+The same as `rcn train`; everything lives in rcn_dist.train.
+"""
+
+import sys
+
+from rcn_dist.cli import run_main
+from rcn_dist.train import main
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, sys.argv[1:]))

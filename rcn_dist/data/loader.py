@@ -1,0 +1,474 @@
+"""The streaming loader: WebDataset shards -> batches, split by data-parallel rank and worker.
+
+Training (TrainStream): per epoch the shard list is permuted with (seed, epoch); rank r, worker w
+reads shards perm[r + R*w :: R*W] (R data-parallel ranks, W = max(1, workers)) through a bounded
+shuffle buffer seeded by (seed, epoch, slot), and every (rank, worker) slot yields the same number
+of full batches, so every rank yields the same number per epoch. Which samples an epoch leaves
+out is in docs/data.md. Workers batch on their own; the DataLoader takes their batches in
+round-robin order, which makes the batch order deterministic, and resuming at batch k of an epoch
+rotates the workers' roles so that the first batch out is batch k.
+
+Evaluation (EvalStream): rank r reads shards r, r + R, ... of the test split in order, once; the
+shorter shares are padded to the longest with masked-out samples.
+
+Batches are dicts: "image" float32 (B, C, H, W) in [0, 1], "label" int64 (B,) or float32
+multi-hot (B, n_classes), "index" int64 (B,) (the sample's index in its split; -1 for padding),
+and for evaluation "mask" bool (B,).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset.tariterators as wds_tar
+
+from rcn_dist.data import safetar
+from rcn_dist.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, npy_header
+from rcn_dist.errors import DataError
+
+BINARIZE = ("dynamic", "fixed", "none")
+
+
+# ---------------------------------------------------------------- manifest
+class Manifest:
+    """A prepared data directory: manifest.json plus the shards it lists."""
+
+    def __init__(self, directory: Path, data: dict[str, Any]) -> None:
+        self.dir = directory
+        self.data = data
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Manifest:
+        """Read and check `directory`/manifest.json (DataError naming what is wrong)."""
+        d = Path(directory)
+        path = d / MANIFEST
+        if not path.is_file():
+            raise DataError(f"{d}: no {MANIFEST} (run `rcn prepare`)")
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            raise DataError(f"{path}: not an rcn shard manifest")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{path}: format version {m.get('format_version')!r}, this tool reads "
+                            f"{FORMAT_VERSION} (re-run `rcn prepare`)")
+        try:
+            shape = [int(v) for v in m["image_shape"]]
+            names = [str(v) for v in m["class_names"]]
+            splits = m["splits"]
+            for split, entry in splits.items():
+                for sh in entry["shards"]:
+                    f = sh["file"]
+                    # The manifest names files inside its own directory, never elsewhere.
+                    if not isinstance(f, str) or "/" in f or "\\" in f or f in ("", ".", ".."):
+                        raise DataError(f"{path}: shard file name {f!r} is not a plain file name")
+                    int(sh["samples"]), int(sh["bytes"]), str(sh["sha256"])
+                if sum(sh["samples"] for sh in entry["shards"]) != entry["num_samples"]:
+                    raise DataError(f"{path}: split {split!r} shard counts do not add up to num_samples")
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+        if len(shape) != 3 or min(shape) < 1 or len(names) < 2:
+            raise DataError(f"{path}: malformed image_shape or class_names")
+        return cls(d, m)
+
+    @property
+    def dataset(self) -> str:
+        return self.data["dataset"]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W)."""
+        c, h, w = self.data["image_shape"]
+        return int(c), int(h), int(w)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.data["class_names"])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.data["class_names"])
+
+    @property
+    def multi_label(self) -> bool:
+        """True for MultiMNIST: two classes per image, labels come as multi-hot vectors."""
+        return self.data.get("label_kind") == "multi"
+
+    def splits(self) -> list[str]:
+        return list(self.data["splits"])
+
+    def shards(self, split: str) -> list[dict[str, Any]]:
+        """The split's shard entries: file, samples, bytes, sha256."""
+        if split not in self.data["splits"]:
+            raise DataError(f"{self.dir}: no split {split!r} (has {', '.join(self.splits())})")
+        return self.data["splits"][split]["shards"]
+
+    def num_samples(self, split: str) -> int:
+        self.shards(split)
+        return int(self.data["splits"][split]["num_samples"])
+
+    def read_shard_bytes(self, entry: dict[str, Any]) -> bytes:
+        """A shard's bytes, checked against the manifest's size and SHA-256."""
+        path = self.dir / entry["file"]
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"{path}: cannot read shard ({e.strerror or e})") from None
+        if len(data) != entry["bytes"]:
+            raise DataError(f"{path}: shard holds {len(data)} bytes, the manifest says {entry['bytes']} "
+                            + ("(truncated)" if len(data) < entry["bytes"] else "(changed)"))
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise DataError(f"{path}: shard checksum does not match the manifest (corrupt or changed)")
+        return data
+
+    def verify(self) -> None:
+        """Check every shard's size and SHA-256; DataError names the first bad shard."""
+        for split in self.splits():
+            for entry in self.shards(split):
+                self.read_shard_bytes(entry)
+
+
+# ---------------------------------------------------------------- reading one shard
+def iter_shard(manifest: Manifest, entry: dict[str, Any]) -> Iterator[dict[str, bytes]]:
+    """The raw samples of one shard ({"__key__", "npy", "cls", ...}), in stored order.
+
+    The shard is checked (size, checksum, tar members: UnsafeFileError for links, absolute
+    paths, `..` and devices) and must hold exactly the manifest's sample count.
+    """
+    path = manifest.dir / entry["file"]
+    data = manifest.read_shard_bytes(entry)
+    files = ({"fname": name, "data": content, "__url__": str(path)}
+             for name, content in safetar.iter_files(io.BytesIO(data), path))
+    n = 0
+    try:
+        for sample in wds_tar.group_by_keys(files):
+            if "npy" not in sample or "cls" not in sample:
+                raise DataError(f"{path}: sample {sample['__key__']!r} lacks its npy or cls member")
+            n += 1
+            yield sample
+    except ValueError as e:  # group_by_keys: a duplicate member name
+        raise DataError(f"{path}: {e.args[0]}") from None
+    if n != entry["samples"]:
+        raise DataError(f"{path}: shard holds {n} samples, the manifest says {entry['samples']}")
+
+
+def _decode(samples: list[dict[str, bytes]], manifest: Manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> images uint8 (B, C, H, W), labels int64 (B,) or (B, 2), indices int64 (B,)."""
+    shape = manifest.image_shape
+    header = npy_header(shape)
+    size = len(header) + int(np.prod(shape))
+    images = np.empty((len(samples), *shape), np.uint8)
+    multi = manifest.multi_label
+    labels = np.empty((len(samples), 2) if multi else (len(samples),), np.int64)
+    index = np.empty(len(samples), np.int64)
+    for i, s in enumerate(samples):
+        try:
+            raw = s["npy"]
+            if len(raw) == size and raw.startswith(header):  # the header is the same for all
+                x = np.frombuffer(raw, np.uint8, offset=len(header)).reshape(shape)
+            else:
+                x = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+            labels[i] = (int(s["cls"]), int(s["cls2"])) if multi else int(s["cls"])
+            index[i] = int(s["__key__"])
+        except (ValueError, KeyError, OSError) as e:
+            raise DataError(f"{s['__url__']}: sample {s['__key__']!r} does not decode ({e})") from None
+        if x.shape != shape or x.dtype != np.uint8:
+            raise DataError(f"{s['__url__']}: sample {s['__key__']!r} is {x.dtype} {x.shape}, "
+                            f"the manifest says uint8 {shape}")
+        images[i] = x
+    if labels.size and (labels.min() < 0 or labels.max() >= manifest.n_classes):
+        raise DataError(f"{samples[0]['__url__']}: a label is out of range 0..{manifest.n_classes - 1}")
+    return images, labels, index
+
+
+# ---------------------------------------------------------------- binarisation
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    # splitmix64's finaliser: a bijective, well-mixed hash of a 64-bit counter (wraps mod 2^64).
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def binarize(images: np.ndarray, mode: str, seed: int = 0, epoch: int = 0,
+             index: np.ndarray | None = None) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 (B, C, H, W) in [0, 1].
+
+    "fixed": 1 where x/255 >= 0.5. "none": x/255. "dynamic": a Bernoulli(x/255) draw per pixel
+    from a counter-based hash of (seed, epoch, sample index, pixel), so a sample gets the same
+    draw whichever rank, worker or batch it lands in.
+    """
+    if mode == "none":
+        return torch.from_numpy(images.astype(np.float32) / 255.0)
+    if mode == "fixed":
+        return torch.from_numpy((images >= 128).astype(np.float32))  # 128/255 is the first >= 0.5
+    if mode != "dynamic":
+        raise DataError(f"unknown binarisation {mode!r} (use {', '.join(BINARIZE)})")
+    b = images.shape[0]
+    npix = int(np.prod(images.shape[1:]))
+    key = _mix64(np.array([(seed & 0xFFFFFFFF) << 32 | (epoch & 0xFFFFFFFF)], np.uint64))
+    ctr = index.astype(np.uint64)[:, None] * np.uint64(npix) + np.arange(npix, dtype=np.uint64)[None]
+    u = _mix64(_mix64(ctr ^ key)) >> np.uint64(40)  # 24 uniform bits, (B, npix)
+    # u / 2^24 < x / 255, in exact integer arithmetic.
+    bits = u * np.uint64(255) < images.reshape(b, npix).astype(np.uint64) << np.uint64(24)
+    return torch.from_numpy(bits.reshape(images.shape).astype(np.float32))
+
+
+def _batch(samples: list[dict[str, bytes]], manifest: Manifest, mode: str, seed: int, epoch: int) -> dict:
+    images, labels, index = _decode(samples, manifest)
+    out = {"image": binarize(images, mode, seed, epoch, index), "index": torch.from_numpy(index)}
+    if manifest.multi_label:
+        hot = np.zeros((len(labels), manifest.n_classes), np.float32)
+        np.put_along_axis(hot, labels, 1.0, axis=1)
+        out["label"] = torch.from_numpy(hot)
+    else:
+        out["label"] = torch.from_numpy(labels)
+    return out
+
+
+def _rng(*parts: int) -> random.Random:
+    # random.Random seeded with an int is reproducible across processes and platforms.
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+# ---------------------------------------------------------------- training
+class _EpochSlots(torch.utils.data.IterableDataset):
+    """One epoch of one rank: in each DataLoader worker, the batches of that worker's slot."""
+
+    def __init__(self, stream: TrainStream, epoch: int, skip: int) -> None:
+        super().__init__()
+        self.s, self.epoch, self.skip = stream, epoch, skip
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        return self.s._slot_batches(self.epoch, (wid + self.skip) % self.s._w, self.skip)
+
+
+class TrainStream:
+    """Endless training batches for one data-parallel rank (see the module docstring).
+
+    Every rank yields `batches_per_epoch` batches per epoch; the order depends only on
+    (seed, epoch) and the layout (dp_size, num_workers, batch_size). `state_dict()` records the
+    position; a stream given it by `load_state_dict` yields exactly the batches that would
+    have followed.
+    """
+
+    def __init__(self, data_dir: str | Path, batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                 num_workers: int = 0, binarize: str = "dynamic", shuffle: bool = True,
+                 split: str = "train", shuffle_buffer: int = 1000) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise DataError(f"data-parallel rank {dp_rank} is outside 0..{dp_size - 1}")
+        if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
+            raise DataError("batch_size and shuffle_buffer must be positive, num_workers >= 0")
+        if binarize not in BINARIZE:
+            raise DataError(f"unknown binarisation {binarize!r} (use {', '.join(BINARIZE)})")
+        self.manifest = Manifest.load(data_dir)
+        self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
+        self.num_workers, self.binarize, self.shuffle, self.split = num_workers, binarize, shuffle, split
+        self.shuffle_buffer = shuffle_buffer
+        self._w = max(1, num_workers)
+        entries = self.manifest.shards(split)
+        slots = dp_size * self._w
+        if len(entries) < slots:
+            raise DataError(f"{self.manifest.dir}: {len(entries)} {split} shards for {dp_size} ranks x "
+                            f"{self._w} workers; need at least {slots} (re-run `rcn prepare` with a "
+                            "smaller --shard-size, or use fewer workers)")
+        # Every slot holds at least the len//slots smallest shards, whatever the permutation.
+        per_slot = sum(sorted(e["samples"] for e in entries)[: len(entries) // slots])
+        self.batches_per_slot = per_slot // batch_size
+        if self.batches_per_slot == 0:
+            raise DataError(f"{self.manifest.dir}: batch size {batch_size} is larger than the "
+                            f"{per_slot} samples each of {slots} (rank, worker) slots is sure to get")
+        self.epoch = 0
+        self.batch_in_epoch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches this rank (and every other rank) yields per epoch."""
+        return self._w * self.batches_per_slot
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples all ranks together use per epoch (the rest of the split is left out)."""
+        return self.batches_per_epoch * self.batch_size * self.dp_size
+
+    def _slot_shards(self, epoch: int, role: int) -> list[dict[str, Any]]:
+        entries = self.manifest.shards(self.split)
+        order = list(range(len(entries)))
+        if self.shuffle:
+            _rng(self.seed, epoch).shuffle(order)
+        return [entries[i] for i in order[self.dp_rank + self.dp_size * role :: self.dp_size * self._w]]
+
+    def _slot_samples(self, epoch: int, role: int) -> Iterator[dict[str, bytes]]:
+        shards = self._slot_shards(epoch, role)
+        if not self.shuffle:
+            for entry in shards:
+                yield from iter_shard(self.manifest, entry)
+            return
+        rng = _rng(self.seed, epoch, self.dp_rank, role, self.dp_size, self._w)
+        buf: list[dict[str, bytes]] = []
+        for entry in shards:
+            for sample in iter_shard(self.manifest, entry):
+                if len(buf) < self.shuffle_buffer:
+                    buf.append(sample)
+                    continue
+                j = rng.randrange(len(buf))
+                yield buf[j]
+                buf[j] = sample
+        while buf:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+
+    def _slot_batches(self, epoch: int, role: int, skip: int) -> Iterator[dict]:
+        """Batches of slot `role` not among the first `skip` batches of the rank's epoch."""
+        # Rank batch j comes from role j % W; of the first `skip`, this many were this role's.
+        own_skip = skip // self._w + (1 if role < skip % self._w else 0)
+        chunk: list[dict[str, bytes]] = []
+        done = 0
+        samples = self._slot_samples(epoch, role)
+        try:
+            for sample in samples:
+                chunk.append(sample)
+                if len(chunk) < self.batch_size:
+                    continue
+                if done >= own_skip:  # skipped batches are read and shuffled but not decoded
+                    yield _batch(chunk, self.manifest, self.binarize, self.seed, epoch)
+                chunk = []
+                done += 1
+                if done == self.batches_per_slot:
+                    return
+        finally:
+            samples.close()
+        raise DataError(f"{self.manifest.dir}: slot ran out of samples after {done} batches "
+                        "(shard counts do not match the manifest)")
+
+    def _epoch_batches(self, epoch: int, skip: int) -> Iterator[dict]:
+        if skip >= self.batches_per_epoch:
+            return
+        ds = _EpochSlots(self, epoch, skip)
+        if self.num_workers == 0:
+            yield from iter(ds)
+            return
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers)
+        it = iter(loader)
+        try:
+            yield from it
+        finally:
+            del it
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            for batch in self._epoch_batches(self.epoch, self.batch_in_epoch):
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The position (epoch, batches consumed in it) and the layout it is valid for."""
+        return {"epoch": self.epoch, "batch": self.batch_in_epoch, "seed": self.seed,
+                "dp_size": self.dp_size, "num_workers": self._w, "batch_size": self.batch_size,
+                "batches_per_epoch": self.batches_per_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved position. The layout must match: a different seed, batch size,
+        rank count or worker count would make a different epoch, not the rest of the saved one."""
+        for key in ("seed", "dp_size", "num_workers", "batch_size"):
+            have = self.state_dict()[key]
+            if key in state and int(state[key]) != have:
+                raise DataError(f"loader state was saved with {key}={state[key]}, this run has {have}")
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if batch >= self.batches_per_epoch:
+            epoch, batch = epoch + 1, 0
+        self.epoch, self.batch_in_epoch = epoch, batch
+
+
+# ---------------------------------------------------------------- evaluation
+class EvalStream:
+    """One pass over a split for one rank: every sample exactly once across all ranks.
+
+    Rank r reads shards r, r + R, ... in order; every rank yields `len(self)` batches of
+    `batch_size`, the tail padded with zero images, index -1 and "mask" False.
+    """
+
+    def __init__(self, data_dir: str | Path, batch_size: int, dp_rank: int, dp_size: int,
+                 split: str = "test", binarize: str = "fixed", seed: int = 0) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise DataError(f"data-parallel rank {dp_rank} is outside 0..{dp_size - 1}")
+        if batch_size < 1:
+            raise DataError("batch_size must be positive")
+        if binarize not in BINARIZE:
+            raise DataError(f"unknown binarisation {binarize!r} (use {', '.join(BINARIZE)})")
+        self.manifest = Manifest.load(data_dir)
+        self.batch_size, self.dp_rank, self.dp_size = batch_size, dp_rank, dp_size
+        self.split, self.binarize, self.seed = split, binarize, seed
+        entries = self.manifest.shards(split)
+        self._mine = entries[dp_rank::dp_size]
+        longest = max(sum(e["samples"] for e in entries[r::dp_size]) for r in range(dp_size))
+        self._len = -(-longest // batch_size)
+        self.num_real = sum(e["samples"] for e in self._mine)
+        """Samples of this rank that are not padding."""
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _pad(self, batch: dict, n: int) -> dict:
+        b = self.batch_size
+        out = {}
+        for k, v in batch.items():
+            fill = -1 if k == "index" else 0
+            pad = torch.full((b - n, *v.shape[1:]), fill, dtype=v.dtype)
+            out[k] = torch.cat([v, pad])
+        out["mask"] = torch.arange(b) < n
+        return out
+
+    def _empty(self) -> dict:
+        c, h, w = self.manifest.image_shape
+        label = (torch.zeros(0, self.manifest.n_classes) if self.manifest.multi_label
+                 else torch.zeros(0, dtype=torch.long))
+        return {"image": torch.zeros(0, c, h, w), "label": label, "index": torch.zeros(0, dtype=torch.long)}
+
+    def __iter__(self) -> Iterator[dict]:
+        chunk: list[dict[str, bytes]] = []
+        made = 0
+        for entry in self._mine:
+            for sample in iter_shard(self.manifest, entry):
+                chunk.append(sample)
+                if len(chunk) == self.batch_size:
+                    batch = _batch(chunk, self.manifest, self.binarize, self.seed, 0)
+                    yield self._pad(batch, self.batch_size)
+                    made, chunk = made + 1, []
+        if chunk:
+            yield self._pad(_batch(chunk, self.manifest, self.binarize, self.seed, 0), len(chunk))
+            made += 1
+        while made < self._len:
+            yield self._pad(self._empty(), 0)
+            made += 1
+
+
+def load_arrays(data_dir: str | Path, split: str, limit: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A whole split (or its first `limit` samples) in stored order: images uint8 (N, C, H, W),
+    labels int64 (N,) or (N, 2), indices int64 (N,). For nearest-neighbour searches and tests."""
+    manifest = Manifest.load(data_dir)
+    samples: list[dict[str, bytes]] = []
+    for entry in manifest.shards(split):
+        if limit is not None and len(samples) >= limit:
+            break
+        samples.extend(iter_shard(manifest, entry))
+    return _decode(samples[:limit], manifest)

@@ -1,0 +1,194 @@
+"""`rcn prepare`: convert a data set into WebDataset shards plus manifest.json.
+
+    rcn prepare --dataset fashion-mnist --out data/fashion-mnist
+    rcn prepare --dataset mnist --source ~/mnist --out data/mnist
+    rcn prepare --dataset mnist --source ~/mnist --download --out data/mnist
+    rcn prepare --dataset cifar10 --source cifar-10-python.tar.gz --out data/cifar10
+    rcn prepare --dataset multimnist --source ~/mnist --pairs 2 --out data/multimnist
+
+Output is written under a temporary name beside --out and renamed into place only when complete,
+so a failure leaves nothing behind. An existing --out holding a different data set (or anything
+that is not a prepared data set) is refused unless --force.
+
+`--download` (mnist only) fetches the four IDX files into --source from a public mirror and checks
+their MD5 sums. It needs network access and is not exercised by the tests (the build machines are
+offline); the rest of the mnist path is the same IDX reader that Fashion-MNIST uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rcn_dist.data import shards, sources
+from rcn_dist.errors import DataError
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "multimnist")
+
+MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rcn prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--source", help="IDX directory, CIFAR-10 batch directory or .tar.gz "
+                   f"(fashion-mnist and multimnist default to {sources.FASHION_MNIST_DIR})")
+    p.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    p.add_argument("--shard-size", type=int, default=shards.DEFAULT_SHARD_SIZE,
+                   help=f"samples per shard (default {shards.DEFAULT_SHARD_SIZE})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MultiMNIST synthesis (recorded)")
+    p.add_argument("--limit", type=int, help="keep only the first N samples of each split")
+    p.add_argument("--pairs", type=int, default=1, help="multimnist: pairs per source digit (default 1)")
+    p.add_argument("--base", choices=("mnist", "fashion-mnist"),
+                   help="multimnist: class names of the IDX source (default: fashion-mnist without "
+                   "--source, mnist with it)")
+    p.add_argument("--download", action="store_true", help="mnist: fetch the IDX files into --source first")
+    p.add_argument("--force", action="store_true", help="replace --out even if it holds something else")
+    return p
+
+
+def download_mnist(directory: Path) -> None:
+    """Fetch the MNIST IDX files missing from `directory` and check their MD5 (needs network)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, md5 in MNIST_MD5.items():
+        target = directory / name
+        if target.is_file():
+            continue
+        try:
+            with urllib.request.urlopen(MNIST_MIRROR + name, timeout=60) as r:
+                data = r.read()
+        except OSError as e:
+            raise DataError(f"cannot download {MNIST_MIRROR + name}: {e}") from None
+        if hashlib.md5(data).hexdigest() != md5:
+            raise DataError(f"{MNIST_MIRROR + name}: MD5 mismatch, refusing the download")
+        target.write_bytes(data)
+
+
+def _check_out(out: Path, dataset: str, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory")
+    if not out.is_dir() or force or not any(out.iterdir()):
+        return
+    try:
+        have = json.loads((out / shards.MANIFEST).read_text()).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        raise DataError(f"{out}: exists and is not a prepared data set; refusing to overwrite it "
+                        "(use --force)") from None
+    if have != dataset:
+        raise DataError(f"{out}: holds data set {have!r}, not {dataset!r}; refusing to overwrite it "
+                        "(use --force)")
+
+
+def _load(args: argparse.Namespace) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str], dict]:
+    """{split: (images (N, C, H, W) uint8, labels)}, class names, extra manifest fields."""
+    src = Path(args.source) if args.source else None
+    extra: dict[str, Any] = {}
+    if args.dataset == "cifar10":
+        if src is None:
+            raise DataError("--dataset cifar10 needs --source (the batch directory or the .tar.gz)")
+        raw = sources.read_cifar10(src)
+        names = raw["train"][2]
+        data = {s: (raw[s][0], raw[s][1]) for s in sources.SPLITS}
+    elif args.dataset in ("fashion-mnist", "multimnist") or (args.dataset == "mnist" and src is not None):
+        if src is None:
+            src = sources.FASHION_MNIST_DIR
+        fashion = args.dataset == "fashion-mnist" or (
+            args.dataset == "multimnist" and (args.base or ("mnist" if args.source else "fashion-mnist"))
+            == "fashion-mnist")
+        names = sources.FASHION_CLASSES if fashion else sources.DIGIT_CLASSES
+        data = {}
+        for i, split in enumerate(sources.SPLITS):
+            x, y, _ = sources.read_idx_split(src, split, names)
+            if args.dataset == "multimnist":
+                x, y = sources.synth_multimnist(x, y, args.pairs, seed=args.seed * 2 + i, limit=args.limit)
+            data[split] = (x, y)
+        if args.dataset == "multimnist":
+            extra = {"pairs_per_image": args.pairs, "base": "fashion-mnist" if fashion else "mnist"}
+    else:
+        raise DataError("--dataset mnist needs --source DIR (add --download to fetch it there)")
+    if args.limit is not None:
+        data = {s: (x[: args.limit], y[: args.limit]) for s, (x, y) in data.items()}
+    return {s: (shards.to_chw(x), y) for s, (x, y) in data.items()}, names, extra
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=console, transient=True,
+                    disable=not console.is_terminal)
+
+
+def prepare(args: argparse.Namespace) -> Path:
+    """Do the work of `rcn prepare`; returns the output directory."""
+    from rcn_dist import __version__
+
+    if args.shard_size < 1:
+        raise DataError(f"--shard-size must be positive, got {args.shard_size}")
+    if args.limit is not None and args.limit < 1:
+        raise DataError(f"--limit must be positive, got {args.limit}")
+    if args.pairs < 1:
+        raise DataError(f"--pairs must be positive, got {args.pairs}")
+    out = Path(args.out)
+    _check_out(out, args.dataset, args.force)
+    if args.download:
+        if args.dataset != "mnist" or not args.source:
+            raise DataError("--download is for --dataset mnist with --source DIR")
+        download_mnist(Path(args.source))
+    data, names, extra = _load(args)
+    c, h, w = data["train"][0].shape[1:]
+    manifest: dict[str, Any] = {
+        "format": shards.FORMAT, "format_version": shards.FORMAT_VERSION, "dataset": args.dataset,
+        "tool_version": __version__, "seed": args.seed, "limit": args.limit,
+        "image_shape": [int(c), int(h), int(w)], "dtype": "uint8", "class_names": list(names),
+        "label_kind": "multi" if data["train"][1].ndim == 2 else "single", "splits": {}, **extra,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with _progress() as progress:
+            for split, (x, y) in data.items():
+                task = progress.add_task(f"{args.dataset} {split}", total=len(x))
+                manifest["splits"][split] = shards.write_split(
+                    tmp, split, x, y, args.shard_size, advance=lambda k, t=task: progress.advance(t, k))
+        shards.write_manifest(tmp, manifest)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for split, entry in manifest["splits"].items():
+        print(f"{args.dataset} {split}: {entry['num_samples']} samples in {len(entry['shards'])} shards")
+    print(f"wrote {out}/{shards.MANIFEST}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `rcn prepare`."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    prepare(args)
+    return 0

@@ -1,0 +1,10 @@
+"""The single-device Recurrent Capsule Network (no distributed imports here; see docs/model.md)."""
+
+from rcn_dist.model.capsules import PrimaryCapsules, RoutedCapsules, dynamic_routing, squash
+from rcn_dist.model.losses import bits_per_dim, kl_standard_normal, margin_loss
+from rcn_dist.model.rcn import RCN, Decoder, Encoder, RCNOutput, describe, sample_noise
+
+__all__ = [
+    "RCN", "RCNOutput", "Encoder", "Decoder", "squash", "dynamic_routing", "PrimaryCapsules",
+    "RoutedCapsules", "margin_loss", "kl_standard_normal", "bits_per_dim", "sample_noise", "describe",
+]

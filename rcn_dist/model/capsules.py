@@ -1,0 +1,86 @@
+"""Capsules (Sabour et al. 2017): squash, primary capsules, a routed capsule layer with dynamic routing."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
+    """v = |s|^2 / (1 + |s|^2) * s / |s|, along `dim`.
+
+    The paper prints s / |s|^2; Sabour et al. mean s / |s| (a unit vector), which is what this does.
+    The norm is sqrt(|s|^2 + eps), so a zero vector maps to zero with a finite (zero) gradient
+    instead of 0/0.
+    """
+    n2 = (s * s).sum(dim=dim, keepdim=True)
+    return (n2 / (1.0 + n2)) * s / torch.sqrt(n2 + eps)
+
+
+class PrimaryCapsules(nn.Module):
+    """A convolution whose channels are cut into `types` capsules of `dim` each, then squashed.
+
+    (B, in_ch, H, W) -> (B, types * h * w, dim), h, w the conv's output grid. The capsule index
+    runs over (type, y, x) in that order.
+    """
+
+    def __init__(self, in_ch: int, types: int, dim: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.types, self.dim = types, dim
+        self.conv = nn.Conv2d(in_ch, types * dim, kernel, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = self.conv(x)  # (B, types*dim, h, w)
+        b, _, h, w = u.shape
+        u = u.view(b, self.types, self.dim, h, w).permute(0, 1, 3, 4, 2)
+        return squash(u.reshape(b, self.types * h * w, self.dim))
+
+
+def dynamic_routing(u_hat: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """Routing by agreement (Sabour et al., Procedure 1).
+
+    u_hat: (B, n_child, n_parent, dim) predictions u_hat(j|i) of child i for parent j.
+    Returns v (B, n_parent, dim) and the final couplings c (B, n_child, n_parent).
+
+    The couplings are a softmax over the PARENTS j for each child i (each child distributes its
+    vote), starting from logits b = 0, so with iters = 1 every c_ij = 1 / n_parent. The logit
+    updates b += u_hat . v use a detached u_hat: gradients flow only through the last iteration's
+    s_j = sum_i c_ij u_hat(j|i), not back through the routing history.
+    """
+    b = u_hat.new_zeros(u_hat.shape[:3])  # (B, n_child, n_parent)
+    u_detached = u_hat.detach()
+    for r in range(iters):
+        c = torch.softmax(b, dim=2)
+        last = r == iters - 1
+        s = torch.einsum("bij,bijd->bjd", c, u_hat if last else u_detached)
+        v = squash(s)  # (B, n_parent, dim)
+        if not last:
+            b = b + torch.einsum("bijd,bjd->bij", u_detached, v)
+    return v, c
+
+
+class RoutedCapsules(nn.Module):
+    """A fully connected capsule layer: n_child capsules of child_dim -> n_parent of parent_dim.
+
+    Each (child, parent) pair has its own transform W_ij (parent_dim x child_dim);
+    u_hat(j|i) = W_ij u_i is computed once as one batched contraction, then routed.
+    """
+
+    def __init__(self, n_child: int, child_dim: int, n_parent: int, parent_dim: int, iters: int) -> None:
+        super().__init__()
+        self.iters = iters
+        # Scale so that the initial s_j (a mean of n_child votes over n_parent parents, with unit-ish
+        # child capsules) has length O(1): the squash is then neither saturated nor flat at zero.
+        std = n_parent / math.sqrt(n_child * parent_dim)
+        self.weight = nn.Parameter(torch.randn(n_child, n_parent, parent_dim, child_dim) * std)
+
+    def predictions(self, u: Tensor) -> Tensor:
+        """u (B, n_child, child_dim) -> u_hat (B, n_child, n_parent, parent_dim)."""
+        return torch.einsum("ijdk,bik->bijd", self.weight, u)
+
+    def forward(self, u: Tensor) -> Tensor:
+        """u (B, n_child, child_dim) -> v (B, n_parent, parent_dim)."""
+        return dynamic_routing(self.predictions(u), self.iters)[0]
+

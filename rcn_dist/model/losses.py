@@ -1,0 +1,68 @@
+"""Losses of the RCN, all per sample and in nats: margin loss, -log D(x | c_T), per-step KL."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def margin_loss(
+    lengths: Tensor, labels: Tensor, m_plus: float = 0.9, m_minus: float = 0.1, lam: float = 0.5
+) -> Tensor:
+    """Per-sample margin loss sum_k T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2.
+
+    lengths: (B, K) capsule lengths. labels: (B,) integer classes, or (B, K) multi-hot floats
+    (several objects present). Returns (B,).
+    """
+    if labels.dim() == 1:
+        t = F.one_hot(labels.long(), lengths.shape[1]).to(lengths.dtype)
+    else:
+        t = labels.to(lengths.dtype)
+    present = t * F.relu(m_plus - lengths) ** 2
+    absent = lam * (1.0 - t) * F.relu(lengths - m_minus) ** 2
+    return (present + absent).sum(dim=1)
+
+
+def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) = 0.5 sum_d (mu^2 + sigma^2 - log sigma^2 - 1), summed over
+    the last axis: (..., z_dim) -> (...)."""
+    return 0.5 * (mu * mu + logvar.exp() - logvar - 1.0).sum(dim=-1)
+
+
+def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
+    """-log Bernoulli(x | sigmoid(logits)) summed over pixels: (B, C, H, W) -> (B,).
+
+    x is expected binary (the loader binarises); grey x gives the cross-entropy, not a likelihood.
+    """
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(dim=1)
+
+
+def discretized_logistic_nll(logits: Tensor, log_scale: Tensor, x: Tensor) -> Tensor:
+    """-log P(x) under a logistic with mean sigmoid(logits) and scale exp(log_scale[channel]),
+    discretised to 256 bins of width 1/255 on [0, 1] (the end bins take the tails), summed over
+    sub-pixels: logits, x (B, C, H, W), log_scale (C,) -> (B,).
+
+    x in [0, 1] is quantised to k/255 first. Follows PixelCNN++'s numerically safe form.
+    """
+    x = torch.round(x.clamp(0, 1) * 255) / 255
+    log_s = log_scale.view(1, -1, 1, 1)
+    inv_s = torch.exp(-log_s)
+    centred = x - torch.sigmoid(logits)
+    half = 0.5 / 255
+    plus_in, min_in, mid_in = inv_s * (centred + half), inv_s * (centred - half), inv_s * centred
+    log_cdf_plus = plus_in - F.softplus(plus_in)  # log sigmoid(plus_in): bin k = 0
+    log_one_minus_cdf_min = -F.softplus(min_in)  # log (1 - sigmoid(min_in)): bin k = 255
+    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+    # Where the bin mass underflows, density at the centre x bin width.
+    log_pdf_mid = mid_in - log_s - 2 * F.softplus(mid_in) - math.log(255)
+    log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid)
+    logp = torch.where(x < half, log_cdf_plus, torch.where(x > 1 - half, log_one_minus_cdf_min, log_mid))
+    return -logp.flatten(1).sum(dim=1)
+
+
+def bits_per_dim(nats: Tensor | float, n_dims: int) -> Tensor | float:
+    """Nats per image -> bits per sub-pixel (n_dims = C * H * W)."""
+    return nats / (n_dims * math.log(2))

@@ -1,0 +1,344 @@
+"""The Recurrent Capsule Network: DRAW with a capsule network before each of its two RNNs.
+
+Two stacks, kept apart so that a pipeline can put them on different ranks:
+
+    encoder: capsules(x) once per image; then per step t
+             read(x, x - sigmoid(c_{t-1}), h_dec_{t-1}) -> RNN_enc -> (mu_t, logvar_t) -> z_t
+    decoder: per step t
+             capsules(z_t) -> RNN_dec -> c_t = c_{t-1} + write(h_dec_t)
+
+The only state crossing from the decoder back to the encoder each step is (h_dec_t, c_t).
+RCN.forward only runs the loop; every weight lives in `encoder` or `decoder`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rcn_dist.config import ModelConfig
+from rcn_dist.model.attention import WINDOW_KEYS, Reader, Writer
+from rcn_dist.model.capsules import PrimaryCapsules, RoutedCapsules
+from rcn_dist.model.losses import bernoulli_nll, discretized_logistic_nll, kl_standard_normal, margin_loss
+
+State = tuple[Tensor, ...]
+"""RNN state: (h, c) for an LSTM, (h,) for a GRU; h is always state[0]."""
+
+
+def _cell(kind: str, n_in: int, hidden: int) -> nn.Module:
+    return nn.LSTMCell(n_in, hidden) if kind == "lstm" else nn.GRUCell(n_in, hidden)
+
+
+def _run_cell(cell: nn.Module, inp: Tensor, state: State) -> State:
+    if isinstance(cell, nn.LSTMCell):
+        return tuple(cell(inp, (state[0], state[1])))
+    return (cell(inp, state[0]),)
+
+
+def _init_state(kind: str, batch: int, hidden: int, like: Tensor) -> State:
+    h = like.new_zeros(batch, hidden)
+    return (h, h.clone()) if kind == "lstm" else (h,)
+
+
+class EncoderCapsules(nn.Module):
+    """x (B, C, H, W) -> class capsules (B, n_classes, class_caps_dim): convs, primary caps, routing."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch = cfg.in_channels
+        for out in cfg.enc_conv_channels:
+            layers += [nn.Conv2d(ch, out, cfg.enc_conv_kernel), nn.ReLU()]
+            ch = out
+        self.convs = nn.Sequential(*layers)
+        self.primary = PrimaryCapsules(ch, cfg.enc_primary_types, cfg.enc_primary_dim,
+                                       cfg.enc_primary_kernel, cfg.enc_primary_stride)
+        gh, gw = cfg.enc_primary_grid()
+        self.n_primary = cfg.enc_primary_types * gh * gw
+        self.classes = RoutedCapsules(self.n_primary, cfg.enc_primary_dim, cfg.n_classes,
+                                      cfg.class_caps_dim, cfg.routing_iters)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classes(self.primary(self.convs(x)))
+
+
+class DecoderCapsules(nn.Module):
+    """z (B, z_dim) -> capsules (B, dec_caps, dec_caps_dim): linear seed map, transposed convs,
+    primary caps, routing."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.seed_shape = (cfg.dec_seed_channels, cfg.dec_seed_size, cfg.dec_seed_size)
+        self.seed = nn.Linear(cfg.z_dim, cfg.dec_seed_channels * cfg.dec_seed_size**2)
+        layers: list[nn.Module] = []
+        ch = cfg.dec_seed_channels
+        for out in cfg.dec_deconv_channels:
+            layers += [nn.ConvTranspose2d(ch, out, cfg.dec_deconv_kernel), nn.ReLU()]
+            ch = out
+        self.deconvs = nn.Sequential(*layers)
+        self.primary = PrimaryCapsules(ch, cfg.dec_primary_types, cfg.dec_primary_dim,
+                                       cfg.dec_primary_kernel, cfg.dec_primary_stride)
+        self.n_primary = cfg.dec_primary_types * cfg.dec_primary_grid() ** 2
+        self.caps = RoutedCapsules(self.n_primary, cfg.dec_primary_dim, cfg.dec_caps,
+                                   cfg.dec_caps_dim, cfg.routing_iters)
+
+    def forward(self, z: Tensor) -> Tensor:
+        m = torch.relu(self.seed(z)).view(-1, *self.seed_shape)
+        return self.caps(self.primary(self.deconvs(m)))
+
+
+class Encoder(nn.Module):
+    """The encoder stack: capsules, the reader's window layer, RNN_enc and the latent head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.capsules = EncoderCapsules(cfg)
+        c, h, w = cfg.in_channels, cfg.height, cfg.width
+        self.reader = Reader(cfg.dec_hidden, c, h, w, cfg.read_n) if cfg.read_attn else None
+        read_size = self.reader.out_size if self.reader is not None else 2 * c * h * w
+        n_in = cfg.n_classes * cfg.class_caps_dim + read_size + cfg.dec_hidden
+        self.rnn = _cell(cfg.rnn, n_in, cfg.enc_hidden)
+        self.latent = nn.Linear(cfg.enc_hidden, 2 * cfg.z_dim)
+
+    def init_state(self, batch: int, like: Tensor) -> State:
+        """Zero RNN_enc state for `batch` images, on like's device and dtype."""
+        return _init_state(self.cfg.rnn, batch, self.cfg.enc_hidden, like)
+
+    def step(
+        self, x: Tensor, caps_flat: Tensor, canvas_prev: Tensor, h_dec_prev: Tensor, state: State, eps_t: Tensor
+    ) -> tuple[State, Tensor, Tensor, Tensor, dict[str, Tensor] | None]:
+        """One encoder step.
+
+        x, canvas_prev: (B, C, H, W) image and canvas logits c_{t-1};
+        caps_flat: (B, n_classes * class_caps_dim) from `capsules(x).flatten(1)`, computed once;
+        h_dec_prev: (B, dec_hidden); state: RNN_enc state; eps_t: (B, z_dim) standard normal noise.
+        Returns (state, z (B, z_dim), mu (B, z_dim), logvar (B, z_dim), read windows or None).
+        """
+        x_hat = x - torch.sigmoid(canvas_prev)
+        if self.reader is not None:
+            glimpse, win = self.reader(x, x_hat, h_dec_prev)
+        else:
+            glimpse, win = torch.cat([x.flatten(1), x_hat.flatten(1)], 1), None
+        state = _run_cell(self.rnn, torch.cat([caps_flat, glimpse, h_dec_prev], 1), state)
+        mu, logvar = self.latent(state[0]).chunk(2, dim=1)
+        z = mu + torch.exp(0.5 * logvar) * eps_t
+        return state, z, mu, logvar, win
+
+
+class Decoder(nn.Module):
+    """The decoder stack: capsules, RNN_dec, the writer, and the logistic likelihood's scales."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.capsules = DecoderCapsules(cfg)
+        c, h, w = cfg.in_channels, cfg.height, cfg.width
+        n_in = cfg.dec_caps * cfg.dec_caps_dim + (cfg.z_dim if cfg.dec_z_skip else 0)
+        self.rnn = _cell(cfg.rnn, n_in, cfg.dec_hidden)
+        if cfg.write_attn:
+            self.writer: nn.Module = Writer(cfg.dec_hidden, c, h, w, cfg.write_n)
+        else:
+            self.writer = nn.Linear(cfg.dec_hidden, c * h * w)
+        # Log-scale of the discretised logistic, one per channel, in [0, 1] pixel units.
+        self.log_scale = nn.Parameter(torch.full((c,), -3.0)) if cfg.likelihood == "logistic" else None
+
+    def init_state(self, batch: int, like: Tensor) -> State:
+        """Zero RNN_dec state for `batch` images, on like's device and dtype."""
+        return _init_state(self.cfg.rnn, batch, self.cfg.dec_hidden, like)
+
+    def step(self, z: Tensor, state: State, canvas_prev: Tensor) -> tuple[State, Tensor, dict[str, Tensor] | None]:
+        """One decoder step: z (B, z_dim), RNN_dec state, canvas_prev (B, C, H, W) logits ->
+        (state, canvas (B, C, H, W) logits, write windows or None). h_dec_t is state[0]."""
+        inp = self.capsules(z).flatten(1)
+        if self.cfg.dec_z_skip:
+            inp = torch.cat([inp, z], 1)
+        state = _run_cell(self.rnn, inp, state)
+        if self.cfg.write_attn:
+            delta, win = self.writer(state[0])
+        else:
+            delta, win = self.writer(state[0]).view_as(canvas_prev), None
+        return state, canvas_prev + delta, win
+
+
+@dataclass
+class RCNOutput:
+    """What one forward pass returns. B images, T steps."""
+
+    canvas: Tensor
+    """(B, T, C, H, W) canvas logits after each step; canvas[:, -1] is c_T."""
+    class_caps: Tensor
+    """(B, n_classes, class_caps_dim) encoder class capsules."""
+    class_lengths: Tensor
+    """(B, n_classes) their lengths: the classification."""
+    kl: Tensor
+    """(B, T) KL(q(z_t | x) || N(0, I)) per step, nats."""
+    mu: Tensor
+    """(B, T, z_dim) posterior means."""
+    logvar: Tensor
+    """(B, T, z_dim) posterior log-variances."""
+    read_windows: dict[str, Tensor] | None
+    """cx, cy, delta, sigma2, gamma, each (B, T), DRAW's pixel units; None without read attention."""
+    write_windows: dict[str, Tensor] | None
+    """Same for the write windows; None without write attention."""
+
+
+def _stack_windows(wins: list[dict[str, Tensor] | None]) -> dict[str, Tensor] | None:
+    if wins[0] is None:
+        return None
+    return {k: torch.stack([w[k] for w in wins], 1) for k in WINDOW_KEYS}
+
+
+class RCN(nn.Module):
+    """Recurrent Capsule Network. Build it from `cfg.model`: ``RCN(preset("tiny").model)``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def _noise(self, batch: int, like: Tensor, eps: Tensor | None) -> Tensor:
+        shape = (batch, self.cfg.T, self.cfg.z_dim)
+        if eps is None:
+            return torch.randn(shape, device=like.device, dtype=like.dtype)
+        if tuple(eps.shape) != shape:
+            raise ValueError(f"eps must have shape {shape}, got {tuple(eps.shape)}")
+        return eps.to(device=like.device, dtype=like.dtype)
+
+    def forward(self, x: Tensor, eps: Tensor | None = None) -> RCNOutput:
+        """x (B, C, H, W) in [0, 1]; eps (B, T, z_dim) latent noise (None: torch.randn)."""
+        b = x.shape[0]
+        eps = self._noise(b, x, eps)
+        caps = self.encoder.capsules(x)
+        caps_flat = caps.flatten(1)
+        enc_state, dec_state = self.encoder.init_state(b, x), self.decoder.init_state(b, x)
+        canvas = torch.zeros_like(x)
+        canvases, mus, logvars, rwins, wwins = [], [], [], [], []
+        for t in range(self.cfg.T):
+            enc_state, z, mu, logvar, rwin = self.encoder.step(x, caps_flat, canvas, dec_state[0], enc_state,
+                                                               eps[:, t])
+            dec_state, canvas, wwin = self.decoder.step(z, dec_state, canvas)
+            canvases.append(canvas)
+            mus.append(mu)
+            logvars.append(logvar)
+            rwins.append(rwin)
+            wwins.append(wwin)
+        mu, logvar = torch.stack(mus, 1), torch.stack(logvars, 1)
+        return RCNOutput(
+            canvas=torch.stack(canvases, 1), class_caps=caps, class_lengths=caps.norm(dim=-1),
+            kl=kl_standard_normal(mu, logvar), mu=mu, logvar=logvar,
+            read_windows=_stack_windows(rwins), write_windows=_stack_windows(wwins),
+        )
+
+    def recon_nll(self, canvas_logits: Tensor, x: Tensor) -> Tensor:
+        """-log D(x | c_T) per image (B,), nats: canvas_logits, x (B, C, H, W)."""
+        if self.cfg.likelihood == "bernoulli":
+            return bernoulli_nll(canvas_logits, x)
+        return discretized_logistic_nll(canvas_logits, self.decoder.log_scale, x)
+
+    def loss_terms(
+        self, x: Tensor, y: Tensor, eps: Tensor | None = None, out: RCNOutput | None = None
+    ) -> dict[str, Tensor]:
+        """Per-image terms, each (B,): margin, recon, kl (summed over T), elbo (= recon + kl, the
+        negative ELBO, an upper bound on -log p(x) in nats), loss (= elbo + margin_weight *
+        margin, what training minimises) and correct (bool).
+
+        y: (B,) integer classes, or (B, n_classes) multi-hot; with multi-hot labels an image is
+        correct when its k longest capsules are exactly its k labelled classes.
+        """
+        if out is None:
+            out = self(x, eps)
+        c = self.cfg
+        lengths = out.class_lengths
+        margin = margin_loss(lengths, y, c.m_plus, c.m_minus, c.margin_lambda)
+        recon = self.recon_nll(out.canvas[:, -1], x)
+        kl = out.kl.sum(dim=1)
+        if y.dim() == 1:
+            correct = lengths.argmax(dim=1) == y
+        else:
+            target = y > 0.5
+            rank = lengths.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = longest
+            correct = ((rank < target.sum(dim=1, keepdim=True)) == target).all(dim=1)
+        elbo = recon + kl
+        return {"margin": margin, "recon": recon, "kl": kl, "elbo": elbo,
+                "loss": elbo + c.margin_weight * margin, "correct": correct}
+
+    def loss(self, x: Tensor, y: Tensor, eps: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss = recon + kl + margin_weight * margin (batch means, nats) and its parts
+        {"margin", "recon", "kl", "elbo", "loss"} as scalar tensors."""
+        terms = self.loss_terms(x, y, eps)
+        parts = {k: terms[k].mean() for k in ("margin", "recon", "kl", "elbo", "loss")}
+        return parts["loss"], parts
+
+    @torch.no_grad()
+    def generate(
+        self, n: int, eps: Tensor | None = None, device: torch.device | str | None = None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """Draw n images from the prior: z_t ~ N(0, I) (or eps (n, T, z_dim)) through the decoder.
+
+        Returns the canvas after every step as means in [0, 1], (n, T, C, H, W), and the write
+        windows (each (n, T)), or None without write attention.
+        """
+        c = self.cfg
+        p = next(self.parameters())
+        like = torch.empty(0, device=device if device is not None else p.device, dtype=p.dtype)
+        eps = self._noise(n, like, eps)
+        canvas = like.new_zeros(n, c.in_channels, c.height, c.width)
+        state = self.decoder.init_state(n, like)
+        canvases, wins = [], []
+        for t in range(c.T):
+            state, canvas, win = self.decoder.step(eps[:, t], state, canvas)
+            canvases.append(torch.sigmoid(canvas))
+            wins.append(win)
+        return torch.stack(canvases, 1), _stack_windows(wins)
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit hash of an integer."""
+    x &= 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def sample_noise(
+    indices: Tensor, seed: int, T: int, z_dim: int, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Latent noise (B, T, z_dim) that depends only on (seed, sample index), never on the batch.
+
+    Row b is drawn from a CPU torch.Generator seeded with a hash of (seed, indices[b]), so a sample
+    gets the same noise whichever batch, micro-batch or rank it lands in. For fresh noise every
+    optimizer step, fold the step into `seed` (e.g. seed = base_seed * 1_000_003 + step).
+    The result is on `device` (default: indices' device).
+    """
+    gen = torch.Generator()
+    key = _mix64(int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019)
+    out = torch.empty(len(indices), T, z_dim)
+    for row, idx in enumerate(indices.tolist()):
+        gen.manual_seed(_mix64(key ^ _mix64(int(idx))) >> 1)  # manual_seed takes < 2**63
+        out[row] = torch.randn(T, z_dim, generator=gen)
+    return out.to(device=device if device is not None else indices.device, dtype=dtype)
+
+
+def describe(cfg: ModelConfig, batch: int = 128) -> dict[str, int]:
+    """Sizes for docs/model.md: parameter counts and the routing predictions u_hat.
+
+    u_hat elements are per image (the encoder's once, the decoder's per step); the *_bytes entries
+    are fp32 bytes at `batch`, the decoder's for all T steps (all kept for the backward pass).
+    """
+    with torch.device("meta"):
+        m = RCN(cfg)
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    enc_uhat = m.encoder.capsules.n_primary * cfg.n_classes * cfg.class_caps_dim
+    dec_uhat = m.decoder.capsules.n_primary * cfg.dec_caps * cfg.dec_caps_dim
+    return {
+        "params": count(m), "encoder_params": count(m.encoder), "decoder_params": count(m.decoder),
+        "enc_primary_caps": m.encoder.capsules.n_primary, "dec_primary_caps": m.decoder.capsules.n_primary,
+        "enc_u_hat_per_image": enc_uhat, "dec_u_hat_per_image_step": dec_uhat,
+        "enc_u_hat_bytes": 4 * batch * enc_uhat, "dec_u_hat_bytes_all_steps": 4 * batch * dec_uhat * cfg.T,
+    }
+

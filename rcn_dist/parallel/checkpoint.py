@@ -1,0 +1,196 @@
+"""Checkpoints: DeepSpeed's own format for the engine, plus what DeepSpeed does not keep.
+
+Layout of RUN_DIR/checkpoints/:
+
+    step_00000100/
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files (ZeRO shards restore)
+        loop_rank{r}.json      every rank's loop state: step, epoch, samples seen, its loader
+                               position (DeepSpeed keeps client state from one rank only)
+        rng_rank{r}.safetensors  every rank's torch RNG state, as a tensor
+        model.safetensors      consolidated weights (rank 0): eval, sample and export read this,
+                               in one process, whatever the rank layout, with no pickle
+        config.json            the resolved config
+        COMPLETE               written by rank 0 after every rank finished (JSON summary)
+    latest                     the newest COMPLETE tag, replaced atomically, written last
+
+A kill at any moment leaves `latest` pointing at a complete checkpoint: a directory without
+COMPLETE is never resumed from, and is removed by the next successful save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rcn_dist.config import Config, from_dict
+from rcn_dist.errors import CheckpointError
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fault_point(point: str, step: int, rank: int = 0) -> None:
+    """Fault injection for tests, so that a kill lands exactly where a test needs it (not by timing).
+
+    RCN_FAULT=<point>:<step>[:<SIGNAL>][@<rank>] sends this process SIGNAL (default SIGKILL)
+    when it reaches `point` at `step`, on rank 0 unless another is named. Points: "checkpoint"
+    (after DeepSpeed wrote its files, before our COMPLETE marker) and "step" (the start of an
+    optimizer step).
+    """
+    spec = os.environ.get("RCN_FAULT", "")
+    if not spec:
+        return
+    spec, _, want_rank = spec.partition("@")
+    fields = spec.split(":")
+    if fields[:2] == [point, str(step)] and rank == int(want_rank or 0):
+        sig = getattr(signal, fields[2]) if len(fields) > 2 else signal.SIGKILL
+        os.kill(os.getpid(), sig)
+
+
+def ckpt_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def find_latest(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint of a run and notes about incomplete ones it passed over."""
+    root = ckpt_root(run_dir)
+    notes: list[str] = []
+    if not root.is_dir():
+        return None, notes
+    complete = sorted(d for d in root.glob("step_*") if (d / COMPLETE).is_file())
+    incomplete = sorted(d for d in root.glob("step_*") if not (d / COMPLETE).is_file())
+    pointed = None
+    if (root / LATEST).is_file():
+        cand = root / (root / LATEST).read_text().strip()
+        if (cand / COMPLETE).is_file():
+            pointed = cand
+    best = pointed or (complete[-1] if complete else None)
+    for d in incomplete:
+        if best is None or d.name > best.name:
+            notes.append(f"{d} is incomplete (interrupted while saving): ignored")
+    return best, notes
+
+
+def save(engine, run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Config,
+         rank: int, world_size: int, keep_last: int) -> Path:
+    """Collective: every rank calls it at the same step boundary."""
+    import torch.distributed as dist
+
+    root = ckpt_root(run_dir)
+    tag = tag_for(step)
+    d = root / tag
+    if rank == 0:
+        if d.exists():  # a leftover of an interrupted save of this very step
+            shutil.rmtree(d)
+        root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    fault_point("checkpoint", step, rank)
+    atomic_write_text(d / f"loop_rank{rank}.json", json.dumps(loop_state, sort_keys=True))
+    save_file({"cpu": torch.get_rng_state()}, str(d / f"rng_rank{rank}.safetensors"))
+    weights = consolidated_state_dict(engine)
+    if rank == 0:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in weights.items()},
+                  str(d / "model.safetensors"))
+        atomic_write_text(d / "config.json", cfg.to_json())
+    dist.barrier()
+    if rank == 0:
+        summary = {"step": step, "world_size": world_size, "zero_stage": cfg.parallel.zero_stage,
+                   "time": time.time()}
+        atomic_write_text(d / COMPLETE, json.dumps(summary))
+        atomic_write_text(root / LATEST, tag)
+        _prune(root, keep_last)
+    dist.barrier()
+    return d
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    tags = sorted(root.glob("step_*"))
+    complete = [d for d in tags if (d / COMPLETE).is_file()]
+    keep = set(complete[-keep_last:])
+    for d in tags:
+        if d not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The full model weights on rank 0 (ZeRO-3 gathers them: a collective on every rank)."""
+    if engine.zero_optimization_partition_weights():
+        sd = engine._zero3_consolidated_16bit_state_dict() or {}
+    else:
+        sd = engine.module.state_dict()
+    # The engine wraps RCN in train.LossModule: keys start with "rcn.".
+    return {k.removeprefix("rcn."): v for k, v in sd.items()}
+
+
+def load(engine, ckpt_dir: Path, rank: int) -> dict[str, Any]:
+    """Restore the engine and this rank's loop state and RNG; returns the loop state."""
+    from rcn_dist.parallel.safety import make_engine_loads_safe
+
+    make_engine_loads_safe(engine)
+    loop_file = ckpt_dir / f"loop_rank{rank}.json"
+    if not loop_file.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no loop state for rank {rank} (saved with fewer ranks?)")
+    path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
+                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
+    state = json.loads(loop_file.read_text())
+    rng = ckpt_dir / f"rng_rank{rank}.safetensors"
+    if rng.is_file():
+        torch.set_rng_state(load_file(str(rng))["cpu"])
+    return state
+
+
+def read_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], Path]:
+    """Config and consolidated weights from a run dir, a checkpoint dir or an export dir.
+
+    Reads only JSON and safetensors: nothing is unpickled.
+    """
+    p = Path(path)
+    if (p / "checkpoints").is_dir() or (p / "config.json").is_file() and not (p / "model.safetensors").is_file():
+        best, _ = find_latest(p)
+        if best is None:
+            raise CheckpointError(f"{p}: no complete checkpoint in {ckpt_root(p)}")
+        p = best
+    weights, cfg_file = p / "model.safetensors", p / "config.json"
+    if not weights.is_file() or not cfg_file.is_file():
+        raise CheckpointError(f"{p}: no model.safetensors + config.json here (not a run, checkpoint or export)")
+    cfg = from_dict(json.loads(cfg_file.read_text()))
+    return cfg, load_file(str(weights)), p
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """(cfg, RCN in eval mode, the checkpoint dir) from a run, checkpoint or export directory."""
+    from rcn_dist.model import RCN
+
+    cfg, sd, where = read_weights(path)
+    model = RCN(cfg.model)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{where}: weights do not fit the config stored beside them ({first})") from None
+    return cfg, model.to(device).eval(), where

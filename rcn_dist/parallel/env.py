@@ -1,0 +1,191 @@
+"""Launch-environment detection, in one place.
+
+Who started us decides where rank, world size and the rendezvous come from:
+
+    launcher     what it sets                                        rank from
+    torchrun     RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*, TORCHELASTIC_*   RANK
+    deepspeed    RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*, CROSS_RANK      RANK
+    mpirun       OMPI_COMM_WORLD_* (OpenMPI) / PMI_RANK, PMI_SIZE (MPICH) those
+    srun         SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_STEP_ID SLURM_PROCID
+    single       nothing                                              0 of 1
+
+mpirun is checked before srun: under mpirun inside an allocation SLURM_PROCID is 0 for every
+process. `rcn env` prints what was detected, without starting anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class LaunchEnv:
+    """Where this process sits in the job."""
+
+    launcher: str
+    """torchrun | deepspeed | mpirun-openmpi | mpirun-mpich | srun | single"""
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    device: str
+    """"cpu" or "cuda:<local_rank>"."""
+    backend: str
+    """"gloo" on CPU, "nccl" on GPU."""
+    pipeline_stages: int = 1
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: the world divided by the pipeline depth."""
+        return self.world_size // self.pipeline_stages
+
+    @property
+    def dp_rank(self) -> int:
+        """Data-parallel rank: the ranks of one pipeline are consecutive, so they share it."""
+        return self.rank // self.pipeline_stages
+
+    @property
+    def pp_rank(self) -> int:
+        """Stage within the pipeline (0: encoder stack, 1: decoder stack)."""
+        return self.rank % self.pipeline_stages
+
+
+def _int(env: Mapping[str, str], *names: str, default: int | None = None) -> int | None:
+    for n in names:
+        if env.get(n, "") != "":
+            return int(env[n])
+    return default
+
+
+def first_host(nodelist: str) -> str:
+    """First host name of a Slurm node list: "node[3-5,7],gpu1" -> "node3", "a,b" -> "a"."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return nodelist
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _port_from_job(job_id: str) -> int:
+    # Two jobs sharing a node must not collide; the job id keeps the port stable across requeues.
+    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def detect(environ: Mapping[str, str] | None = None, cuda: bool | None = None,
+           pipeline_stages: int = 1) -> LaunchEnv:
+    """Detect the launcher and this process's place from the environment (no side effects)."""
+    env = os.environ if environ is None else environ
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    addr = env.get("MASTER_ADDR", "")
+    port = _int(env, "MASTER_PORT")
+
+    if env.get("RANK", "") != "" and env.get("WORLD_SIZE", "") != "":
+        launcher = "deepspeed" if "CROSS_RANK" in env or "CROSS_SIZE" in env else "torchrun"
+        if "TORCHELASTIC_RUN_ID" in env:
+            launcher = "torchrun"
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = _int(env, "LOCAL_RANK", default=0)
+        local_world = _int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=world)
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        launcher = "mpirun-openmpi"
+        rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", default=0)
+        local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", default=world)
+    elif "PMI_RANK" in env and "PMI_SIZE" in env:
+        launcher = "mpirun-mpich"
+        rank, world = int(env["PMI_RANK"]), int(env["PMI_SIZE"])
+        local_rank = _int(env, "MPI_LOCALRANKID", default=rank)
+        local_world = _int(env, "MPI_LOCALNRANKS", default=world)
+    elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        launcher = "srun"
+        rank, world = int(env["SLURM_PROCID"]), _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1)
+        local_rank = _int(env, "SLURM_LOCALID", default=0)
+        nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES", default=1)
+        local_world = world // max(nodes, 1)
+        if not addr:
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+            addr = "127.0.0.1" if nodes == 1 or not nodelist else first_host(nodelist)
+        if port is None:
+            port = _port_from_job(env.get("SLURM_JOB_ID", "0"))
+    else:
+        launcher, rank, world, local_rank, local_world = "single", 0, 1, 0, 1
+
+    if world > 1 and local_world == world and not addr:
+        addr = "127.0.0.1"  # everyone on this machine: rendezvous on loopback
+    device = f"cuda:{local_rank}" if cuda else "cpu"
+    return LaunchEnv(
+        launcher=launcher, rank=rank, local_rank=local_rank, world_size=world,
+        local_world_size=local_world, master_addr=addr or "", master_port=port or 0,
+        device=device, backend="nccl" if cuda else "gloo", pipeline_stages=pipeline_stages,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finish_rendezvous(le: LaunchEnv) -> LaunchEnv:
+    """Fill in a missing master address/port and export RANK etc. for torch.distributed.
+
+    A single process picks a free loopback port. mpirun gives no rendezvous: rank 0 picks its
+    address and a free port and broadcasts them with mpi4py.
+    """
+    if le.launcher == "single":
+        le.master_addr = le.master_addr or "127.0.0.1"
+        le.master_port = le.master_port or free_port()
+    elif le.launcher.startswith("mpirun") and (not le.master_addr or not le.master_port):
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        mine = None
+        if comm.Get_rank() == 0:
+            host = "127.0.0.1" if le.local_world_size == le.world_size else socket.gethostname()
+            mine = (le.master_addr or host, le.master_port or free_port())
+        le.master_addr, le.master_port = comm.bcast(mine, root=0)
+    if not le.master_addr or not le.master_port:
+        raise RuntimeError(f"{le.launcher}: no MASTER_ADDR/MASTER_PORT for a {le.world_size}-process job")
+    os.environ.update(
+        RANK=str(le.rank), WORLD_SIZE=str(le.world_size), LOCAL_RANK=str(le.local_rank),
+        LOCAL_WORLD_SIZE=str(le.local_world_size), MASTER_ADDR=le.master_addr,
+        MASTER_PORT=str(le.master_port),
+    )
+    return le
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`rcn env`: print the detected launch environment and exit."""
+    ap = argparse.ArgumentParser(prog="rcn env", description=main.__doc__)
+    ap.add_argument("--pipeline-stages", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    args = ap.parse_args(argv)
+    le = detect(pipeline_stages=args.pipeline_stages)
+    d = asdict(le) | {"dp_rank": le.dp_rank, "dp_size": le.dp_size, "pp_rank": le.pp_rank}
+    if args.json:
+        print(json.dumps(d, sort_keys=True))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"launch environment (rank {le.rank})")
+    table.add_column("field")
+    table.add_column("value")
+    for k, v in d.items():
+        table.add_row(k, str(v))
+    Console().print(table)
+    return 0

@@ -1,0 +1,168 @@
+"""The whole RCN: shapes, gradients, determinism, the step API, generation, noise, sizes."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcn_dist.config import preset
+from rcn_dist.model import RCN, RCNOutput, describe, sample_noise
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "rcn_dist" / "model"
+
+
+def tiny(**kw):
+    return dataclasses.replace(preset("tiny").model, **kw)
+
+
+def test_model_code_imports_nothing_distributed():
+    files = sorted(MODEL_DIR.glob("*.py"))
+    assert len(files) >= 4
+    bad = re.compile(r"^\s*(import|from)\s+(deepspeed|torch\.distributed)\b|torch\.distributed|deepspeed",
+                     re.MULTILINE)
+    for f in files:
+        assert not bad.search(f.read_text()), f"{f.name} refers to deepspeed or torch.distributed"
+
+
+@pytest.mark.parametrize("c,h,w,extra", [
+    (1, 28, 28, {}),
+    (3, 32, 32, {"likelihood": "logistic", "rnn": "gru"}),
+    (1, 36, 36, {"read_attn": False, "write_attn": False}),
+    (3, 28, 32, {"dec_z_skip": False}),
+])
+def test_output_shapes(c, h, w, extra):
+    cfg = tiny(in_channels=c, height=h, width=w, T=3, **extra)
+    torch.manual_seed(0)
+    model = RCN(cfg)
+    x = torch.rand(2, c, h, w)
+    out = model(x)
+    assert isinstance(out, RCNOutput)
+    assert out.canvas.shape == (2, 3, c, h, w)
+    assert out.class_caps.shape == (2, cfg.n_classes, cfg.class_caps_dim)
+    assert out.class_lengths.shape == (2, cfg.n_classes) and (out.class_lengths < 1).all()
+    assert out.kl.shape == (2, 3) and (out.kl >= 0).all()
+    assert out.mu.shape == out.logvar.shape == (2, 3, cfg.z_dim)
+    for attn, wins in ((cfg.read_attn, out.read_windows), (cfg.write_attn, out.write_windows)):
+        if attn:
+            assert set(wins) == {"cx", "cy", "delta", "sigma2", "gamma"}
+            assert all(v.shape == (2, 3) for v in wins.values())
+        else:
+            assert wins is None
+    total, parts = model.loss(x, torch.tensor([1, 2]))
+    assert set(parts) == {"margin", "recon", "kl", "elbo", "loss"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in parts.values())
+    torch.testing.assert_close(total, parts["recon"] + parts["kl"] + cfg.margin_weight * parts["margin"])
+    torch.testing.assert_close(parts["elbo"], parts["recon"] + parts["kl"])
+
+
+@pytest.mark.parametrize("extra", [{}, {"likelihood": "logistic", "rnn": "gru", "read_attn": False,
+                                        "write_attn": False, "in_channels": 3}])
+def test_every_parameter_gets_a_gradient(extra):
+    cfg = tiny(T=3, **extra)
+    torch.manual_seed(0)
+    model = RCN(cfg)
+    x = torch.rand(4, cfg.in_channels, 28, 28)
+    if cfg.likelihood == "bernoulli":
+        x = x.round()
+    total, _ = model.loss(x, torch.tensor([0, 1, 2, 3]))
+    total.backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, dead
+
+
+def test_same_seed_same_outputs_and_supplied_noise_is_used():
+    cfg = tiny(T=3)
+    x = torch.rand(3, 1, 28, 28)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = RCN(cfg)
+        outs.append(model(x))
+    assert torch.equal(outs[0].canvas, outs[1].canvas)
+    assert torch.equal(outs[0].class_lengths, outs[1].class_lengths)
+    eps = torch.randn(3, 3, cfg.z_dim)
+    a, b = model(x, eps=eps), model(x, eps=eps)
+    assert torch.equal(a.canvas, b.canvas)
+    assert not torch.equal(a.canvas, model(x, eps=eps + 1).canvas)
+    with pytest.raises(ValueError, match="eps must have shape"):
+        model(x, eps=torch.zeros(3, 2, cfg.z_dim))
+
+
+def test_step_api_reproduces_forward():
+    """The loop a pipeline runs by hand, encoder and decoder apart, gives the same canvas and KL."""
+    cfg = tiny(T=3)
+    torch.manual_seed(0)
+    model = RCN(cfg)
+    x = torch.rand(2, 1, 28, 28)
+    eps = torch.randn(2, 3, cfg.z_dim)
+    ref = model(x, eps)
+    enc, dec = model.encoder, model.decoder
+    caps_flat = enc.capsules(x).flatten(1)
+    es, ds = enc.init_state(2, x), dec.init_state(2, x)
+    canvas = torch.zeros_like(x)
+    for t in range(cfg.T):
+        es, z, mu, logvar, _ = enc.step(x, caps_flat, canvas, ds[0], es, eps[:, t])
+        ds, canvas, _ = dec.step(z, ds, canvas)
+        torch.testing.assert_close(canvas, ref.canvas[:, t])
+        torch.testing.assert_close(mu, ref.mu[:, t])
+    names = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert names == {"encoder", "decoder"}
+
+
+def test_loss_terms_per_sample_and_correct():
+    cfg = tiny(T=2)
+    torch.manual_seed(0)
+    model = RCN(cfg)
+    x = torch.rand(3, 1, 28, 28).round()
+    out = model(x)
+    lengths = torch.tensor([[0.9, 0.1, 0.2] + [0.0] * 7, [0.1, 0.8, 0.7] + [0.0] * 7, [0.5] * 9 + [0.6]])
+    out = dataclasses.replace(out, class_lengths=lengths)
+    terms = model.loss_terms(x, torch.tensor([0, 2, 0]), out=out)
+    assert all(terms[k].shape == (3,) for k in ("margin", "recon", "kl", "elbo", "correct"))
+    assert terms["correct"].tolist() == [True, False, False]
+    multi = torch.zeros(3, 10)
+    multi[0, [0, 2]] = 1
+    multi[1, [1, 2]] = 1
+    multi[2, [0, 1]] = 1
+    assert model.loss_terms(x, multi, out=out)["correct"].tolist() == [True, True, False]
+
+
+def test_generate_returns_T_canvases_in_unit_range():
+    cfg = tiny(T=3)
+    torch.manual_seed(0)
+    model = RCN(cfg)
+    canv, wins = model.generate(5)
+    assert canv.shape == (5, 3, 1, 28, 28)
+    assert (canv >= 0).all() and (canv <= 1).all()
+    assert set(wins) == {"cx", "cy", "delta", "sigma2", "gamma"} and wins["cx"].shape == (5, 3)
+    eps = torch.randn(5, 3, cfg.z_dim)
+    assert torch.equal(model.generate(5, eps=eps)[0], model.generate(5, eps=eps)[0])
+    canv, wins = RCN(tiny(T=2, write_attn=False)).generate(2)
+    assert canv.shape == (2, 2, 1, 28, 28) and wins is None
+
+
+def test_sample_noise_depends_only_on_seed_and_index():
+    full = sample_noise(torch.arange(20), seed=7, T=4, z_dim=6)
+    assert full.shape == (20, 4, 6) and full.dtype == torch.float32
+    # Any batch layout: a shuffled subset gets exactly the rows of the full batch.
+    idx = torch.tensor([13, 2, 19, 5])
+    assert torch.equal(sample_noise(idx, 7, 4, 6), full[idx])
+    for chunk in torch.arange(20).split(3):
+        assert torch.equal(sample_noise(chunk, 7, 4, 6), full[chunk])
+    assert not torch.equal(sample_noise(idx, 8, 4, 6), full[idx])
+    assert len({tuple(r.flatten().tolist()) for r in full}) == 20
+    big = sample_noise(torch.arange(128), seed=1, T=64, z_dim=16)
+    assert abs(big.mean().item()) < 0.02 and abs(big.std().item() - 1) < 0.02
+
+
+def test_describe_counts_match_the_model():
+    cfg = tiny()
+    d = describe(cfg, batch=8)
+    model = RCN(cfg)
+    assert d["params"] == sum(p.numel() for p in model.parameters())
+    assert d["params"] == d["encoder_params"] + d["decoder_params"]
+    u = model.encoder.capsules.primary(model.encoder.capsules.convs(torch.rand(1, 1, 28, 28)))
+    assert d["enc_u_hat_per_image"] == model.encoder.capsules.classes.predictions(u).numel()
+    assert d["enc_u_hat_bytes"] == 4 * 8 * d["enc_u_hat_per_image"]

@@ -1,0 +1,162 @@
+"""Training end to end on real shards, real DeepSpeed engines (gloo), real launchers."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import PY, REPO, cli_env, metrics, rcn, run
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--preset", "tiny", "train.eval_every=0", "train.ckpt_every=5", "train.batch_size=16"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir)}
+
+
+def ds_json(tmp_path: Path, stage: int, precision: str = "fp32") -> Path:
+    p = tmp_path / f"ds_z{stage}_{precision}.json"
+    d = {"zero_optimization": {"stage": stage}}
+    if precision == "bf16":
+        d["bf16"] = {"enabled": True}
+    p.write_text(json.dumps(d))
+    return p
+
+
+def torchrun(n: int, *args, env=None, check=True, timeout=600):
+    return run([PY, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", "0",
+                str(REPO / "launch/train.py"), *map(str, args)], env=env or cli_env(), check=check,
+               timeout=timeout)
+
+
+def test_single_process_trains_and_writes_everything(fmnist_small, tmp_path):
+    out = tmp_path / "run"
+    rcn("train", *TINY, "--data", fmnist_small, "--out", out, "--steps", "6", "train.eval_every=3")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for r in rows:
+        for k in ("loss", "margin", "recon", "kl", "elbo", "lr", "img_per_s"):
+            assert math.isfinite(r[k]), (k, r)
+    evals = metrics(out, "eval")
+    assert [e["step"] for e in evals] == [3, 6]
+    assert 0 <= evals[-1]["test_error"] <= 1 and evals[-1]["test_n"] == 256
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert (out / "checkpoints" / "step_00000006" / "model.safetensors").is_file()
+
+
+def test_zero_stages_agree_under_torchrun_and_deepspeed(fmnist_small, tmp_path):
+    """ZeRO 0-3 on 2 ranks give one loss curve (fp32); the deepspeed launcher gives it too."""
+    curves = {}
+    for stage in (0, 1, 2, 3):
+        out = tmp_path / f"z{stage}"
+        torchrun(2, "--deepspeed", ds_json(tmp_path, stage), *TINY, "--data", fmnist_small,
+                 "--out", out, "--steps", "4")
+        curves[stage] = losses(out)
+    out = tmp_path / "ds-launcher"
+    run(["deepspeed", "--num_gpus", "2", "--master_port", "29731", str(REPO / "launch/train.py"),
+         "--deepspeed", ds_json(tmp_path, 2), *TINY, "--data", fmnist_small, "--out", out, "--steps", "4"])
+    curves["deepspeed"] = losses(out)
+    ref = curves[0]
+    assert sorted(ref) == [1, 2, 3, 4]
+    for name, c in curves.items():
+        for s in ref:
+            assert c[s] == pytest.approx(ref[s], rel=1e-4), (name, s)
+
+
+def test_bf16_trains(fmnist_small, tmp_path):
+    out = tmp_path / "bf16"
+    rcn("train", "--deepspeed", REPO / "configs/ds.json", *TINY, "--data", fmnist_small, "--out", out,
+        "--steps", "3")
+    assert all(math.isfinite(v) for v in losses(out).values())
+    assert json.loads((out / "config.json").read_text())["train"]["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_then_resume_is_bit_identical(fmnist_small, tmp_path, nproc):
+    """Straight 10 steps vs a SIGTERM on rank 0 before step 5 and a restart: identical losses.
+
+    512 images / (16 per step) = 32 steps an epoch for 1 rank; the stop lands mid-epoch.
+    """
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [*TINY, "--data", fmnist_small, "--steps", "10"]
+    if nproc == 1:
+        rcn("train", *common, "--out", straight)
+        p = rcn("train", *common, "--out", split, env=cli_env(RCN_FAULT="step:4:SIGTERM"), check=False)
+    else:
+        torchrun(2, *common, "--out", straight)
+        p = torchrun(2, *common, "--out", split, env=cli_env(RCN_FAULT="step:4:SIGTERM"), check=False)
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert (split / "checkpoints" / "latest").read_text() == "step_00000005"
+    assert max(losses(split)) == 5
+    if nproc == 1:
+        p = rcn("train", *common, "--out", split)
+    else:
+        p = torchrun(2, *common, "--out", split)
+    assert "resumed from" in p.stdout
+    a, b = losses(straight), losses(split)
+    assert sorted(b) == list(range(1, 11))
+    assert [b[s] for s in range(6, 11)] == [a[s] for s in range(6, 11)]  # bit-identical
+
+
+def test_kill9_during_checkpoint_resumes_from_previous(fmnist_small, tmp_path):
+    out = tmp_path / "run"
+    common = [*TINY, "--data", fmnist_small, "--steps", "10", "--out", out]
+    p = rcn("train", *common, env=cli_env(RCN_FAULT="checkpoint:10"), check=False)
+    assert p.returncode == -9
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000005"
+    assert not (out / "checkpoints" / "step_00000010" / "COMPLETE").exists()
+    p = rcn("train", *common)
+    assert "step_00000010 is incomplete" in p.stdout
+    assert "resumed from" in p.stdout and "step_00000005" in p.stdout
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000010"
+
+
+def _one_error_line(p) -> str:
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.startswith("rcn: error:")]
+    assert len(lines) == 1, p.stderr[-3000:]
+    return lines[0]
+
+
+def test_bad_configurations_are_refused_with_one_line(fmnist_small, tmp_path):
+    base = ["train", "--data", fmnist_small, "--out", tmp_path / "r", "--preset", "tiny"]
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{ not json")
+    fp16 = tmp_path / "fp16.json"
+    fp16.write_text(json.dumps({"fp16": {"enabled": True}}))
+    clash = tmp_path / "clash.json"
+    clash.write_text(json.dumps({"train_batch_size": 999}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        "unknown config key train.bogus": [*base, "train.bogus=1"],
+        "does not parse": [*base, "--deepspeed", bad_json],
+        "train.micro_batch=5": [*base, "train.micro_batch=5"],
+        "fp16": [*base, "--deepspeed", fp16],
+        "train_batch_size": [*base, "--deepspeed", clash],
+        "manifest": ["train", "--data", empty, "--out", tmp_path / "r", "--preset", "tiny"],
+    }
+    for needle, args in cases.items():
+        line = _one_error_line(rcn(*args, check=False, timeout=120))
+        assert needle in line, (needle, line)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_nan_loss_stops_naming_step_and_checkpoint(fmnist_small, tmp_path):
+    out = tmp_path / "run"
+    # An absurd learning rate makes the loss non-finite within a few steps.
+    p = rcn("train", *TINY, "--data", fmnist_small, "--out", out, "--steps", "40", "train.lr=1e30",
+            "train.warmup_steps=0", "train.grad_clip=0", "train.ckpt_every=1", check=False)
+    line = _one_error_line(p)
+    assert p.returncode == 4
+    m = re.search(r"not finite at step (\d+); last good checkpoint: (\S+)", line)
+    assert m, line
+    bad = int(m.group(1))
+    assert m.group(2).endswith(f"step_{bad - 1:08d}")
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{bad - 1:08d}"
