@@ -61,3 +61,7 @@ def run_main(fn, argv: list[str]) -> int:
 
 def entry() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

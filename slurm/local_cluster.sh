@@ -15,9 +15,10 @@ set -euo pipefail
 
 DIR=${RCN_SLURM_DIR:-/tmp/rcn-slurm}
 CLUSTER=rcn
-CTLD_PORT=17000 # slurmd instances use 17001, 17002; all away from Slurm's defaults (6817-6819)
-DBD_PORT=17010
-DB_PORT=17306
+# Ports away from Slurm's defaults (6817-6819) and MariaDB's (3306): slurmctld on P, slurmd on
+# P+1 and P+2, slurmdbd on P+10, mariadbd on P+20. A second cluster needs another dir and P.
+PORT=${RCN_SLURM_PORT:-17000}
+CTLD_PORT=$PORT DBD_PORT=$((PORT + 10)) DB_PORT=$((PORT + 20))
 START_TIMEOUT=${RCN_SLURM_START_TIMEOUT:-90}
 CPUS=${RCN_SLURM_CPUS:-2} # per fake node; overcommitting the real cores is fine for tests
 
@@ -154,16 +155,20 @@ ensure_hosts() {
     for n in "$@"; do getent hosts "$n" >/dev/null || missing+=("$n"); done
     ((${#missing[@]} == 0)) && return 0
     # A hosts file without a final newline would glue our line onto its last one.
-    [[ -z $(tail -c1 /etc/hosts) ]] || echo >>/etc/hosts
-    echo "127.0.0.1 ${missing[*]}" >>/etc/hosts
+    { [[ -z $(tail -c1 /etc/hosts) ]] || echo; } >>/etc/hosts &&
+        echo "127.0.0.1 ${missing[*]}" >>/etc/hosts ||
+        die "cannot add '127.0.0.1 ${missing[*]}' to /etc/hosts; add it by hand"
 }
 
 # wait_for SECONDS WHAT COMMAND...: poll COMMAND every 0.2 s; die naming the logs when it never succeeds.
 wait_for() {
-    local deadline=$((SECONDS + $1)) what=$2
+    local deadline=$((SECONDS + $1)) what=$2 out
     shift 2
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || die "timed out waiting for $what; logs: $LOG/*.log $MUNGE/munged.log $DB/mysqld.log"
+    until out=$("$@" 2>&1); do
+        if ((SECONDS >= deadline)); then
+            [[ -z $out ]] || echo "$out" | tail -n 3 >&2
+            die "timed out waiting for $what; logs: $LOG/*.log $MUNGE/munged.log $DB/mysqld.log"
+        fi
         sleep 0.2
     done
 }
@@ -181,7 +186,7 @@ start_munged() {
     chmod 600 "$MUNGE/munge.key"
     rm -f "$MUNGE/munge.socket.2" "$MUNGE/munge.socket.2.lock"
     runuser -u munge -- munged --socket="$MUNGE/munge.socket.2" --key-file="$MUNGE/munge.key" \
-        --pid-file="$MUNGE/munged.pid" --log-file="$MUNGE/munged.log" --seed-file="$MUNGE/munged.seed" ||
+        --pid-file="$MUNGE/munged.pid" --log-file="$MUNGE/munged.log" --seed-file="$MUNGE/munged.seed" 9>&- ||
         die "munged did not start, see $MUNGE/munged.log"
 }
 
@@ -194,7 +199,7 @@ start_mariadbd() {
     setsid mariadbd --no-defaults --datadir="$DB/data" --user=root --socket="$DB/mysqld.sock" \
         --port="$DB_PORT" --bind-address=127.0.0.1 --pid-file="$DB/mysqld.pid" \
         --log-error="$DB/mysqld.log" --skip-log-bin --innodb-buffer-pool-size=32M \
-        </dev/null >/dev/null 2>&1 &
+        </dev/null >/dev/null 2>&1 9>&- &
     local pid=$! deadline=$((SECONDS + 60))
     until sql -e 'SELECT 1' >/dev/null 2>&1; do
         alive "$pid" || die "mariadbd exited at start, see $DB/mysqld.log"
@@ -215,9 +220,10 @@ EOF
 }
 
 nodes_ready() {
-    local want=$1 up
-    up=$(sinfo -h -N -o '%N %t' | awk '$2 ~ /^(idle|mix|alloc|comp)/' | sort -u | wc -l)
-    ((up == want))
+    local want=$1 states
+    states=$(sinfo -h -N -o '%N %t') || return 1
+    echo "$states"
+    (($(awk '$2 ~ /^(idle|mix|alloc|comp)/' <<<"$states" | sort -u | wc -l) == want))
 }
 
 cmd_start() {
@@ -230,6 +236,8 @@ cmd_start() {
         esac
     done
     [[ $nodes == 1 || $nodes == 2 ]] || die "--nodes must be 1 or 2, got '$nodes'"
+    [[ $CPUS =~ ^[1-9][0-9]*$ ]] || die "RCN_SLURM_CPUS must be a positive integer, got '$CPUS'"
+    [[ $PORT =~ ^[1-9][0-9]*$ ]] || die "RCN_SLURM_PORT must be a port number, got '$PORT'"
     ((EUID == 0)) || die "must run as root (munged, slurmd and the /etc/hosts entry need it)"
     local t0=$SECONDS running
     mkdir -p "$ETC" "$RUN" "$LOG" "$MUNGE" "$DB" "$DIR/state" "$DIR/spool" "$DIR/tmp"
@@ -251,16 +259,16 @@ cmd_start() {
     pid_of mariadbd "$DB/mysqld.pid" >/dev/null || start_mariadbd
     setup_database
     if ! pid_of slurmdbd "$RUN/slurmdbd.pid" >/dev/null; then
-        slurmdbd || die "slurmdbd did not start, see $LOG/slurmdbd.log"
+        slurmdbd 9>&- || die "slurmdbd did not start, see $LOG/slurmdbd.log"
     fi
     wait_for 30 "slurmdbd" sacctmgr -n list cluster
     sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER" || sacctmgr -i -Q add cluster "$CLUSTER" >/dev/null
     if ! pid_of slurmctld "$RUN/slurmctld.pid" >/dev/null; then
-        slurmctld || die "slurmctld did not start, see $LOG/slurmctld.log"
+        slurmctld 9>&- || die "slurmctld did not start, see $LOG/slurmctld.log"
     fi
     for i in "${names[@]}"; do
         if ! pid_of slurmd "$RUN/slurmd-$i.pid" >/dev/null; then
-            slurmd -N "$i" || die "slurmd -N $i did not start, see $LOG/slurmd-$i.log"
+            slurmd -N "$i" 9>&- || die "slurmd -N $i did not start, see $LOG/slurmd-$i.log"
         fi
     done
     wait_for "$START_TIMEOUT" "${nodes} node(s) to be idle in sinfo" nodes_ready "$nodes"
@@ -328,11 +336,19 @@ cmd_status() {
     exit "$all"
 }
 
+# lock: one start or stop at a time (parallel test workers may each call start). The daemons are
+# started with fd 9 closed, else they would hold the lock for their whole life.
+lock() {
+    mkdir -p "$DIR"
+    exec 9>"$DIR/.lock"
+    flock -w 300 9 || die "another local_cluster.sh start/stop holds $DIR/.lock"
+}
+
 case ${1:-} in
-start) shift; cmd_start "$@" ;;
-stop) cmd_stop ;;
+start) shift; lock; cmd_start "$@" ;;
+stop) lock; cmd_stop ;;
 status) cmd_status ;;
-env) echo "export SLURM_CONF=$SLURM_CONF" ;;
+env) printf 'export SLURM_CONF=%q\n' "$SLURM_CONF" ;;
 *)
     echo "usage: $0 {start [--nodes 1|2] | stop | status | env}   (work dir: \$RCN_SLURM_DIR=$DIR)" >&2
     exit 2

@@ -91,3 +91,22 @@ def rcn_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The real `rcn` command in a subprocess."""
     return subprocess.run([sys.executable, "-c", "from rcn_dist.cli import entry; entry()", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=120)
+
+
+def py2_cifar_pickle(rows: np.ndarray, labels: list[int]) -> bytes:
+    """A batch pickled as Python 2's cPickle wrote the published CIFAR-10 files: str opcodes
+    (SHORT_BINSTRING / BINSTRING) and numpy 1's `numpy.core.multiarray._reconstruct`."""
+    import struct
+
+    def s(b: bytes) -> bytes:
+        return (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<i", len(b))) + b
+
+    n, width = rows.shape
+    array = (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + b"K\x00\x85" + s(b"b")
+             + b"\x87R" + b"(K\x01" + b"M" + struct.pack("<H", n) + b"M" + struct.pack("<H", width) + b"\x86"
+             + b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R"
+             + b"(K\x03" + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+             + b"\x89" + s(rows.astype(np.uint8).tobytes()) + b"tb")
+    label_list = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return (b"\x80\x02}(" + s(b"batch_label") + s(b"training batch 1 of 5") + s(b"data") + array
+            + s(b"labels") + label_list + b"u.")

@@ -47,7 +47,7 @@ def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
 
 @pytest.fixture(scope="session")
 def fmnist_small(tmp_path_factory) -> Path:
-    """512 training and 256 test images of the real Fashion-MNIST, in 8 + 4 shards."""
+    """512 training and 512 test images of the real Fashion-MNIST, in 8 + 4 shards."""
     if not FMNIST.is_dir():
         pytest.fail(f"{FMNIST} is missing: install Debian's dataset-fashion-mnist (.ci/run does)")
     out = tmp_path_factory.mktemp("data") / "fmnist"

@@ -32,9 +32,10 @@ import webdataset.tariterators as wds_tar
 
 from rcn_dist.data import safetar
 from rcn_dist.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, npy_header
-from rcn_dist.errors import DataError
+from rcn_dist.errors import DataError, RcnError, UnsafeFileError
 
 BINARIZE = ("dynamic", "fixed", "none")
+_ERROR = "__rcn_error__"
 
 
 # ---------------------------------------------------------------- manifest
@@ -255,7 +256,14 @@ class _EpochSlots(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         wid = info.id if info is not None else 0
-        return self.s._slot_batches(self.epoch, (wid + self.skip) % self.s._w, self.skip)
+        try:
+            yield from self.s._slot_batches(self.epoch, (wid + self.skip) % self.s._w, self.skip)
+        except RcnError as e:
+            if info is None:
+                raise
+            # The DataLoader would re-raise it wrapped in a multi-line worker traceback; pass the
+            # error itself to the main process, which raises it as it was.
+            yield {_ERROR: (type(e).__name__, str(e))}
 
 
 class TrainStream:
@@ -367,9 +375,13 @@ class TrainStream:
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers)
         it = iter(loader)
         try:
-            yield from it
+            for batch in it:
+                if _ERROR in batch:
+                    name, msg = batch[_ERROR]
+                    raise {"UnsafeFileError": UnsafeFileError}.get(name, DataError)(msg)
+                yield batch
         finally:
-            del it
+            it._shutdown_workers()  # now, not whenever a traceback holding `it` is collected
 
     def __iter__(self) -> Iterator[dict]:
         while True:

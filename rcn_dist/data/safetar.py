@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import tarfile
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from rcn_dist.errors import DataError, UnsafeFileError
 
@@ -21,7 +21,7 @@ def check_member(info: tarfile.TarInfo, archive: str | Path) -> None:
     """Raise UnsafeFileError unless `info` is a plain file or directory with a relative,
     non-escaping name."""
     name = info.name
-    parts = PurePosixPath(name).parts
+    parts = name.split("/")
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise UnsafeFileError(f"{archive}: tar member {name!r} has an absolute path")
     if ".." in parts or "\\" in name:

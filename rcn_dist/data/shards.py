@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
 MANIFEST = "manifest.json"
 FORMAT = "rcn-webdataset"
@@ -50,6 +49,8 @@ def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarra
     images: (N, C, H, W) uint8; labels: (N,) or (N, 2) int. `advance(k)` is called after every k
     samples written (progress).
     """
+    import webdataset as wds  # here: it imports torch, which a failed `rcn prepare` need not wait for
+
     shards = []
     n = len(images)
     header = npy_header(images.shape[1:])

@@ -1,0 +1,3 @@
+from rcn_dist.cli import entry
+
+entry()

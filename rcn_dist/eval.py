@@ -1,0 +1,304 @@
+"""`rcn eval`: a trained run as numbers (docs/evaluation.md says what each one is).
+
+    rcn eval --run RUN_DIR [--data DIR] [--iw K] [--reduced] [--parts test,iw,nn,fd] [eval.x=v ...]
+    torchrun --nproc_per_node N -m rcn_dist.cli eval --run RUN_DIR ...
+
+Writes RUN_DIR/eval.json (rank 0) and prints a table. On N ranks the test split is split by
+rank (EvalStream: every test image counted once) and the sums are all-reduced; the
+sample-quality figures (nearest neighbour, Frechet distance) are computed on rank 0 alone.
+
+Parts:
+  test  test error from capsule lengths, negative ELBO (nats; bits/dim for the logistic
+        likelihood), its recon/KL/margin parts: `rcn_dist.train.evaluate`, the function the
+        training loop uses, with the same noise, so the numbers equal the loop's final test row
+        for the same checkpoint. On MultiMNIST also the two-object accuracy (both top-2 capsules
+        correct). Computed in the run's training precision (bf16 runs in bf16).
+  iw    the importance-weighted bound with K samples, in fp32 (the other parts too).
+  nn    nearest-neighbour distances of generated samples and of test images to the training set.
+  fd    a Frechet distance in the feature space of a small classifier trained on the run's
+        training shards and cached in RUN_DIR/eval_classifier/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rcn_dist import console
+from rcn_dist.config import Config, ConfigError, apply_overrides
+from rcn_dist.errors import CheckpointError, DataError
+
+PARTS = ("test", "iw", "nn", "fd")
+REDUCED = {"iw_samples": 10, "iw_examples": 500, "nn_samples": 128, "nn_train_images": 10000,
+           "classifier_steps": 200}
+"""`--reduced` caps these eval.* settings (explicit eval.* overrides still win): the quickstart's
+evaluation, minutes on two CPU cores for the small preset."""
+NN_SEED = 1234
+"""Seed of the prior noise of the samples for the nearest-neighbour and Frechet figures."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rcn eval", description="Evaluate a trained run.")
+    ap.add_argument("--run", required=True, help="run directory (its latest checkpoint), or a checkpoint dir")
+    ap.add_argument("--data", help="prepared data directory (default: the run's data.dir)")
+    ap.add_argument("--iw", type=int, metavar="K", help="importance samples K (overrides eval.iw_samples)")
+    ap.add_argument("--reduced", action="store_true",
+                    help="reduced evaluation: " + ", ".join(f"eval.{k}<={v}" for k, v in REDUCED.items()))
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--out", help="where to write the JSON (default RUN_DIR/eval.json)")
+    ap.add_argument("overrides", nargs="*", help="eval.field=value, e.g. eval.iw_samples=100")
+    return ap
+
+
+# ---------------------------------------------------------------- importance-weighted bound
+def log_weights(model, x: Tensor, eps: Tensor) -> Tensor:
+    """log w = log p(x | z) + log p(z) - log q(z | x) per image (B,), for the whole z_{1:T}.
+
+    z_t = mu_t + sigma_t eps_t (the encoder's reparameterisation), so per dimension
+    log q = -(log 2 pi + logvar + eps^2) / 2 and log p = -(log 2 pi + z^2) / 2; the 2 pi cancel.
+    x (B, C, H, W); eps (B, T, z_dim).
+    """
+    out = model(x, eps)
+    log_px = -model.recon_nll(out.canvas[:, -1], x)
+    z = out.mu + torch.exp(0.5 * out.logvar) * eps
+    return log_px + 0.5 * (eps.pow(2) + out.logvar - z.pow(2)).flatten(1).sum(1)
+
+
+def iw_seed(base: int, k: int) -> int:
+    """Noise stream of importance sample k; k = 0 is the evaluation noise itself."""
+    return base if k == 0 else (base * 1_000_003 + k) % (2**62)
+
+
+@torch.no_grad()
+def importance_weighted(model, stream, cfg: Config, device: str, k: int, examples: int = 0,
+                        progress: bool = False) -> dict[str, float]:
+    """The K-sample importance-weighted bound, -log mean_k w_k, averaged over test images.
+
+    Only images with split index < `examples` count (0: all). Sample k's noise is drawn from
+    (train.seed + EVAL_NOISE_SEED, k, image index), sample 0 being exactly the evaluation noise.
+    Returns iw_nll (the bound, nats, an upper bound on -log p(x) no looser than the ELBO),
+    iw_elbo_mc (the mean single-sample negative ELBO -log w_k of the same K samples: equal to
+    iw_nll when K = 1, never below it), iw_n and iw_k; all-reduced over ranks.
+    """
+    import torch.distributed as dist
+
+    from rcn_dist.model import sample_noise
+    from rcn_dist.train import EVAL_NOISE_SEED
+
+    base = cfg.train.seed + EVAL_NOISE_SEED
+    m = cfg.model
+    sums = torch.zeros(3, dtype=torch.float64)  # sum of -bound, sum of mean -log w, images
+    for batch in console.track(stream, f"IW bound (K={k})", enabled=progress):
+        keep = batch["mask"] & ((batch["index"] < examples) if examples else True)
+        if not keep.any():
+            continue
+        x, idx = batch["image"][keep].to(device), batch["index"][keep]
+        lw = torch.stack([log_weights(model, x, sample_noise(idx, iw_seed(base, j), m.T, m.z_dim).to(device))
+                          .double().cpu() for j in range(k)])  # (K, B)
+        bound = torch.logsumexp(lw, dim=0) - math.log(k)
+        sums += torch.stack([-bound.sum(), -lw.mean(0).sum(), torch.tensor(float(len(idx)), dtype=torch.float64)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    n = max(sums[2].item(), 1.0)
+    out = {"iw_nll": sums[0].item() / n, "iw_elbo_mc": sums[1].item() / n, "iw_n": int(sums[2].item()), "iw_k": k}
+    if m.likelihood == "logistic":
+        out["iw_bits_per_dim"] = out["iw_nll"] / (m.in_channels * m.height * m.width * math.log(2))
+    return out
+
+
+# ---------------------------------------------------------------- sample quality (rank 0)
+def _first_images(data_dir: str, split: str, n: int) -> tuple[Tensor, Tensor]:
+    """The first n grey images (n, C, H, W) of a split and their labels, streamed."""
+    from rcn_dist.data.loader import EvalStream
+
+    imgs, labels = [], []
+    got = 0
+    for batch in EvalStream(data_dir, min(n, 256), 0, 1, split=split, binarize="none"):
+        keep = batch["mask"]
+        imgs.append(batch["image"][keep])
+        labels.append(batch["label"][keep])
+        got += int(keep.sum())
+        if got >= n:
+            break
+    return torch.cat(imgs)[:n], torch.cat(labels)[:n]
+
+
+def _train_batches(data_dir: str, batch_size: int = 1024):
+    """Grey training images (B, D), streamed shard by shard."""
+    from rcn_dist.data.loader import EvalStream
+
+    for batch in EvalStream(data_dir, batch_size, 0, 1, split="train", binarize="none"):
+        yield batch["image"][batch["mask"]].flatten(1)
+
+
+def sample_quality(model, cfg: Config, data_dir: str, run_dir: Path, device: str, parts: set[str],
+                   progress: bool = False, pictures: Path | None = None) -> dict[str, Any]:
+    """Nearest-neighbour and Frechet figures of eval.nn_samples prior samples (seed NN_SEED).
+
+    `pictures`: a directory for nearest.png (generated samples above their nearest training
+    images).
+    """
+    from rcn_dist import quality
+    from rcn_dist.sample import generate, grid
+
+    e = cfg.eval
+    canvases, _ = generate(model, e.nn_samples, NN_SEED, device)
+    gen = canvases[:, -1]  # (n, C, H, W) means of the final canvas
+    test_x, test_y = _first_images(data_dir, "test", e.nn_samples)
+    out: dict[str, Any] = {"quality_samples": len(gen)}
+    if "nn" in parts:
+        batches = console.track(_train_batches(data_dir), "nearest neighbours", enabled=progress)
+        figs, search = quality.nearest_neighbours(gen.flatten(1), test_x.flatten(1), batches,
+                                                  limit=e.nn_train_images)
+        out |= figs
+        if pictures is not None:
+            pictures.mkdir(parents=True, exist_ok=True)
+            k = min(16, len(gen))
+            near = search.nearest[:k].float().view(k, *gen.shape[1:])
+            grid(torch.cat([gen[:k], near]), ncol=k, scale=2).save(pictures / "nearest.png")
+    if "fd" in parts:
+        net = quality.feature_classifier(data_dir, run_dir / "eval_classifier", e.classifier_steps,
+                                         seed=cfg.train.seed, progress=progress, device=device)
+        train_x, _ = _first_images(data_dir, "train", e.nn_samples)
+        f_gen, f_test, f_train = (quality.features(net, x) for x in (gen, test_x, train_x))
+        with torch.no_grad():
+            logits = torch.cat([net(test_x[i:i + 256].to(device)).cpu() for i in range(0, len(test_x), 256)])
+        out |= {"frechet": quality.frechet_distance(f_gen, f_test),
+                "frechet_ref": quality.frechet_distance(f_train, f_test),
+                "classifier_test_accuracy": quality.classifier_correct(logits, test_y).double().mean().item()}
+    return out
+
+
+# ---------------------------------------------------------------- the command
+def _checkpoint_step(where: Path) -> int | None:
+    try:
+        return int(json.loads((where / "COMPLETE").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_for_eval(run: str, data: str | None, device: str):
+    """(cfg, fp32 model, checkpoint dir, data dir), or one clear error: no checkpoint, a checkpoint
+    whose model config differs from the run's config.json, or data that does not fit the model."""
+    from rcn_dist.data.loader import Manifest
+    from rcn_dist.parallel.checkpoint import load_model
+
+    run_path = Path(run)
+    if not run_path.is_dir():
+        raise CheckpointError(f"{run_path}: no such run directory")
+    cfg, model, where = load_model(run_path, device)
+    top = run_path / "config.json"
+    if where != run_path and top.is_file():
+        try:
+            run_model = json.loads(top.read_text()).get("model", {})
+        except ValueError:
+            raise CheckpointError(f"{top}: not valid JSON") from None
+        ckpt_model = json.loads(cfg.to_json())["model"]
+        diff = sorted(k for k in ckpt_model if run_model.get(k) != ckpt_model[k])
+        if diff:
+            raise CheckpointError(f"{where} was saved with a different model config than {top} "
+                                  f"(model.{', model.'.join(diff[:4])} differ)")
+    data_dir = data or cfg.data.dir
+    try:
+        manifest = Manifest.load(data_dir)
+    except DataError as e:
+        raise DataError(f"{e}{'' if data else ' (pass --data DIR)'}") from None
+    m = cfg.model
+    if manifest.image_shape != (m.in_channels, m.height, m.width) or manifest.n_classes != m.n_classes:
+        c, h, w = manifest.image_shape
+        raise ConfigError(f"data {data_dir} holds {c}x{h}x{w} images of {manifest.n_classes} classes; the "
+                          f"checkpoint's model takes {m.in_channels}x{m.height}x{m.width} and {m.n_classes}")
+    return cfg, model, where, data_dir, manifest
+
+
+def eval_config(cfg: Config, args: argparse.Namespace) -> Config:
+    """The run's config with --reduced caps, then --iw, then eval.* overrides applied."""
+    bad = [o for o in args.overrides if not o.strip().startswith("eval.")]
+    if bad:
+        raise ConfigError(f"rcn eval takes only eval.* overrides, got {bad[0]!r}")
+    if args.reduced:
+        cfg.eval = dataclasses.replace(cfg.eval, **{
+            k: (v if getattr(cfg.eval, k) == 0 else min(getattr(cfg.eval, k), v)) for k, v in REDUCED.items()})
+    overrides = list(args.overrides)
+    if args.iw is not None:
+        overrides.insert(0, f"eval.iw_samples={args.iw}")
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch.distributed as dist
+
+    from rcn_dist.data.loader import EvalStream
+    from rcn_dist.parallel.env import detect, finish_rendezvous
+    from rcn_dist.train import LossModule, evaluate
+
+    args = build_parser().parse_args(argv)
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts or parts - set(PARTS):
+        raise ConfigError(f"--parts takes a comma-separated subset of {','.join(PARTS)}, got {args.parts!r}")
+    le = detect()
+    if le.device.startswith("cuda"):
+        torch.cuda.set_device(le.local_rank)
+    cfg, model, where, data_dir, manifest = load_for_eval(args.run, args.data, le.device)
+    cfg = eval_config(cfg, args)
+    distributed = le.world_size > 1
+    if distributed:
+        from rcn_dist.parallel.engine import init_distributed
+
+        finish_rendezvous(le)
+        init_distributed(le.backend)
+    rank0 = le.rank == 0
+    con = console.Console(rank0)
+    e, t = cfg.eval, cfg.train
+    con.info(f"evaluating {where} on {data_dir} ({le.world_size} rank(s), {le.device})"
+             + (f"; reduced: IW K={e.iw_samples} on {e.iw_examples or 'all'} test images, "
+                f"{e.nn_samples} samples vs {e.nn_train_images or 'all'} training images, "
+                f"classifier {e.classifier_steps} steps" if args.reduced else ""))
+    metrics: dict[str, Any] = {}
+    batch = t.micro_batch or t.batch_size
+    if "test" in parts:
+        test_model = model
+        if t.precision in ("bf16", "fp16"):
+            test_model = copy.deepcopy(model).to(torch.bfloat16 if t.precision == "bf16" else torch.float16)
+        # Exactly the loop's call: the same stream, batch, noise and reduction.
+        metrics |= evaluate(LossModule(test_model), EvalStream(data_dir, batch, le.rank, le.world_size),
+                            cfg, le.device, progress=rank0)
+        if manifest.multi_label:
+            metrics["two_object_accuracy"] = 1.0 - metrics["test_error"]
+    if "iw" in parts:
+        metrics |= importance_weighted(model, EvalStream(data_dir, batch, le.rank, le.world_size), cfg,
+                                       le.device, e.iw_samples, e.iw_examples, progress=rank0)
+    if rank0 and parts & {"nn", "fd"}:
+        metrics |= sample_quality(model, cfg, data_dir, Path(args.run), le.device, parts, progress=True,
+                                  pictures=Path(args.run) / "samples" if where != Path(args.run) else None)
+    if rank0:
+        report = {"run": str(args.run), "checkpoint": str(where), "step": _checkpoint_step(where),
+                  "data": str(data_dir), "dataset": manifest.dataset, "world_size": le.world_size,
+                  "precision": t.precision, "reduced": bool(args.reduced), "parts": sorted(parts),
+                  "eval": dataclasses.asdict(e), "metrics": metrics}
+        out = Path(args.out) if args.out else Path(args.run) / "eval.json"
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, out)
+        con.table(f"eval {where.name}" + (" (reduced)" if args.reduced else ""), metrics)
+        con.info(f"wrote {out}")
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    from rcn_dist.cli import run_main
+
+    sys.exit(run_main(main, sys.argv[1:]))

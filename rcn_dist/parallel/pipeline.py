@@ -1,0 +1,528 @@
+"""Pipeline parallelism: the encoder stack on one rank, the decoder stack on the next.
+
+The recurrence is a cycle over time (enc_t needs h_dec_{t-1} and c_{t-1} from the decoder), not
+a chain, so the T steps are unrolled into 2T virtual stages enc_1, dec_1, ..., enc_T, dec_T that
+torch.distributed.pipelining places in a loop: virtual stage i on pipeline rank i % 2. Rank 0
+runs every enc_t with its one Encoder, rank 1 every dec_t with its one Decoder. With M
+micro-batches in flight, rank 0 runs enc_t of micro-batch m while rank 1 runs dec_t of m - 1.
+docs/parallelism.md has the schedule, its arithmetic and its limits.
+
+What travels from stage to stage (B = micro-batch; the image, labels and noise never travel: both
+ranks of a pipeline read the same samples and hand them to their stages as keyword arguments):
+
+    enc_t -> dec_t      [enc state,] caps (B, K*D), kl (B,), [dec state, canvas,] z_t (B, z)
+    dec_t -> enc_t+1    enc state, caps, kl, dec state (h_dec_t, ...), canvas c_t (B, C, H, W)
+
+(the bracketed parts are absent where nobody needs them: no decoder state or canvas before dec_1,
+no encoder state after enc_T). dec_T computes the unsplit model's per-sample loss terms.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B, ScheduleLoopedBFS
+
+from rcn_dist.config import Config, ConfigError
+from rcn_dist.model import RCN, RCNOutput, kl_standard_normal
+
+SCHEDULES = {"looped_bfs": ScheduleLoopedBFS, "interleaved_1f1b": ScheduleInterleaved1F1B}
+TERMS = ("loss", "margin", "recon", "kl", "elbo")
+"""Columns of the last stage's output (B, 6): these, then `correct` as 0/1."""
+ZERO_STAGES = (0, 1)
+
+
+def check_pipeline_config(cfg: Config, le) -> None:
+    """Refuse, before any process group starts, what the pipeline cannot run (one line each).
+
+    `cfg` has been through engine.resolve_engine_settings (micro_batch and zero_stage filled in);
+    `le` is the rank's LaunchEnv.
+    """
+    p, t = cfg.parallel, cfg.train
+    m = p.micro_batches
+    if p.pipeline_stages != 2:
+        raise ConfigError(f"parallel.pipeline_stages={p.pipeline_stages}: the pipeline has exactly 2 stages")
+    if p.zero_stage not in ZERO_STAGES:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} cannot shard a pipeline: "
+                          "with pipeline_stages=2 use ZeRO stage 0 or 1")
+    if t.precision == "fp16":
+        raise ConfigError("train.precision=fp16 is not supported with pipeline_stages=2 (no loss scaling "
+                          "across stages): use bf16 or fp32")
+    if le.world_size % 2:
+        raise ConfigError(f"world size {le.world_size} is not divisible by parallel.pipeline_stages=2")
+    if t.micro_batch % m:
+        raise ConfigError(f"the per-pipeline batch train.micro_batch={t.micro_batch} is not divisible by "
+                          f"parallel.micro_batches={m}")
+    if p.pipeline_schedule == "interleaved_1f1b":
+        rounds = max(1, m // 2)
+        if m % rounds:
+            raise ConfigError(f"parallel.micro_batches={m} is not supported by parallel.pipeline_schedule="
+                              f"interleaved_1f1b on 2 ranks (needs a multiple of max(1, M // 2) = {rounds}; "
+                              "e.g. 1, 2, 3, 4, 6, 8) or use looped_bfs")
+
+
+def _autocast(device: torch.device, on: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
+
+
+class EncoderStep(nn.Module):
+    """Virtual stage enc_t (t counted from 0) around the rank's one Encoder."""
+
+    def __init__(self, encoder: nn.Module, t: int, T: int, bf16: bool) -> None:
+        super().__init__()
+        self.encoder, self.t, self.T, self.bf16 = encoder, t, T, bf16
+        self.n = 2 if encoder.cfg.rnn == "lstm" else 1
+
+    def forward(self, *carry: Tensor, x: Tensor, eps: Tensor) -> tuple[Tensor, ...]:
+        enc, n = self.encoder, self.n
+        dtype = enc.latent.weight.dtype
+        x = x.to(dtype)
+        with _autocast(x.device, self.bf16):
+            if self.t == 0:
+                # Image -> class capsules runs once; the decoder's zero state and canvas are implied.
+                caps = enc.capsules(x).flatten(1)
+                state, kl = enc.init_state(x.shape[0], x), x.new_zeros(x.shape[0])
+                h_dec, canvas, dec_rest = x.new_zeros(x.shape[0], enc.cfg.dec_hidden), torch.zeros_like(x), ()
+            else:
+                state, caps, kl = carry[:n], carry[n], carry[n + 1]
+                dec_rest, canvas = carry[n + 2:-1], carry[-1]
+                h_dec = dec_rest[0]
+            state, z, mu, logvar, _ = enc.step(x, caps, canvas, h_dec, state, eps[:, self.t].to(dtype))
+            kl = kl + kl_standard_normal(mu, logvar)
+        if self.t == 0:
+            head = (*state, caps, kl) if self.T > 1 else (caps, kl)
+            return (*head, z)
+        head = (*state, caps, kl) if self.t < self.T - 1 else (caps, kl)
+        return (*head, *dec_rest, canvas, z)
+
+
+class _LossHead:
+    """The unsplit model's loss code, run on the decoder rank (the logistic scale lives there)."""
+
+    recon_nll = RCN.recon_nll
+    loss_terms = RCN.loss_terms
+
+    def __init__(self, cfg, decoder: nn.Module) -> None:
+        self.cfg, self.decoder = cfg, decoder
+
+
+class DecoderStep(nn.Module):
+    """Virtual stage dec_t around the rank's one Decoder; dec_T returns the loss terms (B, 6)."""
+
+    def __init__(self, decoder: nn.Module, t: int, T: int, bf16: bool) -> None:
+        super().__init__()
+        self.decoder, self.t, self.T, self.bf16 = decoder, t, T, bf16
+        self.n = 2 if decoder.cfg.rnn == "lstm" else 1
+        self.head = _LossHead(decoder.cfg, decoder)
+
+    def forward(self, *carry: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, ...] | Tensor:
+        dec, n, last = self.decoder, self.n, self.t == self.T - 1
+        dtype = dec.rnn.weight_hh.dtype
+        x = x.to(dtype)
+        enc_state = () if last else carry[:n]
+        rest = carry[len(enc_state):]
+        caps, kl, z = rest[0], rest[1], rest[-1]
+        if self.t == 0:
+            state, canvas = dec.init_state(x.shape[0], x), torch.zeros_like(x)
+        else:
+            state, canvas = rest[2:-2], rest[-2]
+        with _autocast(x.device, self.bf16):
+            state, canvas, _ = dec.step(z, state, canvas)
+        if not last:
+            return (*enc_state, caps, kl, *state, canvas)
+        cfg = dec.cfg
+        class_caps = caps.view(-1, cfg.n_classes, cfg.class_caps_dim)
+        out = RCNOutput(canvas=canvas.unsqueeze(1), class_caps=class_caps, class_lengths=class_caps.norm(dim=-1),
+                        kl=kl.unsqueeze(1), mu=None, logvar=None, read_windows=None, write_windows=None)
+        with _autocast(x.device, self.bf16):
+            terms = self.head.loss_terms(x, y.to(dtype) if y.is_floating_point() else y, out=out)
+        # fp32 at least (as the unsplit loop's LossModule), fp64 when the stack is fp64.
+        odt = torch.promote_types(dtype, torch.float32)
+        return torch.stack([terms[k].to(odt) for k in TERMS] + [terms["correct"].to(odt)], 1)
+
+
+class LoggedStage(PipelineStage):
+    """A PipelineStage that records when it ran each micro-batch's forward and backward.
+
+    Events go to `events` (a list shared by a rank's stages) as (kind "F" | "B", virtual stage,
+    micro-batch, start, end) with time.time() stamps, while `events` is not None.
+    """
+
+    def __init__(self, *args, events: list | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.events = events
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+        t0 = time.time()
+        out = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+        if self.events is not None:
+            self.events.append(("F", self.stage_index, fwd_chunk_id, t0, time.time()))
+        return out
+
+    def backward_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
+        t0 = time.time()
+        out = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+        if self.events is not None:
+            self.events.append(("B", self.stage_index, bwd_chunk_id, t0, time.time()))
+        return out
+
+
+def make_groups(world_size: int) -> tuple[Any, Any]:
+    """(this rank's pipeline group, its data-parallel group). Collective: every rank calls it.
+
+    Pipeline k is ranks (2k, 2k+1); the data-parallel group of stage s is ranks s, s+2, s+4, ...
+    """
+    rank = dist.get_rank()
+    pp_group = dp_group = None
+    for k in range(world_size // 2):
+        g = dist.new_group([2 * k, 2 * k + 1])
+        if rank // 2 == k:
+            pp_group = g
+    for s in range(2):
+        g = dist.new_group(list(range(s, world_size, 2)))
+        if rank % 2 == s:
+            dp_group = g
+    return pp_group, dp_group
+
+
+class PipelineRank:
+    """One rank's share of a 2-stage pipeline: its stack, its T virtual stages, the schedule, the
+    optimizer (Adam on its own parameters; ZeRO-1 shards that state over the data-parallel group).
+
+    The weights are the unsplit model's: RCN(cfg.model) is built under torch.manual_seed(seed)
+    exactly as the plain loop does, and the other stack is dropped at once.
+    """
+
+    def __init__(self, cfg: Config, pp_rank: int, pp_group, dp_group=None,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+        from rcn_dist.parallel.engine import lr_lambda
+
+        self.cfg, self.pp_rank, self.pp_group, self.dp_group = cfg, pp_rank, pp_group, dp_group
+        self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
+        self.device = torch.device(device)
+        torch.manual_seed(cfg.train.seed)
+        full = RCN(cfg.model)
+        self.prefix = "encoder." if pp_rank == 0 else "decoder."
+        self.stack: nn.Module = (full.encoder if pp_rank == 0 else full.decoder).to(device=self.device, dtype=dtype)
+        del full
+        T, bf16 = cfg.model.T, cfg.train.precision == "bf16"
+        step_cls = EncoderStep if pp_rank == 0 else DecoderStep
+        self.events: list | None = None
+        self.stages = [LoggedStage(step_cls(self.stack, t, T, bf16), 2 * t + pp_rank, 2 * T, self.device,
+                                   group=pp_group) for t in range(T)]
+        # scale_grads=False: the default divides a shared parameter's gradient by M once per stage
+        # that uses it (wrong by up to 90%); the loss is divided by the rank's batch instead.
+        self.schedule = SCHEDULES[cfg.parallel.pipeline_schedule](
+            self.stages, cfg.parallel.micro_batches, loss_fn=self._loss, scale_grads=False)
+        self._denom = 1
+        params = list(self.stack.parameters())
+        t = cfg.train
+        if cfg.parallel.zero_stage == 1 and dp_group is not None:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            self.optimizer: torch.optim.Optimizer = ZeroRedundancyOptimizer(
+                params, optimizer_class=torch.optim.Adam, process_group=dp_group, lr=t.lr,
+                weight_decay=t.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+
+    def record_events(self, on: bool = True) -> list:
+        """Start (or stop) logging stage forward/backward events; returns the (cleared) list."""
+        self.events = [] if on else None
+        for s in self.stages:
+            s.events = self.events
+        return self.events if on else []
+
+    def named_parameters(self) -> dict[str, Tensor]:
+        """This rank's parameters under their names in RCN.state_dict()."""
+        return {self.prefix + k: p for k, p in self.stack.named_parameters()}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {self.prefix + k: v for k, v in self.stack.state_dict().items()}
+
+    def load_state_dict(self, full: dict[str, Tensor]) -> None:
+        """Take this rank's stack from a full RCN state dict (other keys ignored)."""
+        mine = {k.removeprefix(self.prefix): v for k, v in full.items() if k.startswith(self.prefix)}
+        self.stack.load_state_dict(mine, strict=True)
+
+    def _loss(self, out: Tensor, target: Tensor) -> Tensor:
+        return out[:, 0].sum() / self._denom
+
+    def _kwargs(self, x: Tensor, y: Tensor, eps: Tensor) -> dict[str, Tensor]:
+        x = x.to(self.device)
+        if self.pp_rank == 0:
+            return {"x": x, "eps": eps.to(self.device)}
+        return {"x": x, "y": y.to(self.device)}
+
+    def forward_backward(self, x: Tensor, y: Tensor, eps: Tensor, denom: int) -> Tensor | None:
+        """Run the schedule on one batch (B, ...) of this pipeline, accumulating gradients of
+        sum(loss) / denom. Returns the per-sample terms (B, 6) on the decoder rank, else None."""
+        self._denom = denom
+        kw = self._kwargs(x, y, eps)
+        if self.pp_rank == 0:
+            self.schedule.step(**kw)
+            return None
+        return self.schedule.step(**kw, target=kw["x"]).detach()
+
+    @torch.no_grad()
+    def forward_only(self, x: Tensor, y: Tensor, eps: Tensor) -> Tensor | None:
+        """Forward through the pipeline without gradients: terms (B, 6) on the decoder rank."""
+        kw = self._kwargs(x, y, eps)
+        if self.pp_rank == 0:
+            self.schedule.eval(**kw)
+            return None
+        return self.schedule.eval(**kw)
+
+    def reduce_gradients(self) -> Tensor:
+        """Average gradients over the data-parallel replicas; returns the global gradient norm
+        (both stacks: the squared norms are summed over the pipeline)."""
+        params = list(self.stack.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.dp_size > 1:
+            dist.all_reduce(flat, group=self.dp_group)
+            flat /= self.dp_size
+        sq = flat.double().pow(2).sum().reshape(1)
+        dist.all_reduce(sq, group=self.pp_group)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return sq.sqrt()[0]
+
+    def optimizer_step(self, norm: Tensor) -> None:
+        """Clip by the global norm (as torch's clip_grad_norm_), step Adam and the LR schedule."""
+        clip = self.cfg.train.grad_clip
+        if clip > 0:
+            coef = clip / (float(norm) + 1e-6)
+            if coef < 1:
+                for p in self.stack.parameters():
+                    p.grad.mul_(coef)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state(self) -> dict[str, Any] | None:
+        """Optimizer + LR schedule state to save: on data-parallel rank 0, None elsewhere
+        (collective over the data-parallel group under ZeRO-1)."""
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
+            self.optimizer.consolidate_state_dict(to=0)
+        if self.dp_group is not None and dist.get_rank(self.dp_group) != 0:
+            return None
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class _EvalAdapter(nn.Module):
+    """What train.evaluate() calls: (x, y, eps) -> terms. The decoder rank returns the real terms;
+    the encoder rank returns zeros (and its batches are masked out, so nothing counts twice)."""
+
+    def __init__(self, runner: PipelineRank) -> None:
+        super().__init__()
+        self.runner = runner
+        self.stack = runner.stack
+
+    def forward(self, x: Tensor, y: Tensor, eps: Tensor) -> dict[str, Tensor]:
+        out = self.runner.forward_only(x, y, eps)
+        if out is None:
+            out = torch.zeros(x.shape[0], len(TERMS) + 1)
+        terms = {k: out[:, i] for i, k in enumerate(TERMS)}
+        terms["correct"] = out[:, len(TERMS)]
+        return terms
+
+
+def _masked_on_encoder_rank(stream, pp_rank: int):
+    for b in stream:
+        if pp_rank == 0:
+            b = {**b, "mask": torch.zeros_like(b["mask"])}
+        yield b
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(runner: PipelineRank, run_dir: Path, step: int, loop_state: dict[str, Any], cfg: Config,
+                    le, keep_last: int) -> Path:
+    """Collective. The layout of checkpoint.save, with model.safetensors holding the full RCN
+    (both stacks merged by rank 0) and optim_stage{s}.pt per stack in place of DeepSpeed's files."""
+    from safetensors.torch import load_file, save_file
+
+    from rcn_dist.parallel import checkpoint as ckpt
+
+    root = ckpt.ckpt_root(run_dir)
+    d = root / ckpt.tag_for(step)
+    if le.rank == 0:
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+    dist.barrier()
+    opt = runner.optimizer_state()
+    ckpt.fault_point("checkpoint", step, le.rank)
+    if le.dp_rank == 0:
+        part = {k: v.detach().float().contiguous().cpu() for k, v in runner.state_dict().items()}
+        save_file(part, str(d / f"model_stage{le.pp_rank}.safetensors"))
+    if opt is not None:
+        torch.save(opt, d / f"optim_stage{le.pp_rank}.pt")
+    ckpt.atomic_write_text(d / f"loop_rank{le.rank}.json", json.dumps(loop_state, sort_keys=True))
+    save_file({"cpu": torch.get_rng_state()}, str(d / f"rng_rank{le.rank}.safetensors"))
+    dist.barrier()
+    if le.rank == 0:
+        parts = [d / f"model_stage{s}.safetensors" for s in range(2)]
+        merged = {k: v for p in parts for k, v in load_file(str(p)).items()}
+        save_file(merged, str(d / "model.safetensors"))
+        for p in parts:
+            p.unlink()
+        ckpt.atomic_write_text(d / "config.json", cfg.to_json())
+        summary = {"step": step, "world_size": le.world_size, "zero_stage": cfg.parallel.zero_stage,
+                   "pipeline_stages": 2, "micro_batches": cfg.parallel.micro_batches, "time": time.time()}
+        ckpt.atomic_write_text(d / ckpt.COMPLETE, json.dumps(summary))
+        ckpt.atomic_write_text(root / ckpt.LATEST, d.name)
+        ckpt._prune(root, keep_last)
+    dist.barrier()
+    return d
+
+
+def load_checkpoint(runner: PipelineRank, d: Path, le) -> dict[str, Any]:
+    """Restore this rank's stack, optimizer, LR schedule and RNG; returns its loop state."""
+    from safetensors.torch import load_file
+
+    from rcn_dist.errors import CheckpointError
+    from rcn_dist.parallel import checkpoint as ckpt
+
+    summary = json.loads((d / ckpt.COMPLETE).read_text())
+    if summary.get("pipeline_stages", 1) != 2:
+        raise CheckpointError(f"{d} was written by an unsplit run (parallel.pipeline_stages=1): the pipeline "
+                              "does not resume it; train on a new --out (rcn eval / rcn sample read it as is)")
+    loop_file = d / f"loop_rank{le.rank}.json"
+    opt_file = d / f"optim_stage{le.pp_rank}.pt"
+    if summary.get("world_size") != le.world_size or not loop_file.is_file() or not opt_file.is_file():
+        raise CheckpointError(f"{d}: written by {summary.get('world_size')} ranks, this run has {le.world_size}: "
+                              "resume with the same layout")
+    runner.load_state_dict(load_file(str(d / "model.safetensors")))
+    runner.load_optimizer_state(torch.load(opt_file, weights_only=True))
+    torch.set_rng_state(load_file(str(d / f"rng_rank{le.rank}.safetensors"))["cpu"])
+    return json.loads(loop_file.read_text())
+
+
+# ---------------------------------------------------------------- the loop
+def init_process_groups(le) -> tuple[Any, Any]:
+    """Start torch.distributed for this rank (RANK etc. exported) and build the pipeline and
+    data-parallel groups."""
+    from rcn_dist.parallel.env import finish_rendezvous
+
+    finish_rendezvous(le)
+    if le.device.startswith("cuda"):
+        torch.cuda.set_device(le.local_rank)
+    dist.init_process_group(le.backend)
+    return make_groups(le.world_size)
+
+
+def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
+    """The training loop of rcn_dist.train, with the model split over a 2-stage pipeline.
+
+    Same metrics.jsonl rows, evaluation, checkpoints (RUN_DIR/checkpoints/<tag>/model.safetensors
+    holds the full RCN), stop protocol and exit codes. `ds` (the DeepSpeed JSON) contributes only
+    what resolve_engine_settings already folded into cfg: ZeRO stage and precision.
+    """
+    from rcn_dist import console
+    from rcn_dist.data.loader import EvalStream, TrainStream
+    from rcn_dist.parallel import checkpoint as ckpt
+    from rcn_dist.train import EXIT_STOPPED, Diverged, StopFlag, _log_metrics, evaluate, noise_for, step_noise_seed
+
+    stop = StopFlag().install()
+    pp_group, dp_group = init_process_groups(le)
+    rank0 = le.rank == 0
+    out = console.Console(rank0)
+    t, p = cfg.train, cfg.parallel
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(run_dir / "config.json", cfg.to_json())
+    out.info(f"{le.launcher}: {le.world_size} rank(s) = {le.dp_size} pipeline(s) x 2 stages, {le.backend} on "
+             f"{le.device}; {cfg.name} preset, {p.pipeline_schedule} with {p.micro_batches} micro-batch(es), "
+             f"ZeRO {p.zero_stage}, {t.precision}, global batch {t.batch_size} = {t.micro_batch} x "
+             f"{t.grad_accum} x {le.dp_size}")
+    runner = PipelineRank(cfg, le.pp_rank, pp_group, dp_group, device=le.device)
+    device = le.device
+    stream = TrainStream(cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size, t.seed,
+                         num_workers=cfg.data.num_workers, binarize=cfg.data.binarize, shuffle=cfg.data.shuffle)
+    step, samples = 0, 0
+    latest, notes = ckpt.find_latest(run_dir)
+    for n in notes:
+        out.info(n)
+    if latest is not None:
+        state = load_checkpoint(runner, latest, le)
+        step, samples = state["step"], state["samples"]
+        stream.load_state_dict(state["loader"])
+        out.info(f"resumed from {latest} (step {step})")
+
+    metrics_path = run_dir / "metrics.jsonl"
+    batches = iter(stream)
+    progress = out.progress(total=t.steps, start=step, label=f"train {cfg.name}")
+    last_good = str(latest) if latest else "none"
+    stopped = False
+    try:
+        while step < t.steps:
+            ckpt.fault_point("step", step, le.rank)
+            tic = time.perf_counter()
+            parts = torch.zeros(5, dtype=torch.float64)  # loss, margin, recon, kl, elbo
+            for _ in range(t.grad_accum):
+                batch = next(batches)
+                eps = noise_for(batch, step_noise_seed(t.seed, step), cfg)
+                terms = runner.forward_backward(batch["image"], batch["label"], eps, t.micro_batch * t.grad_accum)
+                if terms is not None:
+                    parts += terms[:, :5].double().mean(0).cpu()
+            # One collective: loss parts (from each decoder rank), stop signals, non-finite losses.
+            flag = torch.cat([parts / t.grad_accum, torch.tensor(
+                [float(stop.signum != 0), float(not torch.isfinite(parts).all())], dtype=torch.float64)])
+            dist.all_reduce(flag)
+            if flag[6] > 0:
+                raise Diverged(f"loss is not finite at step {step + 1}; last good checkpoint: {last_good}")
+            runner.optimizer_step(runner.reduce_gradients())
+            parts = flag[:5] / le.dp_size
+            step += 1
+            samples += t.batch_size
+            dt = time.perf_counter() - tic
+            row = {"step": step, "loss": parts[0].item(), "margin": parts[1].item(),
+                   "recon": parts[2].item(), "kl": parts[3].item(), "elbo": parts[4].item(),
+                   "lr": runner.scheduler.get_last_lr()[0], "img_per_s": t.batch_size / dt, "samples": samples}
+            if rank0 and (step % t.log_every == 0 or step == t.steps):
+                _log_metrics(metrics_path, row)
+            progress.update(step, row)
+
+            at_end = step == t.steps
+            if (t.eval_every and step % t.eval_every == 0) or at_end:
+                ev_stream = EvalStream(cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size)
+                ev = evaluate(_EvalAdapter(runner), _masked_on_encoder_rank(ev_stream, le.pp_rank), cfg, device,
+                              max_batches=0 if at_end else t.eval_batches)
+                ev |= {"step": step, "kind": "eval", "full": at_end or not t.eval_batches}
+                if rank0:
+                    _log_metrics(metrics_path, ev)
+                progress.eval(ev)
+            stopping = flag[5] > 0
+            if (t.ckpt_every and step % t.ckpt_every == 0) or at_end or stopping:
+                loop_state = {"step": step, "samples": samples, "loader": stream.state_dict()}
+                last_good = str(save_checkpoint(runner, run_dir, step, loop_state, cfg, le, t.keep_last))
+            if stopping and not at_end:
+                out.info(f"stop signal: checkpointed at step {step} in {last_good}; "
+                         f"exit {EXIT_STOPPED} (run again on {run_dir} to resume)")
+                stopped = True
+                break
+    finally:
+        progress.close()
+        stop.restore()
+    if not stopped:
+        out.info(f"done: {t.steps} steps; run directory {run_dir}")
+    dist.barrier()  # without it, gloo teardown aborted ~1 run in 3 (stack-facts.md)
+    dist.destroy_process_group()
+    return EXIT_STOPPED if stopped else 0

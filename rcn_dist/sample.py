@@ -1,0 +1,261 @@
+"""`rcn sample`: pictures of what a trained RCN draws and how.
+
+    rcn sample --run RUN_DIR [--n 64] [--out DIR]
+
+writes into DIR (default RUN_DIR/samples):
+
+    samples.png           n unconditional samples (decoder means sigmoid(c_T)), z_t ~ N(0, I)
+    drawing.gif           the drawing process: one frame per step t = 1..T, the canvas after step
+                          t with that step's write window as a red rectangle (DRAW's Figure 1,
+                          the paper's Figure 2); the last frame is the final canvas
+    drawing_strip.png     the same frames side by side, one row per sample
+    reconstructions.png   test images (odd rows) above their reconstructions (even rows)
+    samples_by_class.png  the samples grouped by the class the encoder's capsules give them (the
+                          decoder cannot be conditioned on a class: see docs/evaluation.md)
+
+The red rectangle spans the write filterbank: centre (cx, cy) and extent write_n * delta, i.e.
+from g - write_n/2 * delta to g + write_n/2 * delta in DRAW's pixel coordinates, where pixel
+column a (0-based) has its centre at x = a + 1 (rcn_dist.model.attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from rcn_dist import console
+
+RED = (255, 0, 0)
+GREY_LEVELS = 255
+"""GIF frames use palette indices 0..254 for grey levels and 255 for red."""
+RED_INDEX = 255
+
+
+# ---------------------------------------------------------------- image helpers
+def to_rgb(images: Tensor) -> np.ndarray:
+    """(N, C, H, W) in [0, 1] -> (N, H, W, 3) uint8 (grey images repeated over RGB)."""
+    x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def grid(images: Tensor, ncol: int, scale: int = 2, pad: int = 2) -> Image.Image:
+    """A grid of (N, C, H, W) images in [0, 1], ncol per row, each magnified `scale` times."""
+    rgb = to_rgb(images)
+    n, h, w = rgb.shape[:3]
+    nrow = max(1, math.ceil(n / ncol))
+    out = Image.new("RGB", (ncol * (w * scale + pad) + pad, nrow * (h * scale + pad) + pad), (40, 40, 40))
+    for i in range(n):
+        tile = Image.fromarray(rgb[i]).resize((w * scale, h * scale), Image.NEAREST)
+        out.paste(tile, (pad + (i % ncol) * (w * scale + pad), pad + (i // ncol) * (h * scale + pad)))
+    return out
+
+
+def window_box(cx: float, cy: float, delta: float, n: int, height: int, width: int,
+               scale: int) -> tuple[int, int, int, int] | None:
+    """The write window as an inclusive pixel box (x0, y0, x1, y1) on a tile magnified `scale`
+    times, clipped to the tile; None when it lies wholly outside.
+
+    DRAW's x = a + 1 is the centre of pixel column a, whose area is [a, a + 1) in continuous
+    array coordinates u = x - 1/2; the window covers x in g -+ n/2 * delta.
+    """
+    half = n / 2 * delta
+    u0, u1 = (cx - 0.5 - half) * scale, (cx - 0.5 + half) * scale
+    v0, v1 = (cy - 0.5 - half) * scale, (cy - 0.5 + half) * scale
+    x0, x1 = round(u0), round(u1) - 1
+    y0, y1 = round(v0), round(v1) - 1
+    wmax, hmax = width * scale - 1, height * scale - 1
+    if x1 < 0 or y1 < 0 or x0 > wmax or y0 > hmax:
+        return None
+    return max(x0, 0), max(y0, 0), min(max(x1, x0), wmax), min(max(y1, y0), hmax)
+
+
+def drawing_frames(canvases: Tensor, windows: dict[str, Tensor] | None, write_n: int,
+                   scale: int = 3, pad: int = 2) -> list[Image.Image]:
+    """The drawing process as T palette images, one per step.
+
+    canvases: (n, T, C, H, W) means in [0, 1] after each step; windows: cx, cy, delta each
+    (n, T), or None (no write attention: no rectangle). Frame t shows the n canvases after step
+    t side by side, grey levels as palette indices round(v * 254) (colour images are shown as
+    their channel mean), the outline of step t's write window in palette index 255 (red).
+    """
+    n, steps, _, h, w = canvases.shape
+    grey = (canvases.detach().float().mean(2).clamp(0, 1) * (GREY_LEVELS - 1)).round().to(torch.uint8).cpu()
+    palette = []
+    for i in range(GREY_LEVELS):
+        v = round(i * 255 / (GREY_LEVELS - 1))
+        palette += [v, v, v]
+    palette += list(RED)
+    frames = []
+    for t in range(steps):
+        frame = Image.new("P", (n * (w * scale + pad) + pad, h * scale + 2 * pad), 40)
+        frame.putpalette(palette)
+        draw = ImageDraw.Draw(frame)
+        for i in range(n):
+            ox, oy = pad + i * (w * scale + pad), pad
+            tile = Image.fromarray(grey[i, t].numpy(), mode="L").resize((w * scale, h * scale), Image.NEAREST)
+            frame.paste(tile, (ox, oy))
+            if windows is not None:
+                box = window_box(float(windows["cx"][i, t]), float(windows["cy"][i, t]),
+                                 float(windows["delta"][i, t]), write_n, h, w, scale)
+                if box is not None:
+                    draw.rectangle((ox + box[0], oy + box[1], ox + box[2], oy + box[3]), outline=RED_INDEX)
+        frames.append(frame)
+    return frames
+
+
+def save_gif(frames: list[Image.Image], path: Path, ms: int = 250, last_ms: int = 1500) -> None:
+    """An endless GIF; the last frame (the finished drawing) stays longer."""
+    durations = [ms] * (len(frames) - 1) + [last_ms]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0,
+                   optimize=False, disposal=1)
+
+
+def strip(frames: list[Image.Image]) -> Image.Image:
+    """Frames side by side, left to right in step order."""
+    w, h = frames[0].size
+    out = Image.new("RGB", (w * len(frames), h))
+    for t, f in enumerate(frames):
+        out.paste(f.convert("RGB"), (t * w, 0))
+    return out
+
+
+def labelled_rows(rows: list[tuple[str, Tensor]], ncol: int, scale: int = 2, pad: int = 2,
+                  label_w: int = 90) -> Image.Image:
+    """One labelled row of images per entry (label, (k, C, H, W)); rows may be empty."""
+    some = next((x for _, x in rows if len(x)), None)
+    h, w = (some.shape[2], some.shape[3]) if some is not None else (28, 28)
+    row_h = h * scale + pad
+    out = Image.new("RGB", (label_w + ncol * (w * scale + pad) + pad, len(rows) * row_h + pad), (40, 40, 40))
+    draw = ImageDraw.Draw(out)
+    for r, (label, imgs) in enumerate(rows):
+        draw.text((4, pad + r * row_h + row_h // 2 - 6), label[:14], fill=(230, 230, 230))
+        if len(imgs):
+            out.paste(grid(imgs[:ncol], ncol, scale, pad), (label_w - pad, r * row_h))
+    return out
+
+
+# ---------------------------------------------------------------- the command
+def prior_noise(n: int, T: int, z_dim: int, seed: int) -> Tensor:
+    """eps (n, T, z_dim) ~ N(0, I) from a seeded generator (the same samples every time)."""
+    return torch.randn(n, T, z_dim, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(model, n: int, seed: int, device: str, batch: int = 64) -> tuple[Tensor, dict[str, Tensor] | None]:
+    """n samples in batches: canvases (n, T, C, H, W) on the CPU and write windows (n, T) or None."""
+    c = model.cfg
+    eps = prior_noise(n, c.T, c.z_dim, seed)
+    parts, wins = [], []
+    for i in range(0, n, batch):
+        canv, win = model.generate(len(eps[i:i + batch]), eps[i:i + batch].to(device), device=device)
+        parts.append(canv.float().cpu())
+        wins.append(None if win is None else {k: v.float().cpu() for k, v in win.items()})
+    if wins[0] is None:
+        return torch.cat(parts), None
+    return torch.cat(parts), {k: torch.cat([w[k] for w in wins]) for k in wins[0]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rcn sample", description="Samples, the drawing process, reconstructions.")
+    ap.add_argument("--run", required=True, help="run, checkpoint or export directory")
+    ap.add_argument("--n", type=int, default=64, help="unconditional samples in the grid (default 64)")
+    ap.add_argument("--animate", type=int, default=8, help="samples in the drawing animation (default 8)")
+    ap.add_argument("--recon", type=int, default=16, help="test images to reconstruct (default 16)")
+    ap.add_argument("--out", help="output directory (default RUN_DIR/samples)")
+    ap.add_argument("--data", help="prepared data directory for reconstructions (default: the run's data.dir)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prior noise (default 0)")
+    ap.add_argument("--scale", type=int, default=3, help="screen pixels per image pixel (default 3)")
+    ap.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rcn_dist.config import ConfigError
+    from rcn_dist.data.loader import EvalStream, Manifest
+    from rcn_dist.model import sample_noise
+    from rcn_dist.parallel.checkpoint import load_model
+    from rcn_dist.train import EVAL_NOISE_SEED
+
+    args = build_parser().parse_args(argv)
+    for name in ("n", "animate", "recon", "scale"):
+        if getattr(args, name) < (1 if name in ("n", "scale") else 0):
+            raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, model, where = load_model(args.run, device)
+    m = cfg.model
+    out_dir = Path(args.out) if args.out else (Path(args.run) / "samples")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    con = console.Console(True)
+    written = []
+
+    n_gen = max(args.n, args.animate)
+    canvases, windows = generate(model, n_gen, args.seed, device)
+    final = canvases[:, -1]
+    path = out_dir / "samples.png"
+    grid(final[: args.n], ncol=math.ceil(math.sqrt(args.n)), scale=2).save(path)
+    written.append(path)
+
+    if args.animate:
+        k = args.animate
+        frames = drawing_frames(canvases[:k], None if windows is None else {x: v[:k] for x, v in windows.items()},
+                                m.write_n, scale=args.scale)
+        save_gif(frames, out_dir / "drawing.gif")
+        strip_rows = [strip(drawing_frames(canvases[i:i + 1], None if windows is None else
+                                           {x: v[i:i + 1] for x, v in windows.items()}, m.write_n, args.scale))
+                      for i in range(min(k, 4))]
+        s = Image.new("RGB", (strip_rows[0].width, sum(r.height for r in strip_rows)))
+        for i, r in enumerate(strip_rows):
+            s.paste(r, (0, i * r.height))
+        s.save(out_dir / "drawing_strip.png")
+        written += [out_dir / "drawing.gif", out_dir / "drawing_strip.png"]
+
+    data_dir = args.data or cfg.data.dir
+    if args.recon:
+        try:
+            manifest = Manifest.load(data_dir)
+        except Exception as e:
+            con.info(f"no reconstructions: {e} (pass --data DIR)")
+            manifest = None
+        if manifest is not None:
+            binarize = "none" if cfg.data.binarize == "none" else "fixed"
+            batch = next(iter(EvalStream(data_dir, args.recon, 0, 1, binarize=binarize)))
+            keep = batch["mask"]
+            x, idx = batch["image"][keep], batch["index"][keep]
+            eps = sample_noise(idx, cfg.train.seed + EVAL_NOISE_SEED, m.T, m.z_dim)
+            with torch.no_grad():
+                rec = torch.sigmoid(model(x.to(device), eps.to(device)).canvas[:, -1]).float().cpu()
+            ncol = min(8, len(x))
+            rows = []  # originals, then their reconstructions, ncol per row (blank-padded)
+            for i in range(0, len(x), ncol):
+                for part in (x[i:i + ncol], rec[i:i + ncol]):
+                    rows.append(torch.cat([part, torch.zeros(ncol - len(part), *part.shape[1:])]))
+            grid(torch.cat(rows), ncol=ncol, scale=2).save(out_dir / "reconstructions.png")
+            written.append(out_dir / "reconstructions.png")
+
+            # The encoder's capsules classify the samples (binarised like the training inputs).
+            names = manifest.class_names
+            probe = (final > 0.5).float() if m.likelihood == "bernoulli" else final
+            with torch.no_grad():
+                lengths = model.encoder.capsules(probe.to(device)).norm(dim=-1).cpu()
+            cls = lengths.argmax(1)
+            labelled_rows([(names[k], final[cls == k]) for k in range(m.n_classes)], ncol=8).save(
+                out_dir / "samples_by_class.png")
+            written.append(out_dir / "samples_by_class.png")
+
+    con.info(f"{where}: wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    from rcn_dist.cli import run_main
+
+    sys.exit(run_main(main, sys.argv[1:]))
