@@ -8,7 +8,15 @@ import pickle
 
 import numpy as np
 import pytest
-from _datautil import FASHION, make_cifar_dir, make_idx_dir, py2_cifar_pickle, run_prepare, tar_gz_of, write_idx
+from _datautil import (
+    FASHION,
+    make_cifar_dir,
+    make_idx_dir,
+    py2_cifar_pickle,
+    run_prepare,
+    tar_gz_of,
+    write_idx,
+)
 
 from rcn_dist.data import sources
 from rcn_dist.data.idx import read_idx

@@ -166,3 +166,35 @@ def test_describe_counts_match_the_model():
     u = model.encoder.capsules.primary(model.encoder.capsules.convs(torch.rand(1, 1, 28, 28)))
     assert d["enc_u_hat_per_image"] == model.encoder.capsules.classes.predictions(u).numel()
     assert d["enc_u_hat_bytes"] == 4 * 8 * d["enc_u_hat_per_image"]
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_16_real_images():
+    """Debian's dataset-fashion-mnist must be installed: a missing dataset fails here (DataError)."""
+    import numpy as np
+
+    from rcn_dist.data.idx import find_idx, read_idx
+
+    images, labels = find_idx(FASHION_MNIST, "train")
+    x = torch.from_numpy((read_idx(images)[:16] >= 128).astype(np.float32)).unsqueeze(1)
+    y = torch.from_numpy(read_idx(labels)[:16].astype(np.int64))
+    assert len(set(y.tolist())) >= 5
+    torch.manual_seed(0)
+    model = RCN(preset("tiny").model)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first, _ = model.loss(x, y)
+    for step in range(400):
+        loss, _ = model.loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 19:
+            with torch.no_grad():
+                correct = model.loss_terms(x, y)["correct"]
+            if correct.all() and loss.item() < 0.5 * first.item():
+                break
+    assert loss.item() < 0.5 * first.item(), (first.item(), loss.item())
+    assert correct.all(), correct

@@ -72,7 +72,10 @@ class Manifest:
                     # The manifest names files inside its own directory, never elsewhere.
                     if not isinstance(f, str) or "/" in f or "\\" in f or f in ("", ".", ".."):
                         raise DataError(f"{path}: shard file name {f!r} is not a plain file name")
-                    int(sh["samples"]), int(sh["bytes"]), str(sh["sha256"])
+                    if not (isinstance(sh["samples"], int) and isinstance(sh["bytes"], int)
+                            and isinstance(sh["sha256"], str)):
+                        raise DataError(f"{path}: shard entry {f!r} needs integer samples and bytes "
+                                        "and a sha256 string")
                 if sum(sh["samples"] for sh in entry["shards"]) != entry["num_samples"]:
                     raise DataError(f"{path}: split {split!r} shard counts do not add up to num_samples")
         except (KeyError, TypeError, ValueError) as e:

@@ -279,7 +279,7 @@ class PipelineRank:
         if self.pp_rank == 0:
             self.schedule.eval(**kw)
             return None
-        return self.schedule.eval(**kw)
+        return self.schedule.eval(**kw, target=kw["x"])
 
     def reduce_gradients(self) -> Tensor:
         """Average gradients over the data-parallel replicas; returns the global gradient norm
