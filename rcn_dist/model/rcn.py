@@ -200,6 +200,22 @@ class RCN(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> RCN:
+        """Load an `rcn export` directory (model.safetensors + config.json), in eval mode.
+
+        Reads only JSON and safetensors: nothing is unpickled and no code is run from the files.
+        """
+        import json
+        import os
+
+        from safetensors.torch import load_file
+
+        with open(os.path.join(path, "config.json")) as f:
+            model = cls(ModelConfig(**json.load(f)["model"]))
+        model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
+        return model.to(device).eval()
+
     def _noise(self, batch: int, like: Tensor, eps: Tensor | None) -> Tensor:
         shape = (batch, self.cfg.T, self.cfg.z_dim)
         if eps is None:

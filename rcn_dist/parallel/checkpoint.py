@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rcn_dist.config import Config, from_dict
@@ -83,7 +85,10 @@ def find_latest(run_dir: str | Path) -> tuple[Path | None, list[str]]:
     incomplete = sorted(d for d in root.glob("step_*") if not (d / COMPLETE).is_file())
     pointed = None
     if (root / LATEST).is_file():
-        cand = root / (root / LATEST).read_text().strip()
+        tag = (root / LATEST).read_text().strip()
+        if not re.fullmatch(r"step_\d+", tag):  # a path would lead the resume outside this run
+            raise CheckpointError(f"{root / LATEST} names {tag[:80]!r}, not a checkpoint of this run (step_N)")
+        cand = root / tag
         if (cand / COMPLETE).is_file():
             pointed = cand
     best = pointed or (complete[-1] if complete else None)
@@ -147,21 +152,38 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
 
 def load(engine, ckpt_dir: Path, rank: int) -> dict[str, Any]:
     """Restore the engine and this rank's loop state and RNG; returns the loop state."""
-    from rcn_dist.parallel.safety import make_engine_loads_safe
+    from rcn_dist.parallel.safety import check_checkpoint_dir, make_engine_loads_safe
 
-    make_engine_loads_safe(engine)
     loop_file = ckpt_dir / f"loop_rank{rank}.json"
     if not loop_file.is_file():
         raise CheckpointError(f"{ckpt_dir}: no loop state for rank {rank} (saved with fewer ranks?)")
+    state = read_json(loop_file)
+    check_checkpoint_dir(ckpt_dir)
+    make_engine_loads_safe(engine)
     path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
-    state = json.loads(loop_file.read_text())
     rng = ckpt_dir / f"rng_rank{rank}.safetensors"
     if rng.is_file():
-        torch.set_rng_state(load_file(str(rng))["cpu"])
+        torch.set_rng_state(read_safetensors(rng)["cpu"])
     return state
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a checkpoint; CheckpointError naming it if it does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file (no pickle); CheckpointError naming it if it is not one."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
 
 
 def read_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], Path]:
@@ -178,8 +200,8 @@ def read_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], Pat
     weights, cfg_file = p / "model.safetensors", p / "config.json"
     if not weights.is_file() or not cfg_file.is_file():
         raise CheckpointError(f"{p}: no model.safetensors + config.json here (not a run, checkpoint or export)")
-    cfg = from_dict(json.loads(cfg_file.read_text()))
-    return cfg, load_file(str(weights)), p
+    cfg = from_dict(read_json(cfg_file))
+    return cfg, read_safetensors(weights), p
 
 
 def load_model(path: str | Path, device: str = "cpu"):

@@ -1,16 +1,25 @@
-"""Loading DeepSpeed checkpoints without running code from them.
+"""Loading DeepSpeed checkpoints without running code from them, and files nobody else can write.
 
 DeepSpeed's TorchCheckpointEngine.load calls torch.load(..., weights_only=False): a crafted
-checkpoint would run arbitrary code on unpickling. Every file DeepSpeed reads while loading goes
-through `engine.checkpoint_engine.load` (model states, ZeRO optimizer partitions, the state-dict
-loader), so we replace that one method on our engine with a weights_only load that admits,
-beside tensors and containers, only the few DeepSpeed classes its checkpoints hold (listed
-below; each was seen in a real checkpoint). Anything else is refused, naming the file, before
-any of it runs. See docs/security.md.
+checkpoint would run arbitrary code on unpickling. Two guards, both with torch's weights-only
+unpickler, which admits tensors, containers and plain values, plus the few DeepSpeed classes
+listed in `_allowed_globals` (each seen in a real checkpoint):
+
+1. `check_checkpoint_dir` reads the pickle of every *.pt file of a checkpoint (tensor data is
+   memory-mapped, not read) before DeepSpeed opens any. Every rank checks every file, so every
+   rank refuses together, naming the same file, instead of one rank failing inside a collective
+   while the others wait for it.
+2. `make_engine_loads_safe` replaces `engine.checkpoint_engine.load`, through which DeepSpeed
+   reads every file of a non-universal checkpoint (model states, ZeRO optimizer partitions, MoE
+   experts), so that nothing DeepSpeed reads is unpickled unrestricted even if a file changed
+   after the check. Universal checkpoints are refused: their loader calls torch.load itself.
+
+See docs/security.md.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -21,7 +30,8 @@ from rcn_dist.errors import UnsafeFileError
 
 
 def _allowed_globals() -> list[Any]:
-    """DeepSpeed classes its own checkpoints contain (plain data holders, no code on load)."""
+    """DeepSpeed classes its own checkpoints contain: plain data holders whose unpickling only
+    sets attributes (an Enum is looked up by value), so admitting them runs no code of the file's."""
     allowed: list[Any] = []
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -38,25 +48,53 @@ def _allowed_globals() -> list[Any]:
     return allowed
 
 
-def safe_torch_load(path: str | Path, map_location: Any = None) -> Any:
-    """torch.load with weights_only=True and DeepSpeed's data classes admitted; UnsafeFileError
-    (naming the file) for anything else."""
+def _why(e: Exception) -> str:
+    """The line of torch's refusal that names the offending global, not its advice to reload
+    the file unsafely."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln:
+            return ln[:200]
+    return (lines[-1] if lines else type(e).__name__)[:200]
+
+
+def safe_torch_load(path: str | Path, map_location: Any = None, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True and DeepSpeed's data classes admitted.
+
+    Raises UnsafeFileError naming the file for anything else (before any of it runs), and for
+    a file that is not a torch checkpoint at all.
+    """
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsafeFileError(f"{path}: refused to unpickle (it holds more than tensors and plain data: "
-                              f"{first[:200]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UnsafeFileError(f"{path}: not a readable checkpoint file ({str(e).splitlines()[0][:200]})") from None
+        raise UnsafeFileError(f"{path}: refused to unpickle, it holds more than tensors and plain data "
+                              f"({_why(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UnsafeFileError(f"{path}: not a readable checkpoint file ({_why(e)})") from None
+
+
+def check_checkpoint_dir(ckpt_dir: str | Path) -> None:
+    """Refuse a checkpoint directory if any of its *.pt files holds more than weights-only data."""
+    for f in sorted(Path(ckpt_dir).glob("*.pt")):
+        safe_torch_load(f, map_location="cpu", mmap=True)
 
 
 def make_engine_loads_safe(engine: Any) -> None:
     """Route every file DeepSpeed reads for this engine through safe_torch_load."""
-    ce = engine.checkpoint_engine
+    if engine.load_universal_checkpoint():
+        raise UnsafeFileError("checkpoint.load_universal in the DeepSpeed JSON: DeepSpeed's universal "
+                              "checkpoint loader unpickles files without restriction; it is not supported")
 
     def load(path: str, map_location: Any = None) -> Any:
         return safe_torch_load(path, map_location=map_location)
 
-    ce.load = load
+    engine.checkpoint_engine.load = load
+
+
+def restrict_umask() -> int:
+    """Add o-w to this process's umask, so that nothing it creates is world-writable whatever
+    umask it was started with; the rest of the user's umask is kept. Returns the new umask."""
+    mask = os.umask(0) | 0o002
+    os.umask(mask)
+    return mask

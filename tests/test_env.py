@@ -1,0 +1,101 @@
+"""Launch-environment detection against environments recorded from the real launchers.
+
+tests/envs/*.json hold, per launcher, the variables each process of a real 2- or 4-process launch
+found set (see tests/envs/README.md for how they were recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import PY, cli_env, run
+from rcn_dist.parallel.env import detect, first_host
+from rcn_dist.parallel.env import main as env_main
+
+ENVS = Path(__file__).parent / "envs"
+
+# name: (launcher, world, local world, local ranks in global-rank order, master addr, master port)
+# An address of "" means "decided at rendezvous": under mpirun across nodes rank 0 sends its host
+# name and a free port to the others through MPI (env.finish_rendezvous).
+EXPECTED = {
+    "torchrun": ("torchrun", 2, 2, [0, 1], "localhost", 43447),
+    "deepspeed": ("deepspeed", 2, 2, [0, 1], "127.0.0.1", 29500),
+    "mpirun_openmpi": ("mpirun-openmpi", 2, 2, [0, 1], "127.0.0.1", 0),
+    "mpirun_mpich": ("mpirun-mpich", 2, 2, [0, 1], "127.0.0.1", 0),
+    "srun_2nodes": ("srun", 4, 2, [0, 1, 0, 1], "node1", 20008),  # port: 20000 + job id 8
+    "mpirun_in_slurm_2nodes": ("mpirun-openmpi", 4, 2, [0, 1, 0, 1], "", 0),
+    "mpirun_in_slurm_1node": ("mpirun-openmpi", 2, 2, [0, 1], "127.0.0.1", 0),
+}
+
+
+def processes(name: str) -> list[dict[str, str]]:
+    return json.loads((ENVS / f"{name}.json").read_text())["processes"]
+
+
+def test_every_recording_has_an_expectation():
+    assert sorted(p.stem for p in ENVS.glob("*.json")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_detect_recorded_launch(name):
+    launcher, world, local_world, local_ranks, addr, port = EXPECTED[name]
+    procs = processes(name)
+    assert len(procs) == world
+    for rank, env in enumerate(procs):
+        le = detect(env, cuda=False)
+        assert (le.launcher, le.rank, le.local_rank) == (launcher, rank, local_ranks[rank])
+        assert (le.world_size, le.local_world_size) == (world, local_world)
+        assert (le.master_addr, le.master_port) == (addr, port)
+        assert (le.device, le.backend) == ("cpu", "gloo")
+        assert (le.dp_rank, le.pp_rank, le.dp_size) == (rank, 0, world)
+        gpu = detect(env, cuda=True)
+        assert (gpu.device, gpu.backend) == (f"cuda:{local_ranks[rank]}", "nccl")
+        # Two pipeline stages: consecutive ranks form one pipeline (encoder stage, decoder stage).
+        pp = detect(env, cuda=False, pipeline_stages=2)
+        assert (pp.dp_rank, pp.pp_rank, pp.dp_size) == (rank // 2, rank % 2, world // 2)
+
+
+def test_mpirun_inside_slurm_reads_ompi_not_slurm_procid():
+    # Open MPI starts one daemon per node with srun: SLURM_PROCID is the node, not the process.
+    procs = processes("mpirun_in_slurm_1node")
+    assert {p["SLURM_PROCID"] for p in procs} == {"0"} and "SLURM_STEP_ID" in procs[0]
+    assert [detect(p, cuda=False).rank for p in procs] == [0, 1]
+    without_step = [{k: v for k, v in p.items() if k not in ("SLURM_STEP_ID", "SLURM_STEPID")} for p in procs]
+    assert [detect(p, cuda=False).rank for p in without_step] == [0, 1]
+
+
+def test_no_launcher_is_a_single_process():
+    le = detect({}, cuda=False)
+    assert (le.launcher, le.rank, le.world_size, le.local_world_size) == ("single", 0, 1, 1)
+
+
+@pytest.mark.parametrize("nodelist,host", [("node[1-2]", "node1"), ("gpu[07,09-12],cpu1", "gpu07"),
+                                           ("a,b", "a"), ("n12", "n12")])
+def test_first_host(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_rcn_env_json_subprocess():
+    """`rcn env --json` in the environment of srun's 4th task on 2 nodes."""
+    p = run([PY, "-m", "rcn_dist.cli", "env", "--json", "--pipeline-stages", "2"],
+            env=cli_env(**processes("srun_2nodes")[3]))
+    d = json.loads(p.stdout)
+    assert d["launcher"] == "srun" and d["rank"] == 3 and d["local_rank"] == 1
+    assert (d["world_size"], d["local_world_size"], d["dp_size"]) == (4, 2, 2)
+    assert (d["dp_rank"], d["pp_rank"], d["pipeline_stages"]) == (1, 1, 2)
+    assert (d["master_addr"], d["master_port"], d["backend"]) == ("node1", 20008, "gloo")
+
+
+def test_rcn_env_table(monkeypatch, capsys):
+    for k in list(os.environ):
+        if k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SLURM_", "OMPI_", "PMI_", "TORCHELASTIC")):
+            monkeypatch.delenv(k)
+    for k, v in processes("mpirun_mpich")[1].items():
+        monkeypatch.setenv(k, v)
+    assert env_main([]) == 0
+    out = capsys.readouterr().out
+    assert "mpirun-mpich" in out and "launch environment (rank 1)" in out
