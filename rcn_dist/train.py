@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     from rcn_dist.data.loader import EvalStream, TrainStream
     from rcn_dist.model import RCN
     from rcn_dist.parallel import checkpoint as ckpt
-    from rcn_dist.parallel.engine import initialize, init_distributed
+    from rcn_dist.parallel.engine import init_distributed, initialize
     from rcn_dist.parallel.env import finish_rendezvous
 
     cfg, ds, le, manifest, run_dir = prepare_run(args)

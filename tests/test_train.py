@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import PY, REPO, cli_env, metrics, rcn, run
 
 pytestmark = pytest.mark.slow
