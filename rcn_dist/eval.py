@@ -49,7 +49,9 @@ NN_SEED = 1234
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rcn eval", description="Evaluate a trained run.")
-    ap.add_argument("--run", required=True, help="run directory (its latest checkpoint), or a checkpoint dir")
+    ap.add_argument("--run", "--run-dir", dest="run", required=True,
+                    help="run directory (its latest checkpoint), or a checkpoint dir (--run-dir under torchrun, "
+                    "whose own --run-path option swallows --run)")
     ap.add_argument("--data", help="prepared data directory (default: the run's data.dir)")
     ap.add_argument("--iw", type=int, metavar="K", help="importance samples K (overrides eval.iw_samples)")
     ap.add_argument("--reduced", action="store_true",

@@ -42,7 +42,7 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     return best
 
 
-def test_metrics(run_dir: Path, step: int) -> tuple[dict[str, Any], str]:
+def recorded_metrics(run_dir: Path, step: int) -> tuple[dict[str, Any], str]:
     """Test metrics of the checkpoint at `step`: `rcn eval`'s eval.json if it evaluated this step,
     else the loop's last full evaluation at that step in metrics.jsonl; ({}, "") if neither."""
     ev = run_dir / "eval.json"
@@ -95,7 +95,7 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Pat
     os.replace(tmp, out / "model.safetensors")
     atomic_write_text(out / "config.json", cfg.to_json() + "\n")
     sha = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
-    metrics, source = test_metrics(run_dir, step)
+    metrics, source = recorded_metrics(run_dir, step)
     n_params = sum(v.numel() for v in weights.values())
     atomic_write_text(out / "README.md", _card(cfg, step, n_params, sha, metrics, source))
     return out

@@ -133,10 +133,23 @@ def evaluate(engine_or_module, stream, cfg: Config, device: str, max_batches: in
     return out
 
 
+def position_from_samples(stream, samples: int, dp_size: int) -> dict[str, int]:
+    """A loader position for this layout after `samples` images were seen by the whole job.
+
+    Used after a world-size change, when the saved per-rank positions no longer apply: the
+    epoch and the fraction of it are carried over, the exact sample order is not.
+    """
+    per_batch = stream.batch_size * dp_size
+    per_epoch = stream.batches_per_epoch * per_batch
+    return stream.state_dict() | {"epoch": samples // per_epoch, "batch": (samples % per_epoch) // per_batch}
+
+
 class StopFlag:
     """SIGTERM / SIGUSR1 / SIGUSR2 set a flag; the loop acts on it at the next step boundary.
 
-    A handler installed earlier (submitit's SIGUSR2, say) is called too, after ours.
+    Under submitit, its own SIGUSR2 handler (installed before ours) would requeue at once from
+    task 0 alone. We hold it back: every rank first checkpoints at the step boundary, then
+    `hand_over()` calls it, and it requeues the job (task 0) or returns (the other tasks).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -152,13 +165,16 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
-        prev = self._previous.get(signum)
-        if callable(prev) and getattr(prev, "__module__", "").startswith("submitit"):
-            prev(signum, frame)
 
     def restore(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+    def hand_over(self) -> None:
+        """After the checkpoint: pass the signal on to submitit's handler, if it installed one."""
+        prev = self._previous.get(self.signum)
+        if callable(prev) and getattr(prev, "__module__", "").startswith("submitit"):
+            prev(self.signum, None)
 
 
 def _check_run_dir(run_dir: Path, cfg: Config) -> None:
@@ -224,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     stop = StopFlag().install()
     finish_rendezvous(le)
     if le.device.startswith("cuda"):
-        torch.cuda.set_device(le.local_rank)
+        torch.cuda.set_device(torch.device(le.device))
     init_distributed(le.backend)
     rank0 = le.rank == 0
     out = console.Console(rank0)
@@ -236,6 +252,20 @@ def run(args: argparse.Namespace) -> int:
              f"{cfg.name} preset, ZeRO {cfg.parallel.zero_stage}, {t.precision}, "
              f"global batch {t.batch_size} = {t.micro_batch} x {t.grad_accum} x {le.dp_size}")
 
+    latest, notes = ckpt.find_latest(run_dir)
+    universal = False
+    if latest is not None:
+        saved = ckpt.saved_layout(latest)
+        universal = (saved["world_size"], saved["zero_stage"]) != (le.world_size, cfg.parallel.zero_stage)
+        if universal:
+            out.info(f"{latest} was saved by {saved['world_size']} rank(s) with ZeRO {saved['zero_stage']}; "
+                     f"converting it to DeepSpeed's universal format for {le.world_size} with ZeRO "
+                     f"{cfg.parallel.zero_stage}")
+            if rank0:
+                ckpt.to_universal(latest)
+            dist.barrier()
+            ds = ds | {"checkpoint": {"load_universal": True}}
+
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = RCN(cfg.model)
     engine, _, scheduler = initialize(LossModule(model), cfg, ds)
@@ -244,13 +274,15 @@ def run(args: argparse.Namespace) -> int:
                          num_workers=cfg.data.num_workers, binarize=cfg.data.binarize,
                          shuffle=cfg.data.shuffle)
     step, samples = 0, 0
-    latest, notes = ckpt.find_latest(run_dir)
     for n in notes:
         out.info(n)
     if latest is not None:
-        state = ckpt.load(engine, latest, le.rank)
+        state = ckpt.load(engine, latest, le.rank, universal=universal)
         step, samples = state["step"], state["samples"]
-        stream.load_state_dict(state["loader"])
+        if universal:
+            stream.load_state_dict(position_from_samples(stream, samples, le.dp_size))
+        else:
+            stream.load_state_dict(state["loader"])
         out.info(f"resumed from {latest} (step {step})")
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -319,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
         out.info(f"done: {t.steps} steps; run directory {run_dir}")
     dist.barrier()
     dist.destroy_process_group()
+    if stopped:
+        stop.hand_over()  # under submitit: task 0 requeues the job and exits here
     return EXIT_STOPPED if stopped else 0
 
 

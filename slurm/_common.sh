@@ -11,6 +11,7 @@
 #   RCN_MAX_RESTARTS requeues after a stop signal before giving up (default 20)
 #   RCN_MASTER_PORT  rendezvous port (default 20000 + job id % 20000)
 #   RCN_SRUN_ARGS    more srun words (e.g. "--mpi=none")
+#   RCN_SRUN_WAIT    seconds srun waits for the other ranks once one has exited (default 120)
 #   RCN_PYTHON       interpreter (default $RCN_HOME/.venv/bin/python, else python3)
 # Relative paths are relative to the directory sbatch was called from.
 

@@ -111,7 +111,10 @@ def save(engine, run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg
             shutil.rmtree(d)
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    # universal_checkpoint_info lets deepspeed.checkpoint.ds_to_universal convert this checkpoint
+    # for another world size (a resume on fewer or more ranks).
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False,
+                           client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
     fault_point("checkpoint", step, rank)
     atomic_write_text(d / f"loop_rank{rank}.json", json.dumps(loop_state, sort_keys=True))
     save_file({"cpu": torch.get_rng_state()}, str(d / f"rng_rank{rank}.safetensors"))
@@ -150,7 +153,40 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
     return {k.removeprefix("rcn."): v for k, v in sd.items()}
 
 
-def load(engine, ckpt_dir: Path, rank: int) -> dict[str, Any]:
+def saved_layout(ckpt_dir: Path) -> dict[str, Any]:
+    """What the COMPLETE marker of a checkpoint records: step, world_size, zero_stage."""
+    return json.loads((ckpt_dir / COMPLETE).read_text())
+
+
+def to_universal(ckpt_dir: Path) -> Path:
+    """Convert a checkpoint into DeepSpeed's universal format (for another world size / ZeRO
+    stage), once: <ckpt>/universal/. Every input file passes the weights-only check first, since
+    the converter unpickles them freely."""
+    import subprocess
+    import sys
+
+    from rcn_dist.parallel.safety import check_checkpoint_dir
+
+    out = ckpt_dir / "universal"
+    if (out / "DONE").is_file():
+        return out
+    check_checkpoint_dir(ckpt_dir)
+    tmp = ckpt_dir / f".universal.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    p = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(ckpt_dir), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                        "--num_merge_workers", "1"], capture_output=True, text=True)
+    if p.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = (p.stderr.strip().splitlines() or ["?"])[-1]
+        raise CheckpointError(f"{ckpt_dir}: cannot convert for a different world size ({last[:200]})")
+    (tmp / "DONE").write_text("")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def load(engine, ckpt_dir: Path, rank: int, universal: bool = False) -> dict[str, Any]:
     """Restore the engine and this rank's loop state and RNG; returns the loop state."""
     from rcn_dist.parallel.safety import check_checkpoint_dir, make_engine_loads_safe
 
@@ -159,13 +195,13 @@ def load(engine, ckpt_dir: Path, rank: int) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt_dir}: no loop state for rank {rank} (saved with fewer ranks?)")
     state = read_json(loop_file)
     check_checkpoint_dir(ckpt_dir)
-    make_engine_loads_safe(engine)
+    make_engine_loads_safe(engine, own_universal=universal)
     path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
     rng = ckpt_dir / f"rng_rank{rank}.safetensors"
-    if rng.is_file():
+    if rng.is_file() and not universal:
         torch.set_rng_state(read_safetensors(rng)["cpu"])
     return state
 

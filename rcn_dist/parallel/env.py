@@ -158,10 +158,19 @@ def finish_rendezvous(le: LaunchEnv) -> LaunchEnv:
             host = "127.0.0.1" if le.local_world_size == le.world_size else socket.gethostname()
             mine = (le.master_addr or host, le.master_port or free_port())
         le.master_addr, le.master_port = comm.bcast(mine, root=0)
+    if le.device.startswith("cuda"):
+        # Slurm may bind one GPU per task (--gpus-per-task=1): then this process sees one device
+        # and it is cuda:0 whatever the local rank. DeepSpeed picks its device from LOCAL_RANK,
+        # so that is what we export.
+        import torch
+
+        idx = le.local_rank % max(torch.cuda.device_count(), 1)
+        le.device = f"cuda:{idx}"
     if not le.master_addr or not le.master_port:
         raise RuntimeError(f"{le.launcher}: no MASTER_ADDR/MASTER_PORT for a {le.world_size}-process job")
     os.environ.update(
-        RANK=str(le.rank), WORLD_SIZE=str(le.world_size), LOCAL_RANK=str(le.local_rank),
+        RANK=str(le.rank), WORLD_SIZE=str(le.world_size),
+        LOCAL_RANK=le.device.split(":")[1] if le.device.startswith("cuda") else str(le.local_rank),
         LOCAL_WORLD_SIZE=str(le.local_world_size), MASTER_ADDR=le.master_addr,
         MASTER_PORT=str(le.master_port),
     )

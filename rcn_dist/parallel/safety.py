@@ -45,6 +45,12 @@ def _allowed_globals() -> list[Any]:
         allowed.append(ZeroStageEnum)
     except ImportError:
         pass
+    try:  # ZeRO 1/2 optimizer partitions map parameters to (numel, start) records
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed.append(fragment_address)
+    except ImportError:
+        pass
     return allowed
 
 
@@ -80,9 +86,14 @@ def check_checkpoint_dir(ckpt_dir: str | Path) -> None:
         safe_torch_load(f, map_location="cpu", mmap=True)
 
 
-def make_engine_loads_safe(engine: Any) -> None:
-    """Route every file DeepSpeed reads for this engine through safe_torch_load."""
-    if engine.load_universal_checkpoint():
+def make_engine_loads_safe(engine: Any, own_universal: bool = False) -> None:
+    """Route every file DeepSpeed reads for this engine through safe_torch_load.
+
+    own_universal: the engine loads a universal checkpoint that checkpoint.to_universal wrote
+    from files that passed check_checkpoint_dir first; DeepSpeed's universal loader reads that
+    output with its own unrestricted torch.load, which is then trusted as our own output.
+    """
+    if engine.load_universal_checkpoint() and not own_universal:
         raise UnsafeFileError("checkpoint.load_universal in the DeepSpeed JSON: DeepSpeed's universal "
                               "checkpoint loader unpickles files without restriction; it is not supported")
 

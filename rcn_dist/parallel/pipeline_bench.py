@@ -1,0 +1,205 @@
+"""The pipeline benchmark (`rcn bench --workload pipeline`): what the 2-stage pipeline buys on CPU.
+
+For one config and micro-batch counts M it times a training step (forward, backward, Adam) of:
+
+    unsplit    the whole model, 1 process, 1 thread, the batch in one piece
+    accum      the same with the batch cut into M micro-batches and gradients accumulated
+               (what micro-batching itself costs, with no pipeline)
+    pipeline   the 2-stage pipeline, 2 processes x 1 thread, M micro-batches in flight
+    dp         2-process data parallelism (half the batch each, gradients all-reduced)
+
+and each stack's own forward+backward time per step (the stages' busy time in the pipeline at
+M = 1, where nothing overlaps), from which the balance bound (enc + dec) / max(enc, dec) follows:
+the most a 2-stage pipeline can gain over one process. Inputs are synthetic (binary images,
+random labels, fixed noise): the cost does not depend on the pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rcn_dist.config import Config
+
+
+def _inputs(cfg: Config, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    m = cfg.model
+    x = (torch.rand(n, m.in_channels, m.height, m.width, generator=g) > 0.6).float()
+    y = torch.randint(0, m.n_classes, (n,), generator=g)
+    eps = torch.randn(n, m.T, m.z_dim, generator=g)
+    return x, y, eps
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def _time_unsplit(cfg: Config, m: int, steps: int, warmup: int) -> float:
+    """Median seconds per step of the unsplit model, the batch cut into m accumulated pieces."""
+    from rcn_dist.model import RCN
+
+    torch.manual_seed(cfg.train.seed)
+    model = RCN(cfg.model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    x, y, eps = _inputs(cfg, cfg.train.batch_size)
+    times = []
+    for i in range(warmup + steps):
+        tic = time.perf_counter()
+        for xs, ys, es in zip(x.chunk(m), y.chunk(m), eps.chunk(m)):
+            loss, _ = model.loss(xs, ys, es)
+            (loss / m).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - tic)
+    return _median(times)
+
+
+def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], steps: int, warmup: int, out: str) -> None:
+    """One of 2 processes: the pipeline at every M, then data parallelism."""
+    import torch.distributed as dist
+
+    from rcn_dist.config import from_dict
+    from rcn_dist.model import RCN
+    from rcn_dist.parallel.pipeline import PipelineRank, make_groups
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo")
+    pp_group, dp_group = make_groups(2)
+    base = from_dict(json.loads(cfg_json))
+    b = base.train.batch_size
+    x, y, eps = _inputs(base, b)
+    res: dict[str, Any] = {"pipeline": {}, "busy": {}}
+    for m in ms:
+        cfg = from_dict(json.loads(cfg_json))
+        cfg.parallel.pipeline_stages, cfg.parallel.micro_batches, cfg.parallel.zero_stage = 2, m, 0
+        cfg.train.micro_batch, cfg.train.precision = b, "fp32"
+        runner = PipelineRank(cfg, rank, pp_group, dp_group)
+        times, busy = [], []
+        for i in range(warmup + steps):
+            events = runner.record_events()
+            dist.barrier()
+            tic = time.perf_counter()
+            runner.forward_backward(x, y, eps, b)
+            runner.optimizer_step(runner.reduce_gradients())
+            dist.barrier()
+            if i >= warmup:
+                times.append(time.perf_counter() - tic)
+                busy.append(sum(e[4] - e[3] for e in events))
+        res["pipeline"][m], res["busy"][m] = _median(times), _median(busy)
+    # Data parallelism: half the batch each, one flat all-reduce of the gradients.
+    torch.manual_seed(base.train.seed)
+    model = RCN(base.model)
+    opt = torch.optim.Adam(model.parameters(), lr=base.train.lr)
+    half = slice(rank * b // 2, (rank + 1) * b // 2)
+    times = []
+    for i in range(warmup + steps):
+        dist.barrier()
+        tic = time.perf_counter()
+        loss, _ = model.loss(x[half], y[half], eps[half])
+        loss.backward()
+        flat = torch.cat([p.grad.flatten() for p in model.parameters()])
+        dist.all_reduce(flat)
+        flat /= 2
+        o = 0
+        for p in model.parameters():
+            p.grad.copy_(flat[o:o + p.numel()].view_as(p))
+            o += p.numel()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - tic)
+    res["dp"] = _median(times)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(res))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5,
+                   out: Callable[[str], Any] = print, warmup: int = 2) -> list[dict[str, Any]]:
+    """Time unsplit / accum / pipeline / dp for each M (see the module docstring).
+
+    Returns rows {"mode", "M", "step_s", "img_per_s"} (pipeline rows add "speedup_vs_accum"),
+    then one {"mode": "balance", "enc_s", "dec_s", "bound", "best_M", "best_speedup",
+    "fraction_of_bound"} row. `out` gets a readable line per row.
+    """
+    import torch.multiprocessing as mp
+
+    from rcn_dist.parallel.env import free_port
+
+    b = cfg.train.batch_size
+    bad = [m for m in ms if b % m]
+    if bad:
+        from rcn_dist.config import ConfigError
+
+        raise ConfigError(f"train.batch_size={b} is not divisible by micro-batch count(s) {bad}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        accum = {m: _time_unsplit(cfg, m, steps, warmup) for m in ms}
+        unsplit = accum[1] if 1 in accum else _time_unsplit(cfg, 1, steps, warmup)
+    finally:
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker, args=(free_port(), cfg.to_json(), list(ms), steps, warmup, tmp),
+                           nprocs=2, start_method="spawn")
+        r0, r1 = (json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(2))
+
+    rows: list[dict[str, Any]] = [{"mode": "unsplit", "M": 1, "step_s": unsplit}]
+    for m in ms:
+        rows.append({"mode": "accum", "M": m, "step_s": accum[m]})
+        pipe = max(r0["pipeline"][str(m)], r1["pipeline"][str(m)])
+        rows.append({"mode": "pipeline", "M": m, "step_s": pipe, "speedup_vs_accum": accum[m] / pipe})
+    rows.append({"mode": "dp", "M": 1, "step_s": max(r0["dp"], r1["dp"])})
+    for r in rows:
+        r["img_per_s"] = b / r["step_s"]
+    # Stack costs: busy time of each rank with one micro-batch (nothing overlaps, no contention).
+    m0 = str(min(ms))
+    enc, dec = r0["busy"][m0], r1["busy"][m0]
+    bound = (enc + dec) / max(enc, dec)
+    best = max((r for r in rows if r["mode"] == "pipeline"), key=lambda r: r["speedup_vs_accum"])
+    rows.append({"mode": "balance", "enc_s": enc, "dec_s": dec, "bound": bound, "best_M": best["M"],
+                 "best_speedup": best["speedup_vs_accum"], "fraction_of_bound": best["speedup_vs_accum"] / bound})
+    for r in rows:
+        if r["mode"] == "balance":
+            out(f"stacks: encoder {1e3 * enc:.1f} ms, decoder {1e3 * dec:.1f} ms per step (fwd+bwd); "
+                f"bound {bound:.2f}x; best pipeline M={best['M']}: {best['speedup_vs_accum']:.2f}x over accum "
+                f"= {100 * r['fraction_of_bound']:.0f}% of the bound")
+        else:
+            extra = f"  {r['speedup_vs_accum']:.2f}x vs accum" if "speedup_vs_accum" in r else ""
+            out(f"{r['mode']:9s} M={r['M']}  {1e3 * r['step_s']:8.1f} ms/step  {r['img_per_s']:7.1f} img/s{extra}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m rcn_dist.parallel.pipeline_bench --config configs/bench_pipeline_balanced.toml"""
+    from rcn_dist.config import resolve
+
+    ap = argparse.ArgumentParser(prog="pipeline_bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset")
+    ap.add_argument("--config")
+    ap.add_argument("--ms", default="1,2,4,8", help="micro-batch counts, comma separated")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cfg = resolve(args.preset or (None if args.config else "small"), args.config, args.overrides)
+    rows = bench_pipeline(cfg, tuple(int(m) for m in args.ms.split(",")), args.steps)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

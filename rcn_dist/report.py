@@ -1,0 +1,247 @@
+"""`rcn report`: one Markdown page per run, or a comparison of several runs.
+
+    rcn report --run RUN_DIR              -> RUN_DIR/report.md, plots in RUN_DIR/report/
+    rcn report --runs A B C [--out DIR]   -> DIR/report.md (default runs/compare): one table row
+                                             and one curve per run (sweeps use it)
+
+The page holds the run's config, its loss curves (train and test, each loss part), eval.json as a
+table and the pictures of `rcn sample` / `rcn eval` (linked relative to the page, so the run
+directory can be copied or archived as it is). Missing pieces (no eval.json yet, no samples) are
+named on the page with the command that makes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rcn_dist.errors import RcnError
+
+PARTS = ("loss", "elbo", "recon", "kl", "margin")
+PICTURES = (
+    ("samples/samples.png", "Unconditional samples (decoder means of the final canvas)"),
+    ("samples/drawing.gif", "The drawing process: canvas after each step, write window in red"),
+    ("samples/drawing_strip.png", "The same, step by step left to right"),
+    ("samples/reconstructions.png", "Test images (odd rows) and their reconstructions (even rows)"),
+    ("samples/samples_by_class.png", "Samples grouped by the class the encoder's capsules give them"),
+    ("samples/nearest.png", "Generated samples (top) and their nearest training images (bottom)"),
+)
+SUMMARY = ("test_error", "two_object_accuracy", "test_elbo", "test_bits_per_dim", "iw_nll", "frechet",
+           "frechet_ref", "nn_ratio", "memorised")
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) of RUN_DIR/metrics.jsonl; a half-written last line is skipped."""
+    train, evals = [], []
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return train, evals
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        (evals if row.get("kind") == "eval" else train).append(row)
+    return train, evals
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return "-" if v is None else str(v)
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(train: list[dict], evals: list[dict], path: Path, title: str = "") -> None:
+    """One panel per loss part (train line, test markers), the test error and the LR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, part in zip(axes.flat, (*PARTS, "error", "lr", "img_per_s")):
+        if part in ("lr", "img_per_s"):
+            pts = [(r["step"], r[part]) for r in train if part in r]
+            if pts:
+                ax.plot(*zip(*pts), color="tab:gray")
+        else:
+            pts = [(r["step"], r[part]) for r in train if part in r]
+            if pts:
+                ax.plot(*zip(*pts), label="train", color="tab:blue", alpha=0.8)
+            tpts = [(r["step"], r[f"test_{part}"]) for r in evals if f"test_{part}" in r]
+            if tpts:
+                ax.plot(*zip(*tpts), "o-", label="test", color="tab:red")
+            if pts or tpts:
+                ax.legend()
+        ax.set_title({"elbo": "negative ELBO (nats)", "recon": "-log D(x|c_T) (nats)", "kl": "KL (nats)",
+                      "error": "test error", "img_per_s": "images / s"}.get(part, part))
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _load_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_report(run_dir: Path) -> Path:
+    """Write RUN_DIR/report.md (+ RUN_DIR/report/curves.png) and return its path."""
+    if not run_dir.is_dir():
+        raise RcnError(f"{run_dir}: no such run directory")
+    cfg = _load_json(run_dir / "config.json")
+    train, evals = read_metrics(run_dir)
+    if cfg is None and not train:
+        raise RcnError(f"{run_dir}: neither config.json nor metrics.jsonl: not a run directory")
+    ev = _load_json(run_dir / "eval.json")
+    name = run_dir.resolve().name
+    out = [f"# Run `{name}`", ""]
+    if cfg:
+        m = cfg["model"]
+        out.append(f"Preset `{cfg.get('name')}`: T={m['T']} steps, {m['rnn']} {m['enc_hidden']}/{m['dec_hidden']}, "
+                   f"z={m['z_dim']}, read {m['read_n']}x{m['read_n']} ({'on' if m['read_attn'] else 'off'}), "
+                   f"write {m['write_n']}x{m['write_n']} ({'on' if m['write_attn'] else 'off'}), "
+                   f"{m['likelihood']} likelihood; data `{cfg['data']['dir']}`.")
+    if train:
+        last = train[-1]
+        out.append(f"Trained {last['step']} steps ({last.get('samples', '?')} images); last train loss "
+                   f"{_fmt(last['loss'])}, median speed {_fmt(sorted(r['img_per_s'] for r in train)[len(train) // 2])} "
+                   "images/s.")
+    out.append("")
+
+    out += ["## Numbers", ""]
+    if ev:
+        mets = ev.get("metrics", {})
+        out.append(f"`rcn eval` of `{ev.get('checkpoint')}` (step {ev.get('step')}), {ev.get('world_size')} rank(s)"
+                   + (", **reduced** evaluation" if ev.get("reduced") else "")
+                   + f"; eval settings: {', '.join(f'{k}={v}' for k, v in ev.get('eval', {}).items())}.")
+        out += ["", md_table(["metric", "value"], [[k, v] for k, v in mets.items()]), ""]
+    else:
+        out += [f"No eval.json yet: `rcn eval --run {run_dir}`.", ""]
+
+    out += ["## Loss curves", ""]
+    if train or evals:
+        (run_dir / "report").mkdir(exist_ok=True)
+        plot_curves(train, evals, run_dir / "report" / "curves.png", name)
+        out += ["![loss curves](report/curves.png)", ""]
+        if evals:
+            keys = [k for k in ("test_error", "test_elbo", "test_recon", "test_kl", "test_margin") if k in evals[-1]]
+            out += [md_table(["step", *keys], [[r["step"], *(r.get(k) for k in keys)] for r in evals]), ""]
+    else:
+        out += ["No metrics.jsonl yet.", ""]
+
+    out += ["## Pictures", ""]
+    have = [(p, cap) for p, cap in PICTURES if (run_dir / p).is_file()]
+    for p, cap in have:
+        out += [f"**{cap}**", "", f"![{cap}]({p})", ""]
+    if not have:
+        out += [f"No pictures yet: `rcn sample --run {run_dir}`.", ""]
+
+    if cfg:
+        out += ["## Config", "", "```json", json.dumps(cfg, indent=1), "```", ""]
+    path = run_dir / "report.md"
+    _atomic_write(path, "\n".join(out))
+    return path
+
+
+def compare_report(runs: list[Path], out_dir: Path) -> Path:
+    """A table with one row per run (config differences, final numbers) and overlaid curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cfgs, curves = [], {}, {}
+    for r in runs:
+        if not r.is_dir():
+            raise RcnError(f"{r}: no such run directory")
+        cfg = _load_json(r / "config.json") or {}
+        train, evals = read_metrics(r)
+        mets = (_load_json(r / "eval.json") or {}).get("metrics", {})
+        last_eval = evals[-1] if evals else {}
+        cfgs[str(r)] = cfg
+        curves[str(r)] = (train, evals)
+        rows.append([str(r), cfg.get("name"), train[-1]["step"] if train else None,
+                     train[-1]["loss"] if train else None,
+                     *(mets.get(k, last_eval.get(k)) for k in SUMMARY)])
+    # Config fields that differ between the runs: what the sweep changed.
+    flat = {run: {f"{s}.{k}": v for s, sec in c.items() if isinstance(sec, dict) for k, v in sec.items()}
+            for run, c in cfgs.items()}
+    keys = sorted({k for f in flat.values() for k in f})
+    varying = [k for k in keys if len({json.dumps(f.get(k)) for f in flat.values()}) > 1]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for run, (train, evals) in curves.items():
+        label = Path(run).name
+        if train:
+            axes[0].plot([t["step"] for t in train], [t["loss"] for t in train], label=label)
+        tp = [(e["step"], e["test_elbo"]) for e in evals if "test_elbo" in e]
+        if tp:
+            axes[1].plot(*zip(*tp), "o-", label=label)
+        tp = [(e["step"], e["test_error"]) for e in evals if "test_error" in e]
+        if tp:
+            axes[2].plot(*zip(*tp), "o-", label=label)
+    for ax, t in zip(axes, ("train loss", "test negative ELBO (nats)", "test error")):
+        ax.set_title(t)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "compare.png", dpi=80)
+    plt.close(fig)
+    text = ["# Comparison of runs", "",
+            md_table(["run", "preset", "steps", "train loss", *SUMMARY], rows), "",
+            "Numbers come from each run's eval.json, else its last test row in metrics.jsonl.", "",
+            "![curves](compare.png)", ""]
+    if varying:
+        text += ["## Config differences", "",
+                 md_table(["field", *(Path(r).name for r in flat)], [[k, *(f.get(k) for f in flat.values())]
+                                                                     for k in varying]), ""]
+    path = out_dir / "report.md"
+    _atomic_write(path, "\n".join(text))
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rcn report", description="A Markdown report of one run or several.")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", help="one run directory: writes RUN_DIR/report.md")
+    g.add_argument("--runs", nargs="+", help="several run directories: a comparison page")
+    ap.add_argument("--out", help="--runs: output directory (default runs/compare)")
+    args = ap.parse_args(argv)
+    if args.run:
+        path = run_report(Path(args.run))
+    else:
+        path = compare_report([Path(r) for r in args.runs], Path(args.out or "runs/compare"))
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    from rcn_dist.cli import run_main
+
+    sys.exit(run_main(main, sys.argv[1:]))

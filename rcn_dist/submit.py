@@ -1,0 +1,196 @@
+"""Submitting training runs with submitit: Slurm where there is one, local processes otherwise.
+
+The job is a Checkpointable callable that always resumes from its RUN_DIR, so a requeue after a
+timeout or a preemption continues where the last checkpoint left off. On SIGUSR2 every rank
+checkpoints at the next step boundary first (rcn_dist.train.StopFlag), then submitit requeues.
+
+    from rcn_dist.submit import submit
+    job = submit(["--preset", "tiny", "--data", "data/fashion-mnist", "--out", "runs/x"],
+                 folder="runs/x/submitit", nodes=1, tasks_per_node=2, timeout_min=60)
+    job.result()
+
+`rcn submit [options] -- <rcn train arguments>` does the same from a shell, and
+`--sweep key=v1,v2` submits one array job with a RUN_DIR per point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.helpers import Checkpointable, DelayedSubmission
+
+from rcn_dist.config import ConfigError
+from rcn_dist.errors import RcnError
+
+
+class TrainJob(Checkpointable):
+    """`rcn train <argv>` as a submitit job; resumes from its --out directory when requeued."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = list(argv)
+
+    def __call__(self) -> dict[str, Any]:
+        from rcn_dist.cli import run_main
+        from rcn_dist.train import EXIT_STOPPED, main
+
+        rc = run_main(main, self.argv)
+        if rc == EXIT_STOPPED:
+            # Stopped by a signal that was not submitit's (SIGTERM, SIGUSR1): the checkpoint is
+            # written; resubmitting the same job resumes it.
+            raise RcnError(f"training stopped by a signal after a checkpoint (exit {rc}); resubmit to resume")
+        if rc != 0:
+            raise RcnError(f"training exited with code {rc}")
+        return {"run_dir": _out_of(self.argv), "exit": rc}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        # The state is on disk already (written by every rank at the step boundary).
+        return DelayedSubmission(TrainJob(self.argv))
+
+
+def _out_of(argv: list[str]) -> str:
+    for i, a in enumerate(argv):
+        if a == "--out" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--out="):
+            return a.split("=", 1)[1]
+    raise ConfigError("rcn submit needs --out RUN_DIR among the training arguments (the job resumes from it)")
+
+
+def make_executor(folder: str | Path, cluster: str | None = None, nodes: int = 1, tasks_per_node: int = 1,
+                  gpus_per_node: int = 0, cpus_per_task: int = 1, timeout_min: int = 60,
+                  partition: str | None = None, max_requeues: int = 3, signal_delay_s: int = 120,
+                  **slurm: Any) -> submitit.AutoExecutor:
+    """An AutoExecutor (Slurm if `sbatch` is there, else local processes) set up for training.
+
+    GPUs are requested per node and every task sees all of its node's GPUs, so that DeepSpeed's
+    choice of device by local rank holds; no CUDA_VISIBLE_DEVICES is exported per task.
+    """
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params: dict[str, Any] = dict(nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task,
+                                  timeout_min=timeout_min)
+    if gpus_per_node:
+        params["gpus_per_node"] = gpus_per_node
+    if ex.cluster == "slurm":
+        params.update(slurm_max_num_timeout=max_requeues, slurm_signal_delay_s=signal_delay_s)
+        if partition:
+            params["slurm_partition"] = partition
+        params.update({f"slurm_{k}" if not k.startswith("slurm_") else k: v for k, v in slurm.items()})
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit(train_argv: list[str], folder: str | Path, **executor_kw: Any) -> submitit.Job:
+    """Submit one training run; returns the submitit job."""
+    _out_of(train_argv)
+    return make_executor(folder, **executor_kw).submit(TrainJob(train_argv))
+
+
+def sweep_points(specs: list[str]) -> list[dict[str, str]]:
+    """`key=v1,v2` specs -> the cross product as a list of {key: value}."""
+    axes = []
+    for spec in specs:
+        if "=" not in spec:
+            raise ConfigError(f"sweep {spec!r} is not of the form section.field=v1,v2")
+        key, values = spec.split("=", 1)
+        vals = [v for v in values.split(",") if v]
+        if not vals:
+            raise ConfigError(f"sweep {spec!r} lists no values")
+        axes.append([(key, v) for v in vals])
+    return [dict(p) for p in itertools.product(*axes)]
+
+
+def submit_sweep(train_argv: list[str], specs: list[str], folder: str | Path,
+                 **executor_kw: Any) -> list[tuple[Path, submitit.Job]]:
+    """One array job, one RUN_DIR per point: <--out>/<key>=<value>,..."""
+    base = Path(_out_of(train_argv))
+    i = train_argv.index("--out") if "--out" in train_argv else None
+    jobs_args = []
+    for point in sweep_points(specs):
+        name = ",".join(f"{k}={v}" for k, v in point.items()).replace("/", "_")
+        argv = list(train_argv)
+        if i is not None:
+            argv[i + 1] = str(base / name)
+        else:
+            argv = [a for a in argv if not a.startswith("--out=")] + ["--out", str(base / name)]
+        argv += [f"{k}={v}" for k, v in point.items()]
+        jobs_args.append((base / name, TrainJob(argv)))
+    ex = make_executor(folder, **executor_kw)
+    with ex.batch():
+        jobs = [ex.submit(job) for _, job in jobs_args]
+    return [(d, j) for (d, _), j in zip(jobs_args, jobs)]
+
+
+def follow(job: submitit.Job, poll_s: float = 2.0, out=sys.stdout) -> Any:
+    """Stream a job's stdout (task 0) until it ends; then return its result."""
+    seen = 0
+    while True:
+        done = job.done()
+        path = job.paths.stdout
+        if path.exists():
+            text = path.read_text(errors="replace")
+            if len(text) > seen:
+                out.write(text[seen:])
+                out.flush()
+                seen = len(text)
+        if done:
+            return job.result()
+        time.sleep(poll_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`rcn submit [options] -- <rcn train arguments>`"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_argv: list[str] = []
+    if "--" in argv:
+        k = argv.index("--")
+        argv, train_argv = argv[:k], argv[k + 1:]
+    ap = argparse.ArgumentParser(prog="rcn submit", description="Submit `rcn train` with submitit "
+                                 "(Slurm, or local processes where there is no Slurm).")
+    ap.add_argument("--folder", help="submitit's log folder (default: RUN_DIR/submitit)")
+    ap.add_argument("--cluster", choices=("slurm", "local", "debug"), help="default: auto")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--tasks-per-node", type=int, default=1)
+    ap.add_argument("--gpus-per-node", type=int, default=0)
+    ap.add_argument("--cpus-per-task", type=int, default=1)
+    ap.add_argument("--timeout-min", type=int, default=60)
+    ap.add_argument("--partition")
+    ap.add_argument("--max-requeues", type=int, default=3)
+    ap.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                    help="submit one job per point of the cross product (repeatable)")
+    ap.add_argument("--no-follow", action="store_true", help="print the job id(s) and return")
+    args = ap.parse_args(argv)
+    if not train_argv:
+        raise ConfigError("give the training arguments after `--`, e.g. rcn submit -- --preset tiny --out runs/x")
+    out_dir = Path(_out_of(train_argv))
+    folder = args.folder or str(out_dir / "submitit")
+    kw = dict(cluster=args.cluster, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
+              gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+              timeout_min=args.timeout_min, partition=args.partition, max_requeues=args.max_requeues)
+    if args.sweep:
+        runs = submit_sweep(train_argv, args.sweep, folder, **kw)
+        for d, j in runs:
+            print(f"submitted {j.job_id}: {d}", flush=True)
+        if args.no_follow:
+            return 0
+        failed = 0
+        for d, j in runs:
+            try:
+                j.result()
+            except Exception as e:  # one failed point should not hide the others
+                failed += 1
+                print(f"{d}: failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}", file=sys.stderr)
+        from rcn_dist.report import main as report_main
+
+        report_main(["--runs", *[str(d) for d, _ in runs]])
+        return 1 if failed else 0
+    job = submit(train_argv, folder, **kw)
+    print(f"submitted {job.job_id} ({job.__class__.__name__}); logs in {folder}", flush=True)
+    if not args.no_follow:
+        follow(job)
+    return 0
