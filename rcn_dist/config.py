@@ -234,6 +234,10 @@ class TrainConfig:
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
     log_every: int = 1
     """Write a metrics.jsonl line every N steps."""
+    loggers: str = "jsonl"
+    """Comma-separated metric sinks (rank 0): "jsonl" (RUN_DIR/metrics.jsonl, always written: eval
+    and report read it), "tensorboard" (RUN_DIR/tensorboard/, needs `pip install
+    rcn_dist[tensorboard]`), "wandb" (offline, in RUN_DIR/wandb/; needs wandb; `wandb sync` uploads)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "keep_last", "log_every"):
@@ -248,6 +252,9 @@ class TrainConfig:
                  f"must be 'auto', 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
         _require(self.lr_schedule in ("cosine", "constant"), "train.lr_schedule",
                  f"must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        unknown = {n.strip() for n in self.loggers.split(",") if n.strip()} - {"jsonl", "tensorboard", "wandb"}
+        _require(not unknown, "train.loggers",
+                 f"unknown logger(s) {', '.join(sorted(unknown))}: use jsonl, tensorboard, wandb")
 
 
 @dataclass

@@ -46,6 +46,36 @@ evaluation, minutes on two CPU cores for the small preset."""
 NN_SEED = 1234
 """Seed of the prior noise of the samples for the nearest-neighbour and Frechet figures."""
 
+METRICS = {
+    "test_error": "test classification error from class-capsule lengths (MultiMNIST: both top-2 must be right)",
+    "two_object_accuracy": "MultiMNIST: share of test images whose 2 longest capsules are exactly their 2 classes",
+    "test_elbo": "negative ELBO = recon + KL (analytic), nats per image: the training loop's figure",
+    "test_bits_per_dim": "test_elbo in bits per sub-pixel (logistic likelihood)",
+    "test_recon": "-log D(x | c_T), nats",
+    "test_kl": "sum over steps of KL(q(z_t | x) || N(0, I)), nats",
+    "test_margin": "margin loss of the class capsules",
+    "test_n": "test images evaluated",
+    "iw_nll": "importance-weighted bound -log mean_k w_k (K = iw_k), nats: >= -log p(x), <= iw_elbo_mc",
+    "iw_bits_per_dim": "iw_nll in bits per sub-pixel",
+    "iw_elbo_mc": "mean over the same K samples of the one-sample negative ELBO -log w_k, nats",
+    "iw_n": "test images in the IW bound",
+    "iw_k": "importance samples per image",
+    "quality_samples": "prior samples behind the nearest-neighbour and Frechet figures",
+    "nn_gen_median": "median L2 distance from a sample to its nearest training image",
+    "nn_gen_mean": "mean of the same",
+    "nn_gen_min": "smallest of the same (0: an exact copy)",
+    "nn_test_median": "median L2 distance from a held-out test image to its nearest training image",
+    "nn_test_mean": "mean of the same",
+    "nn_ratio": "nn_gen_median / nn_test_median (about 1: as new as unseen data; << 1: copies)",
+    "nn_copy_share": "share of samples closer to a training image than 0.1 x nn_test_median",
+    "memorised": "flag: nn_ratio < 0.25 or nn_copy_share > 0.05",
+    "nn_train_images": "training images searched",
+    "frechet": "Frechet distance, samples vs test images, in FeatureNet's 64-d feature space",
+    "frechet_ref": "the same, as many training images vs the test images (the floor)",
+    "classifier_test_accuracy": "FeatureNet's accuracy on those test images (its features are meaningful)",
+}
+"""What each number in eval.json means (the report's third column)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rcn eval", description="Evaluate a trained run.")
@@ -223,11 +253,16 @@ def load_for_eval(run: str, data: str | None, device: str):
     return cfg, model, where, data_dir, manifest
 
 
-def eval_config(cfg: Config, args: argparse.Namespace) -> Config:
-    """The run's config with --reduced caps, then --iw, then eval.* overrides applied."""
-    bad = [o for o in args.overrides if not o.strip().startswith("eval.")]
+def check_overrides(overrides: list[str]) -> None:
+    """Only eval.* may be overridden: anything else would not describe the checkpoint."""
+    bad = [o for o in overrides if not o.strip().startswith("eval.")]
     if bad:
         raise ConfigError(f"rcn eval takes only eval.* overrides, got {bad[0]!r}")
+
+
+def eval_config(cfg: Config, args: argparse.Namespace) -> Config:
+    """The run's config with --reduced caps, then --iw, then eval.* overrides applied."""
+    check_overrides(args.overrides)
     if args.reduced:
         cfg.eval = dataclasses.replace(cfg.eval, **{
             k: (v if getattr(cfg.eval, k) == 0 else min(getattr(cfg.eval, k), v)) for k, v in REDUCED.items()})
@@ -248,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not parts or parts - set(PARTS):
         raise ConfigError(f"--parts takes a comma-separated subset of {','.join(PARTS)}, got {args.parts!r}")
+    check_overrides(args.overrides)
     le = detect()
     if le.device.startswith("cuda"):
         torch.cuda.set_device(le.local_rank)

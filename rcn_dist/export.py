@@ -22,7 +22,14 @@ from safetensors.torch import save_file
 
 from rcn_dist import __version__
 from rcn_dist.errors import CheckpointError
-from rcn_dist.parallel.checkpoint import COMPLETE, atomic_write_text, ckpt_root, find_latest, load_model, tag_for
+from rcn_dist.parallel.checkpoint import (
+    COMPLETE,
+    atomic_write_text,
+    ckpt_root,
+    find_latest,
+    load_model,
+    tag_for,
+)
 
 
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:

@@ -63,8 +63,8 @@ class NearestNeighbours:
     def update(self, batch: Tensor) -> None:
         """batch: (B, D) training images."""
         b = batch.double()
-        d = torch.cdist(self.queries, b)  # (Q, B)
-        best, arg = d.min(dim=1)
+        arg = torch.cdist(self.queries, b).argmin(dim=1)  # (Q,); cdist's matmul form is not exact
+        best = (self.queries - b[arg]).norm(dim=1)  # exact, so that a copy is at distance 0
         better = best < self.dist
         self.dist[better] = best[better]
         self.nearest[better] = b[arg[better]]

@@ -132,7 +132,10 @@ def run_report(run_dir: Path) -> Path:
         out.append(f"`rcn eval` of `{ev.get('checkpoint')}` (step {ev.get('step')}), {ev.get('world_size')} rank(s)"
                    + (", **reduced** evaluation" if ev.get("reduced") else "")
                    + f"; eval settings: {', '.join(f'{k}={v}' for k, v in ev.get('eval', {}).items())}.")
-        out += ["", md_table(["metric", "value"], [[k, v] for k, v in mets.items()]), ""]
+        from rcn_dist.eval import METRICS
+
+        order = [k for k in METRICS if k in mets] + sorted(k for k in mets if k not in METRICS)
+        out += ["", md_table(["metric", "value", "meaning"], [[k, mets[k], METRICS.get(k, "")] for k in order]), ""]
     else:
         out += [f"No eval.json yet: `rcn eval --run {run_dir}`.", ""]
 

@@ -70,8 +70,8 @@ def window_box(cx: float, cy: float, delta: float, n: int, height: int, width: i
     half = n / 2 * delta
     u0, u1 = (cx - 0.5 - half) * scale, (cx - 0.5 + half) * scale
     v0, v1 = (cy - 0.5 - half) * scale, (cy - 0.5 + half) * scale
-    x0, x1 = round(u0), round(u1) - 1
-    y0, y1 = round(v0), round(v1) - 1
+    x0, x1 = math.floor(u0 + 0.5), math.floor(u1 + 0.5) - 1  # round half up, not to even
+    y0, y1 = math.floor(v0 + 0.5), math.floor(v1 + 0.5) - 1
     wmax, hmax = width * scale - 1, height * scale - 1
     if x1 < 0 or y1 < 0 or x0 > wmax or y0 > hmax:
         return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,10 +37,18 @@ class TrainJob(Checkpointable):
         self.argv = list(argv)
 
     def __call__(self) -> dict[str, Any]:
+        # Threads per task: the CPUs Slurm gave it (torch would otherwise take every core). Set
+        # before torch is imported, which reads it once.
+        os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         from rcn_dist.cli import run_main
         from rcn_dist.train import EXIT_STOPPED, main
 
         rc = run_main(main, self.argv)
+        if rc == EXIT_STOPPED and submitit.JobEnvironment().global_rank != 0:
+            # Task 0 decides what a stop means: submitit's handler there requeued the job (and
+            # exited), or it reports the stop below. A result file from this task would outlive
+            # the requeue and could be read as the job's outcome, so this task leaves none.
+            sys.exit(EXIT_STOPPED)
         if rc == EXIT_STOPPED:
             # Stopped by a signal that was not submitit's (SIGTERM, SIGUSR1): the checkpoint is
             # written; resubmitting the same job resumes it.
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{d}: failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}", file=sys.stderr)
         from rcn_dist.report import main as report_main
 
-        report_main(["--runs", *[str(d) for d, _ in runs]])
+        report_main(["--runs", *[str(d) for d, _ in runs], "--out", str(out_dir / "compare")])
         return 1 if failed else 0
     job = submit(train_argv, folder, **kw)
     print(f"submitted {job.job_id} ({job.__class__.__name__}); logs in {folder}", flush=True)

@@ -156,6 +156,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signum = 0
+        self.received: set[int] = set()
         self._previous: dict[int, Any] = {}
 
     def install(self) -> StopFlag:
@@ -165,14 +166,19 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
+        self.received.add(signum)
 
     def restore(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
     def hand_over(self) -> None:
-        """After the checkpoint: pass the signal on to submitit's handler, if it installed one."""
-        prev = self._previous.get(self.signum)
+        """After the checkpoint: pass the signal on to submitit's handler, if it installed one.
+
+        SIGUSR2 wins over an earlier SIGTERM: submitit's preemption sends both, and only its
+        SIGUSR2 handler requeues (its SIGTERM handler just logs).
+        """
+        prev = self._previous.get(signal.SIGUSR2 if signal.SIGUSR2 in self.received else self.signum)
         if callable(prev) and getattr(prev, "__module__", "").startswith("submitit"):
             prev(self.signum, None)
 
@@ -197,6 +203,7 @@ def _log_metrics(path: Path, row: dict[str, Any]) -> None:
 def prepare_run(args: argparse.Namespace):
     """Everything that can be checked before a process group starts."""
     from rcn_dist.data.loader import Manifest
+    from rcn_dist.memory import check_fits
     from rcn_dist.parallel.engine import load_ds_json, resolve_engine_settings
     from rcn_dist.parallel.env import detect
 
@@ -207,6 +214,7 @@ def prepare_run(args: argparse.Namespace):
         raise ConfigError(f"world size {le.world_size} is not divisible by parallel.pipeline_stages="
                           f"{cfg.parallel.pipeline_stages}")
     resolve_engine_settings(cfg, ds, le.dp_size, le.device)
+    check_fits(cfg, le)  # refuse now what would run out of memory at step 1
     manifest = Manifest.load(cfg.data.dir)
     shape = tuple(manifest.image_shape)
     want = (cfg.model.in_channels, cfg.model.height, cfg.model.width)
@@ -226,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from rcn_dist.data.loader import EvalStream, TrainStream
+    from rcn_dist.loggers import make_loggers
     from rcn_dist.model import RCN
     from rcn_dist.parallel import checkpoint as ckpt
     from rcn_dist.parallel.engine import init_distributed, initialize
@@ -237,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_pipeline(cfg, ds, le, run_dir)
 
+    logger = make_loggers(cfg, run_dir, le.rank)  # before the process group: a missing package stops all ranks
     stop = StopFlag().install()
     finish_rendezvous(le)
     if le.device.startswith("cuda"):
@@ -285,7 +295,6 @@ def run(args: argparse.Namespace) -> int:
             stream.load_state_dict(state["loader"])
         out.info(f"resumed from {latest} (step {step})")
 
-    metrics_path = run_dir / "metrics.jsonl"
     batches = iter(stream)
     progress = out.progress(total=t.steps, start=step, label=f"train {cfg.name}")
     last_good = str(latest) if latest else "none"
@@ -323,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
                    "recon": parts[2].item(), "kl": parts[3].item(), "elbo": parts[4].item(),
                    "lr": lr, "img_per_s": t.batch_size / dt, "samples": samples}
             if rank0 and (step % t.log_every == 0 or step == t.steps):
-                _log_metrics(metrics_path, row)
+                logger.log(row)
             progress.update(step, row)
 
             at_end = step == t.steps
@@ -332,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
                               cfg, device, max_batches=0 if at_end else t.eval_batches)
                 ev |= {"step": step, "kind": "eval", "full": at_end or not t.eval_batches}
                 if rank0:
-                    _log_metrics(metrics_path, ev)
+                    logger.log(ev)
                 progress.eval(ev)
             stopping = flag[5] > 0
             if (t.ckpt_every and step % t.ckpt_every == 0) or at_end or stopping:
@@ -346,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
                 break
     finally:
         progress.close()
+        logger.close()
         stop.restore()
     if not stopped:
         out.info(f"done: {t.steps} steps; run directory {run_dir}")

@@ -13,6 +13,7 @@
 #   RCN_SRUN_ARGS    more srun words (e.g. "--mpi=none")
 #   RCN_SRUN_WAIT    seconds srun waits for the other ranks once one has exited (default 120)
 #   RCN_PYTHON       interpreter (default $RCN_HOME/.venv/bin/python, else python3)
+#   RCN_ENV_CHECK    1: before training, every rank prints what `rcn env --json` detects (one line each)
 # Relative paths are relative to the directory sbatch was called from.
 
 EXIT_STOPPED=3 # `rcn train` after a stop signal: checkpointed at a step boundary, resumable
@@ -75,6 +76,11 @@ rcn_slurm_train() {
     # One task per GPU (or per CPU slot), as the allocation says. No --kill-on-bad-exit: a stopped
     # rank exits 3 after the collective checkpoint, and killing the slower ones would turn that 3
     # into a signal status. --wait ends the step when a crashed rank leaves the others waiting.
+    if [[ ${RCN_ENV_CHECK:-0} == 1 ]]; then
+        # Buffered: each rank's line leaves in one write, so the ranks' lines cannot interleave.
+        env -u PYTHONUNBUFFERED srun "${srun_args[@]}" "$python" -m rcn_dist.cli env --json ||
+            { rcn_log "rcn env failed"; return 1; }
+    fi
     local rc=0
     srun --kill-on-bad-exit=0 --wait="${RCN_SRUN_WAIT:-120}" "${srun_args[@]}" "${train[@]}" || rc=$?
     case $rc in

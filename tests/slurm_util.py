@@ -6,8 +6,10 @@ is idempotent), so `pytest -m slurm` also works alone. Job states come from sacc
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +18,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
+PY = sys.executable
+
+# The training runs of the Slurm, submitit and MPI tests: one config, so that one uninterrupted
+# reference run (`reference_losses`) serves them all. A constant LR makes the loss of step k the
+# same whatever train.steps is, so a run of N steps matches the reference's first N.
+TRAIN = ["--preset", "tiny", "train.eval_every=0", "train.ckpt_every=5", "train.batch_size=16",
+         "train.lr_schedule=constant"]
+REF_STEPS = 60
+# sbatch options that fit the scripts' GPU-cluster headers onto the local CPU cluster.
+CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 
 # States after which sacct's record of a job no longer changes (a requeued job passes through
 # REQUEUED and PENDING, which are not final).
@@ -134,3 +146,103 @@ def wait_for_text(path: str | os.PathLike[str], text: str, timeout: float = 60) 
             return content
         time.sleep(0.2)
     raise TimeoutError(f"{text!r} not in {path} after {timeout:.0f} s; it holds:\n{content}")
+
+
+def start_cluster() -> dict[str, str]:
+    """Start the local cluster if needed (see `ensure_cluster`); return `cluster_env()`.
+
+    Each Slurm test module wraps this in its own session fixture.
+    """
+    ensure_cluster()
+    return cluster_env()
+
+
+def train_env(**extra: str | os.PathLike[str]) -> dict[str, str]:
+    """`cluster_env()` for training processes: one thread each, unbuffered, no stray rank variables."""
+    env = {k: v for k, v in cluster_env().items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "OMPI_", "PMI_", "PMIX_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def losses(run_dir: str | os.PathLike[str]) -> dict[int, float]:
+    """{step: loss} of a run's metrics.jsonl; a step logged twice (a crash after the last
+    checkpoint, then a resume) keeps its last value."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r.get("kind") != "eval"}
+
+
+def steps_logged(run_dir: str | os.PathLike[str]) -> list[int]:
+    """Every train step in metrics.jsonl in file order (repeats show a resume after a crash)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line being written
+            continue
+    return [r["step"] for r in rows if r.get("kind") != "eval"]
+
+
+def wait_for_step(run_dir: str | os.PathLike[str], step: int, job_id: str | None = None,
+                  timeout: float = 180, env: dict[str, str] | None = None) -> None:
+    """Wait until metrics.jsonl has reached `step`; fail early when the job ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if max(steps_logged(run_dir), default=0) >= step:
+            return
+        if job_id and job_state(job_id, env) in FINAL_STATES:
+            raise AssertionError(f"job {job_id} ended ({job_state(job_id, env)}) before step {step}")
+        time.sleep(0.2)
+    raise TimeoutError(f"{run_dir} did not reach step {step} within {timeout:.0f} s")
+
+
+_reference: dict[str, Path] = {}
+
+
+def reference_run(data: str | os.PathLike[str], workdir: Path) -> Path:
+    """The run directory of an uninterrupted 2-rank torchrun run of `TRAIN` for `REF_STEPS` steps.
+
+    Run once per test session and data set (the Slurm, submitit and MPI modules share it).
+    """
+    key = str(data)
+    if key not in _reference:
+        out = workdir / "reference"
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "launch" / "train.py"), *TRAIN, "--data", str(data), "--out", str(out),
+               "--steps", str(REF_STEPS)]
+        proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise AssertionError(f"reference run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+        assert sorted(losses(out)) == list(range(1, REF_STEPS + 1))
+        _reference[key] = out
+    return _reference[key]
+
+
+def seconds_per_step(run_dir: str | os.PathLike[str]) -> float:
+    """Median wall time of a training step of the run, from metrics.jsonl."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    times = sorted(r["samples"] / r["step"] / r["img_per_s"] for r in rows if "img_per_s" in r)
+    return times[len(times) // 2]
+
+
+def task_pids(job_id: str, procid: int) -> list[int]:
+    """PIDs of the job's training processes with SLURM_PROCID `procid` (read from /proc: the
+    fake nodes are this machine)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            environ = dict(v.split("=", 1) for v in (d / "environ").read_bytes().decode(errors="replace")
+                           .split("\0") if "=" in v)
+            cmdline = (d / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if (environ.get("SLURM_JOB_ID") == job_id and environ.get("SLURM_PROCID") == str(procid)
+                and "rcn_dist.cli\0train" in cmdline):
+            pids.append(int(d.name))
+    return pids

@@ -26,11 +26,11 @@ def test_squash_of_zero_has_finite_value_and_gradient():
 
 def test_routing_couplings_sum_to_one_over_parents():
     torch.manual_seed(0)
-    u_hat = torch.randn(2, 7, 3, 4)
+    u_hat = torch.randn(2, 3, 7, 4)  # (B, n_parent, n_child, dim)
     for iters in (1, 2, 3):
         _, c = dynamic_routing(u_hat, iters)
-        assert c.shape == (2, 7, 3)
-        torch.testing.assert_close(c.sum(dim=2), torch.ones(2, 7))
+        assert c.shape == (2, 3, 7)
+        torch.testing.assert_close(c.sum(dim=1), torch.ones(2, 7))
     # With several iterations the couplings are no longer uniform: routing did something.
     assert c.std() > 1e-3
 
@@ -38,22 +38,22 @@ def test_routing_couplings_sum_to_one_over_parents():
 def test_one_routing_iteration_is_the_mean_over_parents():
     torch.manual_seed(0)
     n_child, n_parent = 7, 3  # unequal, so a softmax over the children gives a different answer
-    u_hat = torch.randn(2, n_child, n_parent, 4)
+    u_hat = torch.randn(2, n_parent, n_child, 4)
     v, c = dynamic_routing(u_hat, 1)
     assert torch.equal(c, torch.full_like(c, 1 / n_parent))
-    s = u_hat.sum(dim=1) / n_parent
+    s = u_hat.sum(dim=2) / n_parent
     torch.testing.assert_close(v, squash(s), rtol=1e-6, atol=1e-7)
 
 
 def test_routing_gradient_flows_only_through_the_last_iteration():
     """d v / d u_hat must equal that of squash(sum_i c_ij u_hat) with the final c held constant."""
     torch.manual_seed(0)
-    u_hat = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    u_hat = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
     v, c = dynamic_routing(u_hat, 3)
     g = torch.randn_like(v)
     (grad,) = torch.autograd.grad((v * g).sum(), u_hat)
     u2 = u_hat.detach().clone().requires_grad_(True)
-    v_ref = squash(torch.einsum("bij,bijd->bjd", c.detach(), u2))
+    v_ref = squash(torch.einsum("bji,bjid->bjd", c.detach(), u2))
     (grad_ref,) = torch.autograd.grad((v_ref * g).sum(), u2)
     torch.testing.assert_close(v, v_ref)
     torch.testing.assert_close(grad, grad_ref)
@@ -64,9 +64,9 @@ def test_routed_layer_predictions_are_per_pair_transforms():
     layer = RoutedCapsules(n_child=6, child_dim=4, n_parent=3, parent_dim=5, iters=2)
     u = torch.randn(2, 6, 4)
     u_hat = layer.predictions(u)
-    assert u_hat.shape == (2, 6, 3, 5)
-    ref = torch.stack([torch.stack([torch.stack([layer.weight[i, j] @ u[b, i] for j in range(3)])
-                                    for i in range(6)]) for b in range(2)])
+    assert u_hat.shape == (2, 3, 6, 5)
+    ref = torch.stack([torch.stack([torch.stack([layer.weight[i, j] @ u[b, i] for i in range(6)])
+                                    for j in range(3)]) for b in range(2)])
     torch.testing.assert_close(u_hat, ref)
     v = layer(u)
     assert v.shape == (2, 3, 5) and (v.norm(dim=-1) < 1).all()

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import PY, cli_env, run
+
 from rcn_dist.parallel.env import detect, first_host
 from rcn_dist.parallel.env import main as env_main
 

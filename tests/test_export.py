@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import rcn
+
 from rcn_dist.cli import main as cli_main
 from rcn_dist.model import RCN
 from rcn_dist.parallel.checkpoint import load_model

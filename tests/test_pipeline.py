@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PY, REPO, cli_env, metrics, rcn, run
+
 from rcn_dist.config import ConfigError, apply_overrides, preset
 from rcn_dist.parallel.env import LaunchEnv, free_port
 

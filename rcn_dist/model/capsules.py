@@ -41,23 +41,25 @@ class PrimaryCapsules(nn.Module):
 def dynamic_routing(u_hat: Tensor, iters: int) -> tuple[Tensor, Tensor]:
     """Routing by agreement (Sabour et al., Procedure 1).
 
-    u_hat: (B, n_child, n_parent, dim) predictions u_hat(j|i) of child i for parent j.
-    Returns v (B, n_parent, dim) and the final couplings c (B, n_child, n_parent).
+    u_hat: (B, n_parent, n_child, dim), the prediction u_hat(j|i) of child i for parent j, stored
+    parent-major so that both contractions below are plain batched matmuls over (B, n_parent)
+    without copying u_hat. Returns v (B, n_parent, dim) and the final couplings
+    c (B, n_parent, n_child).
 
-    The couplings are a softmax over the PARENTS j for each child i (each child distributes its
-    vote), starting from logits b = 0, so with iters = 1 every c_ij = 1 / n_parent. The logit
+    The couplings are a softmax over the PARENTS j (dim 1) for each child i: each child distributes
+    its vote. The logits b start at 0, so with iters = 1 every c_ij = 1 / n_parent. The logit
     updates b += u_hat . v use a detached u_hat: gradients flow only through the last iteration's
     s_j = sum_i c_ij u_hat(j|i), not back through the routing history.
     """
-    b = u_hat.new_zeros(u_hat.shape[:3])  # (B, n_child, n_parent)
+    b = u_hat.new_zeros(u_hat.shape[:3])  # (B, n_parent, n_child)
     u_detached = u_hat.detach()
     for r in range(iters):
-        c = torch.softmax(b, dim=2)
+        c = torch.softmax(b, dim=1)
         last = r == iters - 1
-        s = torch.einsum("bij,bijd->bjd", c, u_hat if last else u_detached)
-        v = squash(s)  # (B, n_parent, dim)
+        s = (c.unsqueeze(2) @ (u_hat if last else u_detached)).squeeze(2)  # (B, n_parent, dim)
+        v = squash(s)
         if not last:
-            b = b + torch.einsum("bijd,bjd->bij", u_detached, v)
+            b = b + (u_detached @ v.unsqueeze(3)).squeeze(3)
     return v, c
 
 
@@ -77,8 +79,8 @@ class RoutedCapsules(nn.Module):
         self.weight = nn.Parameter(torch.randn(n_child, n_parent, parent_dim, child_dim) * std)
 
     def predictions(self, u: Tensor) -> Tensor:
-        """u (B, n_child, child_dim) -> u_hat (B, n_child, n_parent, parent_dim)."""
-        return torch.einsum("ijdk,bik->bijd", self.weight, u)
+        """u (B, n_child, child_dim) -> u_hat (B, n_parent, n_child, parent_dim)."""
+        return torch.einsum("ijdk,bik->bjid", self.weight, u)
 
     def forward(self, u: Tensor) -> Tensor:
         """u (B, n_child, child_dim) -> v (B, n_parent, parent_dim)."""

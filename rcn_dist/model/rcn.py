@@ -340,6 +340,10 @@ def sample_noise(
     return out.to(device=device if device is not None else indices.device, dtype=dtype)
 
 
+def _n_params(mod: nn.Module) -> int:
+    return sum(p.numel() for p in mod.parameters())
+
+
 def describe(cfg: ModelConfig, batch: int = 128) -> dict[str, int]:
     """Sizes for docs/model.md: parameter counts and the routing predictions u_hat.
 
@@ -348,11 +352,10 @@ def describe(cfg: ModelConfig, batch: int = 128) -> dict[str, int]:
     """
     with torch.device("meta"):
         m = RCN(cfg)
-    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
     enc_uhat = m.encoder.capsules.n_primary * cfg.n_classes * cfg.class_caps_dim
     dec_uhat = m.decoder.capsules.n_primary * cfg.dec_caps * cfg.dec_caps_dim
     return {
-        "params": count(m), "encoder_params": count(m.encoder), "decoder_params": count(m.decoder),
+        "params": _n_params(m), "encoder_params": _n_params(m.encoder), "decoder_params": _n_params(m.decoder),
         "enc_primary_caps": m.encoder.capsules.n_primary, "dec_primary_caps": m.decoder.capsules.n_primary,
         "enc_u_hat_per_image": enc_uhat, "dec_u_hat_per_image_step": dec_uhat,
         "enc_u_hat_bytes": 4 * batch * enc_uhat, "dec_u_hat_bytes_all_steps": 4 * batch * dec_uhat * cfg.T,

@@ -438,7 +438,15 @@ def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
     from rcn_dist import console
     from rcn_dist.data.loader import EvalStream, TrainStream
     from rcn_dist.parallel import checkpoint as ckpt
-    from rcn_dist.train import EXIT_STOPPED, Diverged, StopFlag, _log_metrics, evaluate, noise_for, step_noise_seed
+    from rcn_dist.train import (
+        EXIT_STOPPED,
+        Diverged,
+        StopFlag,
+        _log_metrics,
+        evaluate,
+        noise_for,
+        step_noise_seed,
+    )
 
     stop = StopFlag().install()
     pp_group, dp_group = init_process_groups(le)

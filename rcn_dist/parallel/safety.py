@@ -81,17 +81,19 @@ def safe_torch_load(path: str | Path, map_location: Any = None, mmap: bool = Fal
 
 
 def check_checkpoint_dir(ckpt_dir: str | Path) -> None:
-    """Refuse a checkpoint directory if any of its *.pt files holds more than weights-only data."""
-    for f in sorted(Path(ckpt_dir).glob("*.pt")):
+    """Refuse a checkpoint directory if any *.pt file in it or below it (a universal
+    checkpoint's zero/<param>/*.pt) holds more than weights-only data."""
+    for f in sorted(Path(ckpt_dir).rglob("*.pt")):
         safe_torch_load(f, map_location="cpu", mmap=True)
 
 
 def make_engine_loads_safe(engine: Any, own_universal: bool = False) -> None:
     """Route every file DeepSpeed reads for this engine through safe_torch_load.
 
-    own_universal: the engine loads a universal checkpoint that checkpoint.to_universal wrote
-    from files that passed check_checkpoint_dir first; DeepSpeed's universal loader reads that
-    output with its own unrestricted torch.load, which is then trusted as our own output.
+    own_universal: the engine loads a universal checkpoint that checkpoint.to_universal wrote.
+    DeepSpeed's universal loader reads it with its own unrestricted torch.load, so the caller
+    must have passed every file it reads through check_checkpoint_dir just before (a
+    `universal/` folder found in a checkpoint may not be ours: checkpoint.load checks it).
     """
     if engine.load_universal_checkpoint() and not own_universal:
         raise UnsafeFileError("checkpoint.load_universal in the DeepSpeed JSON: DeepSpeed's universal "

@@ -1,0 +1,132 @@
+"""Where the loop's metric rows go: metrics.jsonl always, TensorBoard and W&B when asked for.
+
+    logger = make_loggers(cfg, run_dir, rank)   # train.loggers = "jsonl,tensorboard"
+    logger.log({"step": 3, "loss": 412.5, ...})  # a training row
+    logger.log({"step": 3, "kind": "eval", "test_elbo": 401.2, ...})
+    logger.close()
+
+A row is a flat dict with an integer "step"; rows with kind="eval" go under "eval/" in TensorBoard
+and W&B, the others under "train/". Only rank 0 writes; other ranks get a logger that does nothing.
+W&B runs offline (files in RUN_DIR/wandb, `wandb sync` uploads them later) unless WANDB_MODE says
+otherwise: training never waits on the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from rcn_dist.config import Config, ConfigError
+
+EXTRAS = {"tensorboard": ("tensorboard", "pip install 'rcn_dist[tensorboard]'"),
+          "wandb": ("wandb", "pip install 'rcn_dist[wandb]'")}
+
+
+class Logger(Protocol):
+    def log(self, row: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _scalars(row: dict[str, Any]) -> tuple[int, dict[str, float]]:
+    """(step, {"train/loss": ..., "eval/test_elbo": ...}) from a row; non-numbers are left out."""
+    prefix = "eval" if row.get("kind") == "eval" else "train"
+    vals = {f"{prefix}/{k}": float(v) for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return int(row["step"]), vals
+
+
+class JsonlLogger:
+    """One JSON object per line in RUN_DIR/metrics.jsonl, opened per row so a kill loses nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardLogger:
+    """Scalars in RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR/tensorboard`)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=30)
+
+    def log(self, row: dict[str, Any]) -> None:
+        step, vals = _scalars(row)
+        for k, v in vals.items():
+            self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger:
+    """A W&B run in RUN_DIR/wandb, offline unless WANDB_MODE is set; resumed runs append to it."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        import wandb
+
+        run_dir.joinpath("wandb").mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project="rcn_dist", name=run_dir.name, dir=str(run_dir),
+                              id="rcn-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12], resume="allow",
+                              mode=os.environ.get("WANDB_MODE", "offline"), config=cfg.to_dict())
+
+    def log(self, row: dict[str, Any]) -> None:
+        step, vals = _scalars(row)
+        self.run.log(vals, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _Fanout:
+    def __init__(self, loggers: list[Logger]) -> None:
+        self.loggers = loggers
+
+    def log(self, row: dict[str, Any]) -> None:
+        for lg in self.loggers:
+            lg.log(row)
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()
+
+
+def logger_names(cfg: Config) -> list[str]:
+    """train.loggers as a list, "jsonl" first and always present."""
+    names = [n.strip() for n in cfg.train.loggers.split(",") if n.strip()]
+    return ["jsonl"] + [n for n in dict.fromkeys(names) if n != "jsonl"]
+
+
+def make_loggers(cfg: Config, run_dir: str | Path, rank: int) -> Logger:
+    """The loggers train.loggers names, writing into run_dir on rank 0 (a no-op elsewhere).
+
+    Every rank checks that the packages are installed, so that a missing one stops all ranks
+    alike with one line (ConfigError) instead of only rank 0.
+    """
+    names = logger_names(cfg)
+    for n in names[1:]:
+        module, hint = EXTRAS[n]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"train.loggers asks for {n}, but the {module} package is not installed: {hint}")
+    if rank != 0:
+        return _Fanout([])
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    made: list[Logger] = [JsonlLogger(run_dir / "metrics.jsonl")]
+    if "tensorboard" in names:
+        made.append(TensorBoardLogger(run_dir / "tensorboard"))
+    if "wandb" in names:
+        made.append(WandbLogger(cfg, run_dir))
+    return _Fanout(made)
