@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_main(fn, argv: list[str]) -> int:
     """Run a sub-command; an RcnError becomes one line on stderr and its exit code."""
+    from rcn_dist.parallel.safety import restrict_umask
+
+    restrict_umask()  # nothing we (or DeepSpeed) write may be world-writable, whatever the umask
     try:
         return int(fn(argv) or 0)
     except RcnError as e:

@@ -469,7 +469,7 @@ def _small() -> Config:
         name="small",
         model=ModelConfig(
             T=8, enc_hidden=128, dec_hidden=128, z_dim=16, read_n=5, write_n=5,
-            enc_conv_channels=(64, 64), enc_primary_types=16, enc_primary_dim=8,
+            enc_conv_channels=(32, 32), enc_primary_types=16, enc_primary_dim=8,
             class_caps_dim=16, routing_iters=3,
             dec_seed_channels=8, dec_seed_size=4, dec_deconv_channels=(16, 32),
             dec_primary_types=8, dec_primary_dim=8, dec_primary_kernel=5, dec_primary_stride=2,

@@ -56,17 +56,17 @@ def recorded_metrics(run_dir: Path, step: int) -> tuple[dict[str, Any], str]:
     if ev.is_file():
         report = json.loads(ev.read_text())
         if report.get("step") == step:
-            return report.get("metrics", {}), "eval.json (rcn eval)"
+            return report.get("metrics", {}), "`rcn eval` (eval.json)"
     rows = run_dir / "metrics.jsonl"
     if rows.is_file():
         for line in reversed(rows.read_text().splitlines()):
             r = json.loads(line)
             if r.get("kind") == "eval" and r.get("step") == step and r.get("full", True):
-                return {k: v for k, v in r.items() if k.startswith("test_")}, "metrics.jsonl (training loop)"
+                return {k: v for k, v in r.items() if k.startswith("test_")}, "the training loop's evaluation (metrics.jsonl)"
     return {}, ""
 
 
-def _card(cfg, step: int, n_params: int, sha: str, metrics: dict[str, Any], source: str) -> str:
+def _card(cfg, name: str, step: int, n_params: int, sha: str, metrics: dict[str, Any], source: str) -> str:
     m = cfg.model
     lines = [
         f"# RCN ({cfg.name} preset), step {step}", "",
@@ -79,12 +79,13 @@ def _card(cfg, step: int, n_params: int, sha: str, metrics: dict[str, Any], sour
         f"- model.safetensors sha256: {sha}", "",
     ]
     if metrics:
-        lines += [f"## Test metrics (from {source})", "", "| metric | value |", "|---|---|"]
+        lines += ["## Test metrics", "", f"From {source}.", "",
+                  "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
     else:
         lines.append("No test metrics were recorded for this step (run `rcn eval --run` on it).")
     lines += ["", "## Loading", "", "```python", "from rcn_dist.model import RCN",
-              'model = RCN.from_pretrained("DIR")  # safetensors + JSON, no pickle', "```", ""]
+              f'model = RCN.from_pretrained("{name}")  # safetensors + JSON, no pickle', "```", ""]
     return "\n".join(lines)
 
 
@@ -104,7 +105,7 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Pat
     sha = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     metrics, source = recorded_metrics(run_dir, step)
     n_params = sum(v.numel() for v in weights.values())
-    atomic_write_text(out / "README.md", _card(cfg, step, n_params, sha, metrics, source))
+    atomic_write_text(out / "README.md", _card(cfg, out.name, step, n_params, sha, metrics, source))
     return out
 
 

@@ -133,6 +133,22 @@ def evaluate(engine_or_module, stream, cfg: Config, device: str, max_batches: in
     return out
 
 
+def _verify_loaded_weights(engine, ckpt_dir: Path, rank0: bool, out) -> None:
+    """After a layout change, check the loaded model against the checkpoint's consolidated
+    weights (model.safetensors): the conversion must carry the model state over exactly."""
+    from rcn_dist.parallel import checkpoint as ckpt
+
+    loaded = ckpt.consolidated_state_dict(engine)  # collective under ZeRO-3
+    if not rank0:
+        return
+    saved = ckpt.read_safetensors(ckpt_dir / "model.safetensors")
+    bad = [k for k, v in saved.items() if k not in loaded or not torch.equal(loaded[k].float().cpu(), v)]
+    if bad or len(loaded) != len(saved):
+        raise CheckpointError(f"{ckpt_dir}: weights after the layout change differ from model.safetensors "
+                              f"({', '.join(bad[:3]) or 'parameter sets differ'})")
+    out.info(f"model state identical to {ckpt_dir / 'model.safetensors'} after the layout change")
+
+
 def position_from_samples(stream, samples: int, dp_size: int) -> dict[str, int]:
     """A loader position for this layout after `samples` images were seen by the whole job.
 
@@ -195,6 +211,22 @@ def _check_run_dir(run_dir: Path, cfg: Config) -> None:
                                   f"(model.{', model.'.join(diff[:4])} differ): use another --out")
 
 
+def _check_resume_layout(run_dir: Path, cfg: Config, le) -> None:
+    """A checkpoint from another world size or ZeRO stage is converted to DeepSpeed's universal
+    format on resume; DeepSpeed loads that only into a ZeRO (1-3) optimizer."""
+    from rcn_dist.parallel import checkpoint as ckpt
+
+    latest, _ = ckpt.find_latest(run_dir)
+    if latest is None:
+        return
+    saved = ckpt.saved_layout(latest)
+    if (saved["world_size"], saved["zero_stage"]) != (le.world_size, cfg.parallel.zero_stage) \
+            and cfg.parallel.zero_stage == 0:
+        raise ConfigError(f"{latest} was saved by {saved['world_size']} rank(s) with ZeRO {saved['zero_stage']}; "
+                          f"resuming it on {le.world_size} rank(s) needs ZeRO stage 1, 2 or 3 "
+                          f"(e.g. --deepspeed configs/ds_fp32.json), not 0")
+
+
 def _log_metrics(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
@@ -223,6 +255,7 @@ def prepare_run(args: argparse.Namespace):
                           f"expects model.in_channels/height/width = {want[0]}x{want[1]}x{want[2]}")
     run_dir = Path(args.out)
     _check_run_dir(run_dir, cfg)
+    _check_resume_layout(run_dir, cfg, le)
     if cfg.parallel.pipeline_stages > 1:
         from rcn_dist.parallel.pipeline import check_pipeline_config
 
@@ -239,6 +272,7 @@ def run(args: argparse.Namespace) -> int:
     from rcn_dist.parallel import checkpoint as ckpt
     from rcn_dist.parallel.engine import init_distributed, initialize
     from rcn_dist.parallel.env import finish_rendezvous
+    from rcn_dist.parallel.safety import check_checkpoint_dir
 
     cfg, ds, le, manifest, run_dir = prepare_run(args)
     if cfg.parallel.pipeline_stages > 1:
@@ -271,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
             out.info(f"{latest} was saved by {saved['world_size']} rank(s) with ZeRO {saved['zero_stage']}; "
                      f"converting it to DeepSpeed's universal format for {le.world_size} with ZeRO "
                      f"{cfg.parallel.zero_stage}")
+            check_checkpoint_dir(latest)  # every rank: a bad file is refused on all, none waits
             if rank0:
                 ckpt.to_universal(latest)
             dist.barrier()
@@ -293,6 +328,8 @@ def run(args: argparse.Namespace) -> int:
             stream.load_state_dict(position_from_samples(stream, samples, le.dp_size))
         else:
             stream.load_state_dict(state["loader"])
+        if universal:
+            _verify_loaded_weights(engine, latest, rank0, out)
         out.info(f"resumed from {latest} (step {step})")
 
     batches = iter(stream)

@@ -162,3 +162,19 @@ def test_nan_loss_stops_naming_step_and_checkpoint(fmnist_small, tmp_path):
     bad = int(m.group(1))
     assert m.group(2).endswith(f"step_{bad - 1:08d}")
     assert (out / "checkpoints" / "latest").read_text() == f"step_{bad - 1:08d}"
+
+
+def test_resume_on_a_different_world_size(fmnist_small, tmp_path):
+    """2 ranks ZeRO-2 to step 4, then 1 rank: the model state carries over exactly (checked against
+    the checkpoint's consolidated weights) and training continues; ZeRO 0 is refused up front."""
+    out = tmp_path / "run"
+    z2 = ds_json(tmp_path, 2)
+    common = [*TINY, "--data", fmnist_small, "--out", out]
+    torchrun(2, "--deepspeed", z2, *common, "--steps", "4")
+    p = rcn("train", *common, "--steps", "6", check=False)
+    line = _one_error_line(p)
+    assert "saved by 2 rank(s) with ZeRO 2" in line and "not 0" in line
+    p = rcn("train", "--deepspeed", z2, *common, "--steps", "6")
+    assert "model state identical to" in p.stdout and "resumed from" in p.stdout
+    rows = losses(out)
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in rows.values())

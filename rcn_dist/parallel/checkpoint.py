@@ -190,14 +190,17 @@ def load(engine, ckpt_dir: Path, rank: int, universal: bool = False) -> dict[str
     """Restore the engine and this rank's loop state and RNG; returns the loop state."""
     from rcn_dist.parallel.safety import check_checkpoint_dir, make_engine_loads_safe
 
-    loop_file = ckpt_dir / f"loop_rank{rank}.json"
+    # After a world-size change (universal), rank 0's loop state gives step and samples seen;
+    # the caller re-derives each rank's data position from the samples seen.
+    loop_file = ckpt_dir / f"loop_rank{0 if universal else rank}.json"
     if not loop_file.is_file():
         raise CheckpointError(f"{ckpt_dir}: no loop state for rank {rank} (saved with fewer ranks?)")
     state = read_json(loop_file)
     check_checkpoint_dir(ckpt_dir)
     make_engine_loads_safe(engine, own_universal=universal)
-    path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    load_dir, tag = (ckpt_dir, "universal") if universal else (ckpt_dir.parent, ckpt_dir.name)
+    path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
     rng = ckpt_dir / f"rng_rank{rank}.safetensors"

@@ -35,6 +35,13 @@ def load_ds_json(path: str | Path | None) -> dict[str, Any]:
     return obj
 
 
+def _number(value: Any, where: str) -> float:
+    """A numeric DeepSpeed JSON value, or one clear line naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}={value!r} in the DeepSpeed JSON must be a number")
+    return float(value)
+
+
 def _json_precision(ds: dict[str, Any]) -> str | None:
     def on(key: str) -> bool:
         return isinstance(ds.get(key), dict) and bool(ds[key].get("enabled", False))
@@ -65,7 +72,12 @@ def resolve_engine_settings(cfg: Config, ds: dict[str, Any], dp_size: int, devic
     if t.precision == "fp16" and not device.startswith("cuda"):
         raise ConfigError("train.precision=fp16 needs a GPU (fp16 is not supported on CPU); use bf16 or fp32")
 
-    json_stage = (ds.get("zero_optimization") or {}).get("stage")
+    zero = ds.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise ConfigError(f"zero_optimization={zero!r} in {src} must be an object")
+    json_stage = zero.get("stage")
+    if json_stage is not None and _number(json_stage, "zero_optimization.stage") not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage={json_stage!r} in {src} must be 0, 1, 2 or 3")
     if p.zero_stage == -1:
         p.zero_stage = int(json_stage or 0)
     elif json_stage is not None and int(json_stage) != p.zero_stage:
@@ -89,12 +101,12 @@ def resolve_engine_settings(cfg: Config, ds: dict[str, Any], dp_size: int, devic
         ("gradient_accumulation_steps", "train.grad_accum", t.grad_accum),
         ("gradient_clipping", "train.grad_clip", t.grad_clip),
     ):
-        if key in ds and ds[key] != "auto" and float(ds[key]) != float(val):
+        if key in ds and ds[key] != "auto" and _number(ds[key], key) != float(val):
             clash(ours, val, key, ds[key])
     opt = ds.get("optimizer")
     if isinstance(opt, dict):
         lr = (opt.get("params") or {}).get("lr")
-        if lr is not None and float(lr) != t.lr:
+        if lr is not None and _number(lr, "optimizer.params.lr") != t.lr:
             clash("train.lr", t.lr, "optimizer.params.lr", lr)
         if str(opt.get("type", "adam")).lower() not in ("adam", "adamw"):
             raise ConfigError(f"optimizer.type={opt.get('type')} in {src}: only Adam/AdamW is supported")

@@ -437,17 +437,18 @@ def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
     """
     from rcn_dist import console
     from rcn_dist.data.loader import EvalStream, TrainStream
+    from rcn_dist.loggers import make_loggers
     from rcn_dist.parallel import checkpoint as ckpt
     from rcn_dist.train import (
         EXIT_STOPPED,
         Diverged,
         StopFlag,
-        _log_metrics,
         evaluate,
         noise_for,
         step_noise_seed,
     )
 
+    logger = make_loggers(cfg, run_dir, le.rank)  # before the process group, as the plain loop
     stop = StopFlag().install()
     pp_group, dp_group = init_process_groups(le)
     rank0 = le.rank == 0
@@ -474,7 +475,6 @@ def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
         stream.load_state_dict(state["loader"])
         out.info(f"resumed from {latest} (step {step})")
 
-    metrics_path = run_dir / "metrics.jsonl"
     batches = iter(stream)
     progress = out.progress(total=t.steps, start=step, label=f"train {cfg.name}")
     last_good = str(latest) if latest else "none"
@@ -505,7 +505,7 @@ def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
                    "recon": parts[2].item(), "kl": parts[3].item(), "elbo": parts[4].item(),
                    "lr": runner.scheduler.get_last_lr()[0], "img_per_s": t.batch_size / dt, "samples": samples}
             if rank0 and (step % t.log_every == 0 or step == t.steps):
-                _log_metrics(metrics_path, row)
+                logger.log(row)
             progress.update(step, row)
 
             at_end = step == t.steps
@@ -515,7 +515,7 @@ def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
                               max_batches=0 if at_end else t.eval_batches)
                 ev |= {"step": step, "kind": "eval", "full": at_end or not t.eval_batches}
                 if rank0:
-                    _log_metrics(metrics_path, ev)
+                    logger.log(ev)
                 progress.eval(ev)
             stopping = flag[5] > 0
             if (t.ckpt_every and step % t.ckpt_every == 0) or at_end or stopping:
@@ -528,9 +528,12 @@ def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
                 break
     finally:
         progress.close()
+        logger.close()
         stop.restore()
     if not stopped:
         out.info(f"done: {t.steps} steps; run directory {run_dir}")
     dist.barrier()  # without it, gloo teardown aborted ~1 run in 3 (stack-facts.md)
     dist.destroy_process_group()
+    if stopped:
+        stop.hand_over()  # under submitit: task 0 requeues the job and exits here
     return EXIT_STOPPED if stopped else 0

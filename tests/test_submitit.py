@@ -1,0 +1,143 @@
+"""Training submitted from Python with submitit (rcn_dist.submit) on the real local Slurm: a
+preemption through submitit's API and a real timeout both checkpoint, requeue, resume and finish
+with the uninterrupted run's losses; `rcn submit --sweep` runs a job array and compares the runs.
+
+Each test uses a fresh submitit folder: job ids restart at 1 on a new cluster state, and an old
+result file would be returned for a new job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from slurm_util import (
+    PY,
+    REPO,
+    TRAIN,
+    losses,
+    reference_run,
+    scancel,
+    seconds_per_step,
+    start_cluster,
+    steps_logged,
+    train_env,
+    wait_for_step,
+    wait_job,
+)
+
+from rcn_dist.submit import submit
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict[str, str]:
+    return start_cluster()
+
+
+@pytest.fixture(scope="session")
+def reference_dir(fmnist_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return reference_run(fmnist_small, tmp_path_factory.mktemp("ref"))
+
+
+@pytest.fixture
+def job_env(slurm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """This process's environment as a training job should inherit it (submitit's sbatch passes
+    it on): the local cluster, one thread per rank, no enclosing allocation or stray ranks."""
+    env = train_env()
+    for key in [k for k in os.environ if k not in env]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+def stops_and_resumes(log_text: str) -> tuple[list[int], list[int]]:
+    """Steps of the "stop signal: checkpointed at step N" and "resumed from ... (step N)" lines."""
+    stops = [int(s) for s in re.findall(r"stop signal: checkpointed at step (\d+)", log_text)]
+    resumes = [int(s) for s in re.findall(r"resumed from .* \(step (\d+)\)", log_text)]
+    return stops, resumes
+
+
+def test_preemption_through_submitit_requeues_and_resumes_exactly(job_env, fmnist_small, reference_dir,
+                                                                   tmp_path):
+    """`job._interrupt()` (scancel SIGTERM, then SIGUSR2: submitit's preemption): both ranks
+    checkpoint at one step, task 0 hands over to submitit, which requeues; the job resumes and
+    returns both tasks' results, with the uninterrupted run's losses."""
+    steps, run_dir = 40, tmp_path / "run"
+    job = submit([*TRAIN, "--data", str(fmnist_small), "--out", str(run_dir), "--steps", str(steps)],
+                 folder=tmp_path / "submitit", cluster="slurm", nodes=1, tasks_per_node=2, timeout_min=10)
+    try:
+        wait_for_step(run_dir, 3, job.job_id, env=job_env)
+        job._interrupt()
+        state = wait_job(job.job_id, timeout=300, env=job_env)
+        out, err = job.stdout() or "", job.stderr() or ""
+        assert state == "COMPLETED", out[-3000:] + err[-3000:]
+        assert job.results() == [{"run_dir": str(run_dir), "exit": 0}] * 2
+    finally:
+        scancel(job.job_id, env=job_env)
+    assert re.search(rf"Requeued job {job.job_id}\b", err), err[-3000:]
+    stops, resumes = stops_and_resumes(out)
+    assert len(stops) == 1 and resumes == stops and stops[0] < steps, out[-3000:]
+    assert steps_logged(run_dir) == list(range(1, steps + 1))
+    ref = losses(reference_dir)
+    assert losses(run_dir) == {s: ref[s] for s in range(1, steps + 1)}
+
+
+def test_timeout_requeues_and_resumes_exactly(job_env, fmnist_small, reference_dir, tmp_path):
+    """A real 2-minute limit (signal 60 s ahead): the job is signalled, checkpoints, requeues
+    itself through submitit and resumes, as often as it takes, and ends with the losses of an
+    uninterrupted run of the same job (a plain `rcn train`, run meanwhile on the other core).
+
+    One task each, so the two runs fit the 2 cores side by side. Steps: ~90 s of training at the
+    speed the reference measured, more than one attempt holds (its signal comes 30-60 s in); a
+    slower machine takes more attempts."""
+    steps = max(100, min(2000, int(90 / seconds_per_step(reference_dir))))
+    args = [*TRAIN, "--data", str(fmnist_small), "--steps", str(steps)]
+    run_dir, straight = tmp_path / "run", tmp_path / "straight"
+    job = submit([*args, "--out", str(run_dir)], folder=tmp_path / "submitit", cluster="slurm", nodes=1,
+                 tasks_per_node=1, timeout_min=2, signal_delay_s=60, max_requeues=15)
+    try:
+        ref = subprocess.run([PY, "-m", "rcn_dist.cli", "train", *args, "--out", str(straight)], cwd=REPO,
+                             env=job_env, capture_output=True, text=True, timeout=900)
+        assert ref.returncode == 0, ref.stderr[-3000:]
+        state = wait_job(job.job_id, timeout=1200, env=job_env)
+        out, err = job.stdout() or "", job.stderr() or ""
+        assert state == "COMPLETED", out[-3000:] + err[-3000:]
+        assert job.result() == {"run_dir": str(run_dir), "exit": 0}
+    finally:
+        scancel(job.job_id, env=job_env)
+    assert "this job is timed-out" in err  # submitit's own reading of the signal
+    stops, resumes = stops_and_resumes(out)
+    assert stops and resumes == stops and stops == sorted(set(stops)), out[-3000:]  # progress each time
+    assert len(re.findall(rf"Requeued job {job.job_id}\b", err)) == len(stops)
+    assert steps_logged(run_dir) == list(range(1, steps + 1))
+    assert losses(run_dir) == losses(straight)
+
+
+def test_sweep_submits_an_array_and_compares_the_runs(job_env, fmnist_small, tmp_path):
+    """`rcn submit --sweep train.lr=1e-3,3e-3`: one array job, one run directory per point, and
+    a comparison table of the two runs with the swept field."""
+    out = tmp_path / "sweep"
+    proc = subprocess.run(
+        [PY, "-m", "rcn_dist.cli", "submit", "--cluster", "slurm", "--folder", str(tmp_path / "submitit"),
+         "--sweep", "train.lr=1e-3,3e-3", "--", "--preset", "tiny", "--data", str(fmnist_small),
+         "--out", str(out), "--steps", "3", "train.eval_every=0"],
+        cwd=REPO, env=job_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job_ids = re.findall(r"submitted (\S+): ", proc.stdout)
+    assert len(job_ids) == 2 and len({j.split("_")[0] for j in job_ids}) == 1, proc.stdout  # one array
+    runs = [out / "train.lr=1e-3", out / "train.lr=3e-3"]
+    for run, lr in zip(runs, (1e-3, 3e-3)):
+        assert sorted(losses(run)) == [1, 2, 3]
+        assert json.loads((run / "config.json").read_text())["train"]["lr"] == lr
+    table = (out / "compare" / "report.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "sweep/train.lr=" in line]
+    assert len(rows) == 2, table
+    assert re.search(r"\| train\.lr \| 0\.001 \| 0\.003 \|", table), table
+    assert (out / "compare" / "compare.png").is_file()
