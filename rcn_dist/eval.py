@@ -317,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics |= importance_weighted(model, EvalStream(data_dir, batch, le.rank, le.world_size), cfg,
                                        le.device, e.iw_samples, e.iw_examples, progress=rank0)
     if rank0 and parts & {"nn", "fd"}:
+        is_run_dir = (Path(args.run) / "checkpoints").is_dir()  # not a checkpoint or export dir
         metrics |= sample_quality(model, cfg, data_dir, Path(args.run), le.device, parts, progress=True,
-                                  pictures=Path(args.run) / "samples" if where != Path(args.run) else None)
+                                  pictures=Path(args.run) / "samples" if is_run_dir else None)
     if rank0:
         report = {"run": str(args.run), "checkpoint": str(where), "step": _checkpoint_step(where),
                   "data": str(data_dir), "dataset": manifest.dataset, "world_size": le.world_size,

@@ -24,9 +24,12 @@ memory (the CUDA context, the Python process itself) is not in the estimate.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rcn_dist.config import Config, ConfigError, ModelConfig
+
+if TYPE_CHECKING:
+    from rcn_dist.parallel.env import LaunchEnv
 
 GiB = 2**30
 
@@ -166,7 +169,7 @@ def estimate(cfg: Config, micro_batch: int, zero_stage: int, dp_size: int, preci
     return out
 
 
-def device_bytes(device: str, local_world_size: int = 1) -> int:
+def available_bytes(device: str, local_world_size: int = 1) -> int:
     """Memory one rank may use: the GPU's total memory, or on CPU the node's available RAM
     (/proc/meminfo MemAvailable) shared by the ranks on this node."""
     if device.startswith("cuda"):
@@ -183,7 +186,7 @@ def _fmt(b: float) -> str:
     return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
 
 
-def check_fits(cfg: Config, le, device_bytes_: int | None = None) -> dict[str, Any]:
+def check_fits(cfg: Config, le: LaunchEnv, device_bytes: int | None = None) -> dict[str, Any]:
     """Refuse (ConfigError, one line) a run whose estimate exceeds what the device has.
 
     `cfg` must be resolved (train.micro_batch, train.precision, parallel.zero_stage filled in, as
@@ -194,7 +197,7 @@ def check_fits(cfg: Config, le, device_bytes_: int | None = None) -> dict[str, A
     est = estimate(cfg, t.micro_batch, p.zero_stage, le.dp_size, t.precision)
     if os.environ.get("RCN_SKIP_MEMORY_CHECK") == "1":
         return est
-    have = device_bytes(le.device, le.local_world_size) if device_bytes_ is None else device_bytes_
+    have = available_bytes(le.device, le.local_world_size) if device_bytes is None else device_bytes
     if est["total"] <= have:
         return est
     # Everything that grows with the batch grows linearly: solve for the micro-batch.

@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rcn_dist.config import ConfigError
     from rcn_dist.data.loader import EvalStream, Manifest
+    from rcn_dist.errors import DataError
     from rcn_dist.model import sample_noise
     from rcn_dist.parallel.checkpoint import load_model
     from rcn_dist.train import EVAL_NOISE_SEED
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.recon:
         try:
             manifest = Manifest.load(data_dir)
-        except Exception as e:
+        except DataError as e:
             con.info(f"no reconstructions: {e} (pass --data DIR)")
             manifest = None
         if manifest is not None:

@@ -71,6 +71,14 @@ def _out_of(argv: list[str]) -> str:
     raise ConfigError("rcn submit needs --out RUN_DIR among the training arguments (the job resumes from it)")
 
 
+def check_train_args(train_argv: list[str]) -> None:
+    """Refuse here, before anything is queued, what `rcn train` would refuse in the job."""
+    from rcn_dist.train import build_parser, config_from_args
+
+    _out_of(train_argv)
+    config_from_args(build_parser().parse_intermixed_args(train_argv))
+
+
 def make_executor(folder: str | Path, cluster: str | None = None, nodes: int = 1, tasks_per_node: int = 1,
                   gpus_per_node: int = 0, cpus_per_task: int = 1, timeout_min: int = 60,
                   partition: str | None = None, max_requeues: int = 3, signal_delay_s: int = 120,
@@ -80,13 +88,14 @@ def make_executor(folder: str | Path, cluster: str | None = None, nodes: int = 1
     GPUs are requested per node and every task sees all of its node's GPUs, so that DeepSpeed's
     choice of device by local rank holds; no CUDA_VISIBLE_DEVICES is exported per task.
     """
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    # The number of requeues is the Slurm executor's constructor argument, not a job parameter.
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=max_requeues)
     params: dict[str, Any] = dict(nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task,
                                   timeout_min=timeout_min)
     if gpus_per_node:
         params["gpus_per_node"] = gpus_per_node
     if ex.cluster == "slurm":
-        params.update(slurm_max_num_timeout=max_requeues, slurm_signal_delay_s=signal_delay_s)
+        params["slurm_signal_delay_s"] = signal_delay_s
         if partition:
             params["slurm_partition"] = partition
         params.update({f"slurm_{k}" if not k.startswith("slurm_") else k: v for k, v in slurm.items()})
@@ -159,12 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         k = argv.index("--")
         argv, train_argv = argv[:k], argv[k + 1:]
-    ap = argparse.ArgumentParser(prog="rcn submit", description="Submit `rcn train` with submitit "
-                                 "(Slurm, or local processes where there is no Slurm).")
+    ap = argparse.ArgumentParser(prog="rcn submit", allow_abbrev=False,
+                                 description="Submit `rcn train` with submitit (Slurm, or local processes "
+                                 "where there is no Slurm). Arguments it does not know, and all after `--`, "
+                                 "go to `rcn train`.")
     ap.add_argument("--folder", help="submitit's log folder (default: RUN_DIR/submitit)")
     ap.add_argument("--cluster", choices=("slurm", "local", "debug"), help="default: auto")
     ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--tasks-per-node", type=int, default=1)
+    ap.add_argument("--tasks-per-node", type=int, help="default: --gpus-per-node (one rank per GPU), else 1")
     ap.add_argument("--gpus-per-node", type=int, default=0)
     ap.add_argument("--cpus-per-task", type=int, default=1)
     ap.add_argument("--timeout-min", type=int, default=60)
@@ -173,15 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                     help="submit one job per point of the cross product (repeatable)")
     ap.add_argument("--no-follow", action="store_true", help="print the job id(s) and return")
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    train_argv = rest + train_argv
     if not train_argv:
-        raise ConfigError("give the training arguments after `--`, e.g. rcn submit -- --preset tiny --out runs/x")
+        raise ConfigError("give the training arguments, e.g. rcn submit --preset tiny --data DIR --out runs/x")
+    check_train_args(train_argv)
     out_dir = Path(_out_of(train_argv))
     folder = args.folder or str(out_dir / "submitit")
-    kw = dict(cluster=args.cluster, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
+    tasks = args.tasks_per_node or args.gpus_per_node or 1
+    kw = dict(cluster=args.cluster, nodes=args.nodes, tasks_per_node=tasks,
               gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
               timeout_min=args.timeout_min, partition=args.partition, max_requeues=args.max_requeues)
     if args.sweep:
+        for point in sweep_points(args.sweep):  # a bad sweep value fails here, not in the jobs
+            check_train_args(train_argv + [f"{k}={v}" for k, v in point.items()])
         runs = submit_sweep(train_argv, args.sweep, folder, **kw)
         for d, j in runs:
             print(f"submitted {j.job_id}: {d}", flush=True)

@@ -227,11 +227,6 @@ def _check_resume_layout(run_dir: Path, cfg: Config, le) -> None:
                           f"(e.g. --deepspeed configs/ds_fp32.json), not 0")
 
 
-def _log_metrics(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-
-
 def prepare_run(args: argparse.Namespace):
     """Everything that can be checked before a process group starts."""
     from rcn_dist.data.loader import Manifest
