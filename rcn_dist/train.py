@@ -250,11 +250,12 @@ def prepare_run(args: argparse.Namespace):
                           f"expects model.in_channels/height/width = {want[0]}x{want[1]}x{want[2]}")
     run_dir = Path(args.out)
     _check_run_dir(run_dir, cfg)
-    _check_resume_layout(run_dir, cfg, le)
     if cfg.parallel.pipeline_stages > 1:
         from rcn_dist.parallel.pipeline import check_pipeline_config
 
-        check_pipeline_config(cfg, le)
+        check_pipeline_config(cfg, le, run_dir)  # also checks the layout of a checkpoint to resume
+    else:
+        _check_resume_layout(run_dir, cfg, le)
     return cfg, ds, le, manifest, run_dir
 
 

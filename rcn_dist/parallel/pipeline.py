@@ -39,11 +39,11 @@ TERMS = ("loss", "margin", "recon", "kl", "elbo")
 ZERO_STAGES = (0, 1)
 
 
-def check_pipeline_config(cfg: Config, le) -> None:
+def check_pipeline_config(cfg: Config, le, run_dir: Path | None = None) -> None:
     """Refuse, before any process group starts, what the pipeline cannot run (one line each).
 
     `cfg` has been through engine.resolve_engine_settings (micro_batch and zero_stage filled in);
-    `le` is the rank's LaunchEnv.
+    `le` is the rank's LaunchEnv; a checkpoint in `run_dir` must be one this layout can resume.
     """
     p, t = cfg.parallel, cfg.train
     m = p.micro_batches
@@ -66,6 +66,25 @@ def check_pipeline_config(cfg: Config, le) -> None:
             raise ConfigError(f"parallel.micro_batches={m} is not supported by parallel.pipeline_schedule="
                               f"interleaved_1f1b on 2 ranks (needs a multiple of max(1, M // 2) = {rounds}; "
                               "e.g. 1, 2, 3, 4, 6, 8) or use looped_bfs")
+    if run_dir is not None:
+        from rcn_dist.parallel import checkpoint as ckpt
+
+        latest, _ = ckpt.find_latest(run_dir)
+        if latest is not None:
+            _check_resumable(latest, le)
+
+
+def _check_resumable(d: Path, le) -> None:
+    from rcn_dist.errors import CheckpointError
+    from rcn_dist.parallel import checkpoint as ckpt
+
+    summary = json.loads((d / ckpt.COMPLETE).read_text())
+    if summary.get("pipeline_stages", 1) != 2:
+        raise CheckpointError(f"{d} was written by an unsplit run (parallel.pipeline_stages=1): the pipeline "
+                              "does not resume it; train on a new --out (rcn eval / rcn sample read it as is)")
+    if summary.get("world_size") != le.world_size:
+        raise CheckpointError(f"{d} was written by {summary.get('world_size')} ranks, this run has "
+                              f"{le.world_size}: resume a pipeline checkpoint with the same layout")
 
 
 def _autocast(device: torch.device, on: bool):
@@ -400,15 +419,11 @@ def load_checkpoint(runner: PipelineRank, d: Path, le) -> dict[str, Any]:
     from rcn_dist.errors import CheckpointError
     from rcn_dist.parallel import checkpoint as ckpt
 
-    summary = json.loads((d / ckpt.COMPLETE).read_text())
-    if summary.get("pipeline_stages", 1) != 2:
-        raise CheckpointError(f"{d} was written by an unsplit run (parallel.pipeline_stages=1): the pipeline "
-                              "does not resume it; train on a new --out (rcn eval / rcn sample read it as is)")
+    _check_resumable(d, le)
     loop_file = d / f"loop_rank{le.rank}.json"
     opt_file = d / f"optim_stage{le.pp_rank}.pt"
-    if summary.get("world_size") != le.world_size or not loop_file.is_file() or not opt_file.is_file():
-        raise CheckpointError(f"{d}: written by {summary.get('world_size')} ranks, this run has {le.world_size}: "
-                              "resume with the same layout")
+    if not loop_file.is_file() or not opt_file.is_file():
+        raise CheckpointError(f"{d}: no loop or optimizer state for rank {le.rank}")
     runner.load_state_dict(load_file(str(d / "model.safetensors")))
     runner.load_optimizer_state(torch.load(opt_file, weights_only=True))
     torch.set_rng_state(load_file(str(d / f"rng_rank{le.rank}.safetensors"))["cpu"])
