@@ -220,6 +220,9 @@ def _check_resume_layout(run_dir: Path, cfg: Config, le) -> None:
     if latest is None:
         return
     saved = ckpt.saved_layout(latest)
+    if saved.get("pipeline_stages", 1) != 1:
+        raise ConfigError(f"{latest} is a pipeline checkpoint ({saved['pipeline_stages']} stages): resume it with "
+                          f"parallel.pipeline_stages={saved['pipeline_stages']}, or evaluate it with `rcn eval`")
     if (saved["world_size"], saved["zero_stage"]) != (le.world_size, cfg.parallel.zero_stage) \
             and cfg.parallel.zero_stage == 0:
         raise ConfigError(f"{latest} was saved by {saved['world_size']} rank(s) with ZeRO {saved['zero_stage']}; "

@@ -417,7 +417,6 @@ def load_checkpoint(runner: PipelineRank, d: Path, le) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from rcn_dist.errors import CheckpointError
-    from rcn_dist.parallel import checkpoint as ckpt
 
     _check_resumable(d, le)
     loop_file = d / f"loop_rank{le.rank}.json"
