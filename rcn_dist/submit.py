@@ -9,8 +9,8 @@ checkpoints at the next step boundary first (rcn_dist.train.StopFlag), then subm
                  folder="runs/x/submitit", nodes=1, tasks_per_node=2, timeout_min=60)
     job.result()
 
-`rcn submit [options] -- <rcn train arguments>` does the same from a shell, and
-`--sweep key=v1,v2` submits one array job with a RUN_DIR per point.
+`rcn submit [options] [--] <rcn train arguments>` does the same from a shell, and
+`--sweep key=v1,v2` submits one array job with a RUN_DIR per point, then compares the runs.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def follow(job: submitit.Job, poll_s: float = 2.0, out=sys.stdout) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`rcn submit [options] -- <rcn train arguments>`"""
+    """`rcn submit [options] [--] <rcn train arguments>`"""
     argv = list(sys.argv[1:] if argv is None else argv)
     train_argv: list[str] = []
     if "--" in argv:

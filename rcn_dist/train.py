@@ -191,12 +191,13 @@ class StopFlag:
     def hand_over(self) -> None:
         """After the checkpoint: pass the signal on to submitit's handler, if it installed one.
 
-        SIGUSR2 wins over an earlier SIGTERM: submitit's preemption sends both, and only its
+        SIGUSR2 wins over SIGTERM: submitit's preemption sends both (in either order), and only its
         SIGUSR2 handler requeues (its SIGTERM handler just logs).
         """
-        prev = self._previous.get(signal.SIGUSR2 if signal.SIGUSR2 in self.received else self.signum)
+        signum = signal.SIGUSR2 if signal.SIGUSR2 in self.received else self.signum
+        prev = self._previous.get(signum)
         if callable(prev) and getattr(prev, "__module__", "").startswith("submitit"):
-            prev(self.signum, None)
+            prev(signum, None)
 
 
 def _check_run_dir(run_dir: Path, cfg: Config) -> None:
@@ -280,6 +281,10 @@ def run(args: argparse.Namespace) -> int:
         return run_pipeline(cfg, ds, le, run_dir)
 
     logger = make_loggers(cfg, run_dir, le.rank)  # before the process group: a missing package stops all ranks
+    if le.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Several ranks on one machine must not each spin up a thread per core: oversubscribed
+        # OpenMP threads spin while their partners wait, and a step gets many times slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // le.local_world_size))
     stop = StopFlag().install()
     finish_rendezvous(le)
     if le.device.startswith("cuda"):

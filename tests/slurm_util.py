@@ -213,7 +213,7 @@ def reference_run(data: str | os.PathLike[str], workdir: Path) -> Path:
         out = workdir / "reference"
         cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "launch" / "train.py"), *TRAIN, "--data", str(data), "--out", str(out),
-               "--steps", str(REF_STEPS)]
+               "--steps", str(REF_STEPS), "train.keep_last=1000"]  # every checkpoint: seconds_per_step
         proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise AssertionError(f"reference run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -223,10 +223,12 @@ def reference_run(data: str | os.PathLike[str], workdir: Path) -> Path:
 
 
 def seconds_per_step(run_dir: str | os.PathLike[str]) -> float:
-    """Median wall time of a training step of the run, from metrics.jsonl."""
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    times = sorted(r["samples"] / r["step"] / r["img_per_s"] for r in rows if "img_per_s" in r)
-    return times[len(times) // 2]
+    """Wall time per step of the run, checkpoints included: from the times its first and last
+    kept checkpoints were completed."""
+    done = [json.loads(p.read_text()) for p in Path(run_dir).glob("checkpoints/*/COMPLETE")]
+    first, last = min(done, key=lambda d: d["step"]), max(done, key=lambda d: d["step"])
+    assert last["step"] > first["step"], f"{run_dir} keeps too few checkpoints to time its steps"
+    return (last["time"] - first["time"]) / (last["step"] - first["step"])
 
 
 def task_pids(job_id: str, procid: int) -> list[int]:

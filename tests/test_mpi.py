@@ -22,7 +22,7 @@ SRUN = ["srun", "--mpi=pmix", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", "-
 
 @pytest.fixture(scope="session")
 def reference(fmnist_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    return losses(reference_run(fmnist_small, tmp_path_factory.mktemp("ref")))
+    return losses(reference_run(fmnist_small, tmp_path_factory.getbasetemp()))
 
 
 def launched(launcher: list[str], *cmd: str, env: dict[str, str]) -> str:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from slurm_util import (
     cluster_env,
-    ensure_cluster,
     sbatch,
     scancel,
     scancel_signal,
+    start_cluster,
     wait_for_text,
     wait_job,
 )
@@ -40,8 +40,7 @@ os.write(1, f"rank {comm.Get_rank()} size {comm.Get_size()} lib {lib}\\n".encode
 @pytest.fixture(scope="session")
 def slurm_env() -> dict[str, str]:
     """Environment for sbatch/srun/sacct against the local cluster (started if needed)."""
-    ensure_cluster()
-    return cluster_env()
+    return start_cluster()
 
 
 def _write(path: Path, text: str) -> Path:

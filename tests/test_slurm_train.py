@@ -48,7 +48,7 @@ def slurm_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def reference_dir(fmnist_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return reference_run(fmnist_small, tmp_path_factory.mktemp("ref"))
+    return reference_run(fmnist_small, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

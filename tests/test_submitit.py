@@ -30,9 +30,13 @@ from slurm_util import (
     wait_job,
 )
 
-from rcn_dist.submit import submit
+from rcn_dist.config import ConfigError
+from rcn_dist.submit import main, submit, sweep_points
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+def on_slurm(test):
+    """Mark a test as one that runs jobs on the local Slurm."""
+    return pytest.mark.slow(pytest.mark.slurm(test))
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +46,7 @@ def slurm_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def reference_dir(fmnist_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return reference_run(fmnist_small, tmp_path_factory.mktemp("ref"))
+    return reference_run(fmnist_small, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture
@@ -57,6 +61,11 @@ def job_env(slurm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[
     return env
 
 
+def requeues(err: str) -> list[str]:
+    """Slurm's lines in task 0's stderr for each requeue of the job."""
+    return re.findall(r"\*\*\* JOB \d+ ON \S+ CANCELLED AT \S+ DUE TO JOB REQUEUE", err)
+
+
 def stops_and_resumes(log_text: str) -> tuple[list[int], list[int]]:
     """Steps of the "stop signal: checkpointed at step N" and "resumed from ... (step N)" lines."""
     stops = [int(s) for s in re.findall(r"stop signal: checkpointed at step (\d+)", log_text)]
@@ -64,6 +73,7 @@ def stops_and_resumes(log_text: str) -> tuple[list[int], list[int]]:
     return stops, resumes
 
 
+@on_slurm
 def test_preemption_through_submitit_requeues_and_resumes_exactly(job_env, fmnist_small, reference_dir,
                                                                    tmp_path):
     """`job._interrupt()` (scancel SIGTERM, then SIGUSR2: submitit's preemption): both ranks
@@ -76,13 +86,13 @@ def test_preemption_through_submitit_requeues_and_resumes_exactly(job_env, fmnis
         wait_for_step(run_dir, 3, job.job_id, env=job_env)
         job._interrupt()
         state = wait_job(job.job_id, timeout=300, env=job_env)
-        out, err = job.stdout() or "", job.stderr() or ""
+        out, err = job.task(0).stdout() or "", job.task(0).stderr() or ""  # task 0: the one that requeues
         assert state == "COMPLETED", out[-3000:] + err[-3000:]
         assert job.results() == [{"run_dir": str(run_dir), "exit": 0}] * 2
     finally:
         scancel(job.job_id, env=job_env)
-    # submitit's handler ran on the signal and its requeue ended the first attempt.
-    assert "Caught signal SIGUSR2" in err and err.count("DUE TO JOB REQUEUE") == 1, err[-3000:]
+    # submitit's handler ran on the signal (once), and its requeue ended the first attempt.
+    assert err.count("Caught signal SIGUSR2") == 1 and len(requeues(err)) == 1, err[-3000:]
     stops, resumes = stops_and_resumes(out)
     assert len(stops) == 1 and resumes == stops and stops[0] < steps, out[-3000:]
     assert steps_logged(run_dir) == list(range(1, steps + 1))
@@ -90,15 +100,17 @@ def test_preemption_through_submitit_requeues_and_resumes_exactly(job_env, fmnis
     assert losses(run_dir) == {s: ref[s] for s in range(1, steps + 1)}
 
 
+@on_slurm
 def test_timeout_requeues_and_resumes_exactly(job_env, fmnist_small, reference_dir, tmp_path):
     """A real 2-minute limit (signal 60 s ahead): the job is signalled, checkpoints, requeues
     itself through submitit and resumes, as often as it takes, and ends with the losses of an
     uninterrupted run of the same job (a plain `rcn train`, run meanwhile on the other core).
 
-    One task each, so the two runs fit the 2 cores side by side. Steps: ~90 s of training at the
-    speed the reference measured, more than one attempt holds (its signal comes 30-60 s in); a
-    slower machine takes more attempts."""
-    steps = max(100, min(2000, int(90 / seconds_per_step(reference_dir))))
+    One task each, so the two runs fit the 2 cores side by side. Steps: 60 s at the 2-rank
+    reference's speed, which one rank doing the whole batch does not beat: more than one attempt
+    holds (its signal comes 30-60 s in, after ~10 s of start-up); a slower machine takes more
+    attempts."""
+    steps = max(100, min(2000, int(60 / seconds_per_step(reference_dir))))
     args = [*TRAIN, "--data", str(fmnist_small), "--steps", str(steps)]
     run_dir, straight = tmp_path / "run", tmp_path / "straight"
     job = submit([*args, "--out", str(run_dir)], folder=tmp_path / "submitit", cluster="slurm", nodes=1,
@@ -108,7 +120,7 @@ def test_timeout_requeues_and_resumes_exactly(job_env, fmnist_small, reference_d
                              env=job_env, capture_output=True, text=True, timeout=900)
         assert ref.returncode == 0, ref.stderr[-3000:]
         state = wait_job(job.job_id, timeout=1200, env=job_env)
-        out, err = job.stdout() or "", job.stderr() or ""
+        out, err = job.task(0).stdout() or "", job.task(0).stderr() or ""  # task 0: the one that requeues
         assert state == "COMPLETED", out[-3000:] + err[-3000:]
         assert job.result() == {"run_dir": str(run_dir), "exit": 0}
     finally:
@@ -116,11 +128,12 @@ def test_timeout_requeues_and_resumes_exactly(job_env, fmnist_small, reference_d
     assert "this job is timed-out" in err  # submitit's own reading of the signal
     stops, resumes = stops_and_resumes(out)
     assert stops and resumes == stops and stops == sorted(set(stops)), out[-3000:]  # progress each time
-    assert err.count("DUE TO JOB REQUEUE") == len(stops), err[-3000:]
+    assert err.count("Caught signal SIGUSR2") == len(requeues(err)) == len(stops), err[-3000:]
     assert steps_logged(run_dir) == list(range(1, steps + 1))
     assert losses(run_dir) == losses(straight)
 
 
+@on_slurm
 def test_sweep_submits_an_array_and_compares_the_runs(job_env, fmnist_small, tmp_path):
     """`rcn submit --sweep train.lr=1e-3,3e-3`: one array job, one run directory per point, and
     a comparison table of the two runs with the swept field."""
@@ -142,3 +155,23 @@ def test_sweep_submits_an_array_and_compares_the_runs(job_env, fmnist_small, tmp
     assert len(rows) == 2, table
     assert re.search(r"\| train\.lr \| 0\.001 \| 0\.003 \|", table), table
     assert (out / "compare" / "compare.png").is_file()
+
+
+def test_sweep_points_are_the_cross_product():
+    assert sweep_points(["train.lr=1e-3,3e-3", "model.T=8"]) == [
+        {"train.lr": "1e-3", "model.T": "8"}, {"train.lr": "3e-3", "model.T": "8"}]
+    for bad in ("train.lr", "train.lr=", "train.lr=,"):
+        with pytest.raises(ConfigError, match="sweep"):
+            sweep_points([bad])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "tiny"], "needs --out RUN_DIR"),
+    (["--preset", "tiny", "--out", "x", "train.lr=fast"], "train.lr"),
+    (["--sweep", "train.steps=10,ten", "--", "--preset", "tiny", "--out", "x"], "train.steps"),
+])
+def test_submit_refuses_bad_arguments_before_queueing(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        main(["--cluster", "debug", *argv])
+    assert list(tmp_path.iterdir()) == []  # nothing submitted, no submitit folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -16,7 +17,8 @@ def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     instead of 0/0.
     """
     n2 = (s * s).sum(dim=dim, keepdim=True)
-    return (n2 / (1.0 + n2)) * s / torch.sqrt(n2 + eps)
+    # The whole scale on the small (..., 1) tensor: one full-size multiply instead of two.
+    return s * (n2 / ((1.0 + n2) * torch.sqrt(n2 + eps)))
 
 
 class PrimaryCapsules(nn.Module):
@@ -35,7 +37,8 @@ class PrimaryCapsules(nn.Module):
         u = self.conv(x)  # (B, types*dim, h, w)
         b, _, h, w = u.shape
         u = u.view(b, self.types, self.dim, h, w).permute(0, 1, 3, 4, 2)
-        return squash(u.reshape(b, self.types * h * w, self.dim))
+        # Squash in fp32 also under bf16/fp16 autocast: |s|^2 in 8 bits of mantissa is too coarse.
+        return squash(u.reshape(b, self.types * h * w, self.dim).float())
 
 
 def dynamic_routing(u_hat: Tensor, iters: int) -> tuple[Tensor, Tensor]:
@@ -63,6 +66,11 @@ def dynamic_routing(u_hat: Tensor, iters: int) -> tuple[Tensor, Tensor]:
     return v, c
 
 
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on `device` (the meta device, used to count FLOPs, has no autocast)."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+
+
 class RoutedCapsules(nn.Module):
     """A fully connected capsule layer: n_child capsules of child_dim -> n_parent of parent_dim.
 
@@ -83,6 +91,13 @@ class RoutedCapsules(nn.Module):
         return torch.einsum("ijdk,bik->bjid", self.weight, u)
 
     def forward(self, u: Tensor) -> Tensor:
-        """u (B, n_child, child_dim) -> v (B, n_parent, parent_dim)."""
-        return dynamic_routing(self.predictions(u), self.iters)[0]
+        """u (B, n_child, child_dim) -> v (B, n_parent, parent_dim), fp32.
+
+        The predictions follow autocast (bf16 on the matmul units); the routing itself runs in
+        fp32 with autocast off: its logits b sum agreements over iterations and the softmax over
+        parents is sensitive to them. u_hat.float() is a no-op for fp32 u_hat.
+        """
+        u_hat = self.predictions(u)
+        with _autocast_off(u_hat.device):
+            return dynamic_routing(u_hat.float(), self.iters)[0]
 

@@ -175,6 +175,9 @@ def _disable_cpu_shm_comm() -> None:
 
 def init_distributed(backend: str) -> None:
     """Start torch.distributed through DeepSpeed (RANK etc. must be exported already)."""
+    if backend == "gloo":
+        # Say it rather than let DeepSpeed probe for a GPU and warn that it found none.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     if backend == "gloo":

@@ -1,0 +1,524 @@
+"""`rcn bench`: throughput of named workloads against the machine's own matmul peak.
+
+    rcn bench --workload capsnet-sabour [--batch 128] [--device cpu|cuda] [--precision fp32|bf16]
+    rcn bench --workload rcn-small --nproc 2          # data-parallel scaling on CPU (gloo)
+    rcn bench --workload capsnet-sabour --compare-with /path/to/driver.py
+
+Each workload prints one JSON line: img_per_s, ms_per_step (median), peak_mem_bytes,
+model FLOPs per image (counted from the model's own shapes, training = 3x forward), achieved
+TFLOP/s and its fraction of a matmul peak measured on the same device in the same run.
+Steps are timed after warm-up, with CUDA events on a GPU; the figure is the median step.
+
+Fast path (default) against eager (`--eager`): channels-last convolutions, fused Adam, bf16
+autocast with `--precision bf16` (routing and squash stay fp32, see rcn_dist.model.capsules),
+and `--compile` (torch.compile of the loss function, meant for GPUs). docs/performance.md has
+the measured tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rcn_dist.errors import RcnError
+from rcn_dist.flops import count_forward, rcn_flops, train_flops_per_image
+from rcn_dist.model import PrimaryCapsules, RoutedCapsules, margin_loss
+
+WORKLOADS = ("capsnet-sabour", "rcn-small", "rcn-mnist", "rcn-cifar10", "loader", "pipeline", "quickstart")
+RCN_PRESETS = {"rcn-small": "small", "rcn-mnist": "mnist", "rcn-cifar10": "cifar10"}
+CPU_BATCH = {"capsnet-sabour": 128, "rcn-small": 32, "rcn-mnist": 2, "rcn-cifar10": 2, "loader": 64}
+"""Default batches on CPU: paper-size RCNs take ~84 GFLOP per training image, so a CPU step stays short."""
+QUICKSTART_TARGETS = {"wall_s": 20 * 60, "test_error": 0.15}
+
+
+class BenchError(RcnError):
+    """A benchmark cannot run as asked (bad option, missing driver or run directory)."""
+
+
+# ------------------------------------------------------------------ the Sabour-size CapsNet
+class CapsNetSabour(nn.Module):
+    """Sabour et al.'s MNIST CapsNet from our capsule layers: conv 256 9x9 -> 32x6x6 8-D primary
+    capsules -> 10 16-D class capsules (3 routings) + the 512/1024/784 reconstruction MLP fed the
+    class capsules masked by the label. The same work as XifengGuo/CapsNet-Pytorch's train step."""
+
+    def __init__(self, routings: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 256, 9)
+        self.primary = PrimaryCapsules(256, 32, 8, kernel=9, stride=2)
+        self.digits = RoutedCapsules(32 * 6 * 6, 8, 10, 16, routings)
+        self.decoder = nn.Sequential(nn.Linear(16 * 10, 512), nn.ReLU(), nn.Linear(512, 1024), nn.ReLU(),
+                                     nn.Linear(1024, 784))
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, 1, 28, 28), y (B,) -> capsule lengths (B, 10), reconstruction logits (B, 784)."""
+        v = self.digits(self.primary(torch.relu(self.conv1(x))))  # (B, 10, 16)
+        mask = F.one_hot(y, 10).to(v.dtype)
+        return v.norm(dim=-1), self.decoder((v * mask[:, :, None]).flatten(1))
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """Margin loss + 0.0005 x summed squared reconstruction error, batch mean (Sabour et al.)."""
+        lengths, logits = self(x, y)
+        recon = ((torch.sigmoid(logits.float()) - x.flatten(1)) ** 2).sum(dim=1)
+        return (margin_loss(lengths.float(), y) + 0.0005 * recon).mean()
+
+
+# ------------------------------------------------------------------ timing
+@dataclass
+class Options:
+    """How a training step is built: the fast path and its eager reference."""
+
+    device: torch.device
+    precision: str = "fp32"
+    """"fp32" or "bf16" (autocast; routing and squash in fp32)."""
+    fast: bool = True
+    """channels-last convolutions and fused Adam; False: the plain eager step."""
+    compile: bool = False
+    """torch.compile the loss function (GPU; needs a C++ compiler on CPU and minutes)."""
+
+
+def train_step(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: tuple[Tensor, ...],
+               opt: Options, lr: float = 1e-3) -> Callable[[], Tensor]:
+    """One training step (zero grads, forward under the chosen precision, backward, Adam) as a
+    closure over fixed inputs: what the benchmarks time and the fast == eager tests compare."""
+    dev = opt.device
+    model.to(dev)
+    if opt.fast:
+        model.to(memory_format=torch.channels_last)
+        inputs = tuple(t.to(dev, memory_format=torch.channels_last) if t.dim() == 4 else t.to(dev) for t in inputs)
+    else:
+        inputs = tuple(t.to(dev) for t in inputs)
+    # fused Adam: one kernel over all parameters instead of a loop of small ops per tensor.
+    adam = torch.optim.Adam(model.parameters(), lr=lr, fused=True) if opt.fast else \
+        torch.optim.Adam(model.parameters(), lr=lr, foreach=False)
+    fn = torch.compile(loss_fn) if opt.compile else loss_fn
+
+    def step() -> Tensor:
+        adam.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=opt.precision == "bf16"):
+            loss = fn(*inputs)
+        loss.backward()
+        adam.step()
+        return loss.detach()
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_alternating(fns: dict[str, Callable[[], Any]], steps: int, warmup: int,
+                     device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each function, the functions taking turns call by call, so that load
+    from elsewhere on the machine falls on all of them alike. CUDA events on a GPU."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    _sync(device)
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, f in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                f()
+                end.record()
+                end.synchronize()
+                out[k].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                f()
+                out[k].append(time.perf_counter() - t0)
+    return out
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5) -> float:
+    """TFLOP/s of an n x n x n matmul on this device in this process (median of reps): the
+    ceiling that model TFLOP/s are quoted against. n defaults to 8192 on a GPU, 1024 on a CPU."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = time_alternating({"mm": lambda: a @ b}, reps, 2, device)["mm"]
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: CUDA allocator peak on a GPU, peak resident set of this process on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_average() -> float:
+    """1-minute load average (timings on a shared machine are only as good as this is low)."""
+    return os.getloadavg()[0]
+
+
+def summarize(name: str, batch: int, times: list[float], flops_per_image: float, peak_tflops: float,
+              device: torch.device, **extra: Any) -> dict[str, Any]:
+    """The one-line result of a workload."""
+    step_s = statistics.median(times)
+    img_s = batch / step_s
+    achieved = flops_per_image * img_s / 1e12
+    return {"workload": name, "device": str(device), "batch": batch, "steps": len(times),
+            "img_per_s": img_s, "ms_per_step": 1e3 * step_s, "peak_mem_bytes": peak_memory(device),
+            "flops_per_image": flops_per_image, "achieved_tflops": achieved,
+            "matmul_peak_tflops": peak_tflops, "fraction_of_peak": achieved / peak_tflops if peak_tflops else 0.0,
+            "threads": torch.get_num_threads(), "loadavg_1min": load_average(), **extra}
+
+
+# ------------------------------------------------------------------ workloads
+def capsnet_flops() -> int:
+    """Training FLOPs per image of CapsNetSabour, counted on the meta device."""
+    with torch.device("meta"):
+        model = CapsNetSabour()
+        x, y = torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long)
+    return train_flops_per_image(count_forward(model, lambda m: m(x, y)))
+
+
+def _dtype(opt: Options) -> torch.dtype:
+    return torch.bfloat16 if opt.precision == "bf16" else torch.float32
+
+
+def load_driver(path: str) -> Any:
+    """Import a comparison driver: a Python file with make_step(batch, device) -> step() and NAME."""
+    p = Path(path)
+    if not p.is_file():
+        raise BenchError(f"--compare-with {path}: no such file")
+    spec = importlib.util.spec_from_file_location("rcn_bench_driver", p)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    if not callable(getattr(mod, "make_step", None)):
+        raise BenchError(f"--compare-with {path}: defines no make_step(batch, device)")
+    return mod
+
+
+def bench_capsnet(batch: int, steps: int, warmup: int, opt: Options, compare_with: str | None = None,
+                  eager_too: bool = False) -> dict[str, Any]:
+    """capsnet-sabour: our layers at Sabour size; optionally alternated with a comparison driver
+    (another implementation's train step) and/or our own eager path, medians of each."""
+    torch.manual_seed(0)
+    x = (torch.rand(batch, 1, 28, 28) > 0.6).float()
+    y = torch.randint(0, 10, (batch,))
+    model = CapsNetSabour()
+    fns = {"ours": train_step(model, model.loss, (x, y), opt)}
+    if eager_too:
+        ref = CapsNetSabour()
+        fns["eager"] = train_step(ref, ref.loss, (x, y), Options(opt.device, "fp32", fast=False))
+    name = None
+    if compare_with:
+        driver = load_driver(compare_with)
+        name = getattr(driver, "NAME", Path(compare_with).stem)
+        fns["other"] = driver.make_step(batch, str(opt.device))
+    peak = matmul_peak(opt.device, _dtype(opt))
+    times = time_alternating(fns, steps, warmup, opt.device)
+    flops = capsnet_flops()
+    extra: dict[str, Any] = {"precision": opt.precision, "fast": opt.fast}
+    if eager_too:
+        extra["eager_img_per_s"] = batch / statistics.median(times["eager"])
+    if compare_with:
+        other = batch / statistics.median(times["other"])
+        extra |= {"compare_with": name, "other_img_per_s": other,
+                  "speedup_vs_other": batch / statistics.median(times["ours"]) / other}
+    return summarize("capsnet-sabour", batch, times["ours"], flops, peak, opt.device, **extra)
+
+
+def rcn_inputs(cfg, batch: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Synthetic binary images, labels and latent noise: the cost does not depend on the pixels."""
+    g = torch.Generator().manual_seed(seed)
+    m = cfg.model
+    x = (torch.rand(batch, m.in_channels, m.height, m.width, generator=g) > 0.6).float()
+    y = torch.randint(0, m.n_classes, (batch,), generator=g)
+    eps = torch.randn(batch, m.T, m.z_dim, generator=g)
+    return x, y, eps
+
+
+def rcn_step(cfg, batch: int, opt: Options, seed: int = 0) -> Callable[[], Tensor]:
+    """A full training step of RCN(cfg.model) on synthetic inputs."""
+    from rcn_dist.model import RCN
+
+    torch.manual_seed(seed)
+    model = RCN(cfg.model)
+
+    def loss(x: Tensor, y: Tensor, eps: Tensor) -> Tensor:
+        return model.loss(x, y, eps)[0]
+
+    return train_step(model, loss, rcn_inputs(cfg, batch, seed), opt, lr=cfg.train.lr)
+
+
+def bench_rcn(workload: str, batch: int, steps: int, warmup: int, opt: Options,
+              eager_too: bool = False) -> dict[str, Any]:
+    """rcn-small / rcn-mnist / rcn-cifar10: forward, backward and Adam of the preset
+    (optionally alternated with the eager fp32 step)."""
+    from rcn_dist.config import preset
+
+    cfg = preset(RCN_PRESETS[workload])
+    fns = {"ours": rcn_step(cfg, batch, opt)}
+    if eager_too:
+        fns["eager"] = rcn_step(cfg, batch, Options(opt.device, "fp32", fast=False))
+    peak = matmul_peak(opt.device, _dtype(opt))
+    times = time_alternating(fns, steps, warmup, opt.device)
+    fwd = rcn_flops(cfg.model)
+    extra: dict[str, Any] = {}
+    if eager_too:
+        extra["eager_img_per_s"] = batch / statistics.median(times["eager"])
+    return summarize(workload, batch, times["ours"], train_flops_per_image(fwd), peak, opt.device,
+                     precision=opt.precision, fast=opt.fast, preset=cfg.name,
+                     forward_flops_by_kind={k: v for k, v in fwd.items() if k != "total"}, **extra)
+
+
+# ------------------------------------------------------------------ data-parallel scaling
+class _LossOf(nn.Module):
+    """The RCN's training loss as a module's forward, so DDP sees the whole step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, y: Tensor, eps: Tensor) -> Tensor:
+        return self.model.loss(x, y, eps)[0]
+
+
+def _scaling_worker(rank: int, mode: str, world: int, port: int, batch: int, steps: int, warmup: int,
+                    out_dir: str) -> None:
+    """One process of a scaling phase, 1 thread. mode "ddp": DDP over gloo; "solo": no process group."""
+    import torch.distributed as dist
+
+    from rcn_dist.config import preset
+    from rcn_dist.model import RCN
+
+    torch.set_num_threads(1)
+    cfg = preset("small")
+    torch.manual_seed(0)
+    model = RCN(cfg.model)
+    x, y, eps = rcn_inputs(cfg, batch, seed=rank)
+    module: nn.Module = _LossOf(model)
+    if mode == "ddp":
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+        dist.init_process_group("gloo")
+        module = nn.parallel.DistributedDataParallel(module)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+
+    def step() -> None:
+        adam.zero_grad(set_to_none=True)
+        module(x, y, eps).backward()
+        adam.step()
+
+    times = time_alternating({"s": step}, steps, warmup, torch.device("cpu"))["s"]
+    if mode == "ddp":
+        dist.barrier()
+        dist.destroy_process_group()
+    Path(out_dir, f"{mode}{world}_{rank}.json").write_text(json.dumps(times))
+
+
+def _phase(mode: str, world: int, batch: int, steps: int, warmup: int) -> float:
+    """img/s of one phase: `world` processes side by side, each its own median step."""
+    import torch.multiprocessing as mp
+
+    from rcn_dist.parallel.env import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_scaling_worker, args=(mode, world, free_port(), batch, steps, warmup, tmp),
+                           nprocs=world, start_method="spawn")
+        per_rank = [statistics.median(json.loads(Path(tmp, f"{mode}{world}_{r}.json").read_text()))
+                    for r in range(world)]
+    if mode == "ddp":  # ranks wait for each other: the step is the slowest rank's
+        return world * batch / max(per_rank)
+    return sum(batch / t for t in per_rank)
+
+
+def bench_scaling(nproc: int, batch: int, steps: int, warmup: int, rounds: int = 2) -> dict[str, Any]:
+    """rcn-small data-parallel scaling on CPU: DDP on `nproc` processes (gloo, 1 thread each, batch
+    per rank), against 1 process alone and the ceiling, `nproc` independent 1-process runs side by
+    side. The phases take turns for `rounds` rounds; each figure is the best round's."""
+    from rcn_dist.config import preset
+
+    res: dict[str, list[float]] = {"single": [], "ceiling": [], "ddp": []}
+    for _ in range(rounds):
+        res["single"].append(_phase("solo", 1, batch, steps, warmup))
+        res["ceiling"].append(_phase("solo", nproc, batch, steps, warmup))
+        res["ddp"].append(_phase("ddp", nproc, batch, steps, warmup))
+    single, ceiling, ddp = (max(res[k]) for k in ("single", "ceiling", "ddp"))
+    flops = train_flops_per_image(rcn_flops(preset("small").model))
+    peak = matmul_peak(torch.device("cpu"), torch.float32)  # this process's threads, for reference
+    return {"workload": "rcn-small", "device": "cpu", "nproc": nproc, "batch_per_rank": batch,
+            "steps": steps, "img_per_s": ddp, "ms_per_step": 1e3 * nproc * batch / ddp,
+            "peak_mem_bytes": peak_memory(torch.device("cpu")), "flops_per_image": flops,
+            "achieved_tflops": flops * ddp / 1e12, "matmul_peak_tflops": peak,
+            "fraction_of_peak": flops * ddp / 1e12 / peak, "single_img_per_s": single,
+            "ceiling_img_per_s": ceiling, "fraction_of_ceiling": ddp / ceiling,
+            "speedup_vs_1": ddp / single, "ceiling_vs_1": ceiling / single, "rounds": res,
+            "loadavg_1min": load_average(), "cpus": os.cpu_count()}
+
+
+# ------------------------------------------------------------------ data, pipeline, quickstart
+def bench_loader(data_dir: str | None, batch: int, workers: int, seconds: float) -> dict[str, Any]:
+    """The data path alone (rcn_dist.data.bench.loader_throughput); without --data, a small
+    Fashion-MNIST set is prepared into a temporary directory first."""
+    from rcn_dist.data.bench import loader_throughput
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if data_dir is None:
+            from rcn_dist.data.prepare import main as prepare
+
+            data_dir = str(Path(tmp, "fmnist"))
+            if prepare(["--dataset", "fashion-mnist", "--out", data_dir, "--limit", "2048",
+                        "--shard-size", "256"]) != 0:
+                raise BenchError("preparing the Fashion-MNIST sample for the loader benchmark failed")
+        elif not Path(data_dir, "manifest.json").is_file():
+            raise BenchError(f"--data {data_dir}: no manifest.json (prepare it with `rcn prepare`)")
+        r = loader_throughput(data_dir, batch, workers, seconds)
+    return {"workload": "loader", "device": "cpu", "batch": batch, "steps": int(r["batches"]),
+            "img_per_s": r["samples_per_s"], "ms_per_step": 1e3 * batch / r["samples_per_s"],
+            "peak_mem_bytes": peak_memory(torch.device("cpu")), "flops_per_image": 0,
+            "achieved_tflops": 0.0, "matmul_peak_tflops": 0.0, "fraction_of_peak": 0.0,
+            "num_workers": workers, "startup_s": r["startup_s"], "loadavg_1min": load_average()}
+
+
+def bench_pipeline_workload(batch: int, steps: int) -> dict[str, Any]:
+    """The 2-stage pipeline benchmark of rcn_dist.parallel.pipeline_bench, if present."""
+    try:
+        from rcn_dist.parallel.pipeline_bench import bench_pipeline
+    except ImportError as e:
+        return {"workload": "pipeline", "available": False, "reason": f"rcn_dist.parallel.pipeline_bench: {e}"}
+    from rcn_dist.config import apply_overrides, preset
+
+    cfg = apply_overrides(preset("small"), [f"train.batch_size={batch}"])
+    rows = bench_pipeline(cfg, ms=(1, 2), steps=steps, out=lambda line: print(line, file=sys.stderr))
+    best = max((r for r in rows if r["mode"] == "pipeline"), key=lambda r: r["img_per_s"])
+    flops = train_flops_per_image(rcn_flops(cfg.model))
+    peak = matmul_peak(torch.device("cpu"), torch.float32)
+    return {"workload": "pipeline", "available": True, "device": "cpu", "batch": batch, "steps": steps,
+            "img_per_s": best["img_per_s"], "ms_per_step": 1e3 * best["step_s"],
+            "peak_mem_bytes": peak_memory(torch.device("cpu")), "flops_per_image": flops,
+            "achieved_tflops": flops * best["img_per_s"] / 1e12, "matmul_peak_tflops": peak,
+            "fraction_of_peak": flops * best["img_per_s"] / 1e12 / peak, "rows": rows,
+            "loadavg_1min": load_average()}
+
+
+def bench_quickstart(run_dir: str, execute: bool) -> dict[str, Any]:
+    """Check a quickstart run against its targets (wall time <= 20 min, test error <= 15%).
+
+    Reads RUN_DIR/eval.json and metrics.jsonl; wall time is the span from config.json (written
+    when training starts) to eval.json (written when evaluation ends). With `execute`, runs
+    launch/quickstart.sh into RUN_DIR first and times it itself.
+    """
+    import subprocess
+
+    run = Path(run_dir)
+    wall = None
+    if execute:
+        script = Path(__file__).resolve().parents[1] / "launch" / "quickstart.sh"
+        t0 = time.perf_counter()
+        subprocess.run(["bash", str(script), str(run)], check=True)
+        wall = time.perf_counter() - t0
+    ev_path = run / "eval.json"
+    if not ev_path.is_file():
+        raise BenchError(f"{run}: no eval.json (run `bash launch/quickstart.sh {run}`, or pass --execute)")
+    try:
+        ev = json.loads(ev_path.read_text())
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise BenchError(f"{run}: cannot read the run's eval.json / metrics.jsonl: {e}") from None
+    if "test_error" not in ev or "test_elbo" not in ev:
+        raise BenchError(f"{ev_path}: has no test_error / test_elbo")
+    if wall is None:
+        start = run / "config.json"
+        wall = ev_path.stat().st_mtime - (start.stat().st_mtime if start.is_file() else ev_path.stat().st_mtime)
+    train = [r for r in rows if r.get("kind") != "eval" and r.get("img_per_s")]
+    img_s = statistics.median(r["img_per_s"] for r in train) if train else 0.0
+    return {"workload": "quickstart", "run": str(run), "wall_s": wall, "test_error": ev["test_error"],
+            "test_elbo": ev["test_elbo"], "steps": train[-1]["step"] if train else 0, "img_per_s": img_s,
+            "targets": QUICKSTART_TARGETS,
+            "wall_ok": wall <= QUICKSTART_TARGETS["wall_s"],
+            "error_ok": ev["test_error"] <= QUICKSTART_TARGETS["test_error"]}
+
+
+# ------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rcn bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", required=True, choices=WORKLOADS)
+    ap.add_argument("--batch", type=int, help="images per step (per rank with --nproc); default per workload")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--eager", action="store_true", help="the plain eager step (no channels-last, no fused Adam)")
+    ap.add_argument("--with-eager", action="store_true", help="also time the eager fp32 step, alternately")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the loss function (GPU)")
+    ap.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    ap.add_argument("--nproc", type=int, default=0, help="rcn-small: data-parallel scaling over N CPU processes")
+    ap.add_argument("--compare-with", metavar="DRIVER",
+                    help="capsnet-sabour: a .py file with make_step(batch, device) timed alternately with ours")
+    ap.add_argument("--data", help="loader: a prepared data directory (default: a small temporary one)")
+    ap.add_argument("--workers", type=int, default=0, help="loader: DataLoader workers")
+    ap.add_argument("--seconds", type=float, default=5.0, help="loader: seconds to read")
+    ap.add_argument("--run", default="runs/quickstart", help="quickstart: the run directory")
+    ap.add_argument("--execute", action="store_true", help="quickstart: run launch/quickstart.sh first")
+    return ap
+
+
+def run_workload(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the workload that args name and return its result dict."""
+    w = args.workload
+    if args.steps < 1 or args.warmup < 0:
+        raise BenchError("--steps must be >= 1 and --warmup >= 0")
+    if args.batch is not None and args.batch < 1:
+        raise BenchError(f"--batch must be positive, got {args.batch}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA device is available")
+    if args.compare_with and w != "capsnet-sabour":
+        raise BenchError("--compare-with applies to --workload capsnet-sabour only")
+    if args.nproc:
+        if w != "rcn-small" or args.device != "cpu":
+            raise BenchError("--nproc measures rcn-small on CPU: use --workload rcn-small --device cpu")
+        if args.nproc < 1:
+            raise BenchError(f"--nproc must be positive, got {args.nproc}")
+        return bench_scaling(args.nproc, args.batch or CPU_BATCH["rcn-small"], args.steps, args.warmup)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch = args.batch or (CPU_BATCH.get(w, 32) if args.device == "cpu" else 128)
+    opt = Options(torch.device(args.device), args.precision, fast=not args.eager, compile=args.compile)
+    if w == "capsnet-sabour":
+        return bench_capsnet(batch, args.steps, args.warmup, opt, args.compare_with, args.with_eager)
+    if w in RCN_PRESETS:
+        return bench_rcn(w, batch, args.steps, args.warmup, opt, args.with_eager)
+    if w == "loader":
+        return bench_loader(args.data, batch, args.workers, args.seconds)
+    if w == "pipeline":
+        return bench_pipeline_workload(args.batch or 16, args.steps)
+    return bench_quickstart(args.run, args.execute)
+
+
+def _finite(obj: Any) -> bool:
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, dict):
+        return all(_finite(v) for v in obj.values())
+    if isinstance(obj, list):
+        return all(_finite(v) for v in obj)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = run_workload(args)
+    print(json.dumps(result, sort_keys=True), flush=True)
+    return 0 if _finite(result) else 1
