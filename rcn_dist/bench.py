@@ -465,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile", action="store_true", help="torch.compile the loss function (GPU)")
     ap.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     ap.add_argument("--nproc", type=int, default=0, help="rcn-small: data-parallel scaling over N CPU processes")
+    ap.add_argument("--rounds", type=int, default=2, help="--nproc: rounds of the three phases (best counts)")
     ap.add_argument("--compare-with", metavar="DRIVER",
                     help="capsnet-sabour: a .py file with make_step(batch, device) timed alternately with ours")
     ap.add_argument("--data", help="loader: a prepared data directory (default: a small temporary one)")
@@ -491,7 +492,8 @@ def run_workload(args: argparse.Namespace) -> dict[str, Any]:
             raise BenchError("--nproc measures rcn-small on CPU: use --workload rcn-small --device cpu")
         if args.nproc < 1:
             raise BenchError(f"--nproc must be positive, got {args.nproc}")
-        return bench_scaling(args.nproc, args.batch or CPU_BATCH["rcn-small"], args.steps, args.warmup)
+        return bench_scaling(args.nproc, args.batch or CPU_BATCH["rcn-small"], args.steps, args.warmup,
+                             max(1, args.rounds))
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = args.batch or (CPU_BATCH.get(w, 32) if args.device == "cpu" else 128)

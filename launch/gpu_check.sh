@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU check for one H100/H200-class machine without network access: correctness of a bf16
+# step against fp32, fp16 with loss scaling, ZeRO-2/3 on NCCL (a 1-GPU DeepSpeed engine), then
+# the benchmark table (rcn_dist/gpu_check.py). A few minutes in all.
+#
+#   bash launch/gpu_check.sh [--wheels DIR] [--out DIR] [--device cuda|cpu]
+#
+# --wheels DIR: wheels to install offline where the image lacks them (pip install --no-index):
+#   deepspeed (pure: `pip wheel --no-deps deepspeed==0.19.8`), hjson, pydantic, pydantic-core
+#   (cp312), annotated-types, typing-inspection, typing-extensions>=4.16, webdataset, braceexpand,
+#   submitit. Built on a machine with network: `pip download -d DIR --only-binary=:all:
+#   --python-version 3.12 --no-deps ...` plus the deepspeed wheel.
+# --out DIR: where checks.jsonl, bench.jsonl and bench.md go (default: $OUT if set, else
+#   runs/gpu_check). --device cpu: the dry run (tiny sizes, gloo), what the tests run.
+# Exit status: 0 all checks passed, 1 a check failed, 2 the machine is not usable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+wheels="" out="${OUT:-runs/gpu_check}" device=cuda
+while (( $# )); do
+  case "$1" in
+    --wheels) wheels="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    --device) device="$2"; shift 2 ;;
+    *) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+py="${RCN_PYTHON:-}"
+if [[ -z "$py" ]]; then
+  if [[ -x .venv/bin/python ]]; then py=.venv/bin/python; else py=python3; fi
+fi
+# The GPU image sets 9.0a, which DeepSpeed's op builder cannot parse when it JIT-builds FusedAdam.
+export TORCH_CUDA_ARCH_LIST=9.0
+# One process, one GPU: rank variables of an outer launcher must not leak in.
+unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT
+
+missing=$("$py" - <<'EOF'
+import importlib.util
+print(" ".join(m for m in ("deepspeed", "webdataset", "submitit", "rcn_dist") if importlib.util.find_spec(m) is None))
+EOF
+)
+if [[ -n "$missing" ]]; then
+  if [[ " $missing " != " rcn_dist " ]]; then
+    [[ -n "$wheels" ]] || { echo "gpu_check.sh: missing $missing: pass --wheels DIR (no network here)" >&2; exit 2; }
+    "$py" -m pip install -q --no-index --find-links "$wheels" deepspeed webdataset submitit
+  fi
+  # The package itself, without touching the image's torch.
+  "$py" -m pip install -q --no-deps --no-build-isolation -e .
+fi
+if [[ "$device" == cuda ]]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+fi
+"$py" -m rcn_dist.gpu_check --device "$device" --out "$out"

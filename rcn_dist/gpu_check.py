@@ -1,0 +1,223 @@
+"""The GPU check (launch/gpu_check.sh): correctness first, then the benchmark table, in minutes.
+
+    python -m rcn_dist.gpu_check --device cuda --out DIR      # an H100/H200 machine
+    python -m rcn_dist.gpu_check --device cpu --out DIR       # the dry run (tiny sizes, gloo)
+
+Checks, each a JSON line in DIR/checks.jsonl (and a line on stdout):
+  fast_fp32     the fast training step equals the eager one (fp32, TF32 off): loss within 1e-5
+  bf16          a bf16-autocast step's loss within 2e-2 of fp32 (CapsNet and the RCN)
+  fp16_scaled   fp16 autocast with a GradScaler: finite loss within 5e-2 of fp32, steps taken (GPU only)
+  zero2, zero3  a 1-process DeepSpeed engine (NCCL on a GPU, gloo on CPU), ZeRO stage 2 and 3,
+                bf16 (fp32 on CPU): finite losses over a few steps, the first within 5e-2 of the
+                plain fp32 model's
+Then the benchmark rows (rcn_dist.bench) go to DIR/bench.jsonl and a Markdown table to
+DIR/bench.md: capsnet-sabour at batch 128 and 512 in fp32 and bf16, rcn-small, rcn-mnist (the
+dry run: batch 2, one step, no rcn-mnist); on a GPU with TF32 allowed, as a training run would
+have it. Exit status 1 if any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rcn_dist import bench
+from rcn_dist.bench import CapsNetSabour, Options, rcn_inputs, rcn_step, train_step
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def _capsnet_losses(opt: Options, batch: int, steps: int = 2) -> list[float]:
+    torch.manual_seed(0)
+    x = (torch.rand(batch, 1, 28, 28) > 0.6).float()
+    y = torch.randint(0, 10, (batch,))
+    torch.manual_seed(1)
+    model = CapsNetSabour()
+    step = train_step(model, model.loss, (x, y), opt)
+    return [float(step()) for _ in range(steps)]
+
+
+def _rcn_losses(preset_name: str, opt: Options, batch: int, steps: int = 2) -> list[float]:
+    from rcn_dist.config import preset
+
+    step = rcn_step(preset(preset_name), batch, opt)
+    return [float(step()) for _ in range(steps)]
+
+
+def check_fast_fp32(dev: torch.device, batch: int, preset_name: str) -> dict[str, Any]:
+    fast = _rcn_losses(preset_name, Options(dev, "fp32", fast=True), batch)
+    eager = _rcn_losses(preset_name, Options(dev, "fp32", fast=False), batch)
+    err = max(_rel(a, b) for a, b in zip(fast, eager))
+    return {"check": "fast_fp32", "ok": err <= 1e-5, "max_rel_err": err, "fast": fast, "eager": eager}
+
+
+def check_bf16(dev: torch.device, batch: int, preset_name: str) -> dict[str, Any]:
+    rows = {}
+    for name, losses in (("capsnet", _capsnet_losses), ("rcn", lambda o, b: _rcn_losses(preset_name, o, b))):
+        bf = losses(Options(dev, "bf16"), batch)
+        fp = losses(Options(dev, "fp32"), batch)
+        rows[name] = {"bf16": bf, "fp32": fp, "rel_err": _rel(bf[0], fp[0])}
+    err = max(r["rel_err"] for r in rows.values())
+    return {"check": "bf16", "ok": err <= 2e-2, "max_rel_err": err, **rows}
+
+
+def check_fp16_scaled(dev: torch.device, batch: int, preset_name: str, steps: int = 4) -> dict[str, Any]:
+    """fp16 autocast with dynamic loss scaling (torch.amp.GradScaler), against fp32."""
+    if dev.type != "cuda":
+        return {"check": "fp16_scaled", "ok": True, "skipped": "fp16 needs a GPU"}
+    from rcn_dist.config import preset
+    from rcn_dist.model import RCN
+
+    cfg = preset(preset_name)
+    x, y, eps = (t.to(dev) for t in rcn_inputs(cfg, batch))
+    torch.manual_seed(0)
+    model = RCN(cfg.model).to(dev)
+    adam = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    scaler = torch.amp.GradScaler("cuda")
+    losses = []
+    for _ in range(steps):
+        adam.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model.loss(x, y, eps)[0]
+        scaler.scale(loss).backward()
+        scaler.step(adam)
+        scaler.update()
+        losses.append(float(loss))
+    fp32 = _rcn_losses(preset_name, Options(dev, "fp32", fast=False), batch, steps=1)[0]
+    err = _rel(losses[0], fp32)
+    finite = all(map(lambda v: v == v and abs(v) != float("inf"), losses))
+    return {"check": "fp16_scaled", "ok": finite and err <= 5e-2, "rel_err_first": err, "losses": losses,
+            "fp32_first": fp32, "final_scale": scaler.get_scale()}
+
+
+def check_zero(dev: torch.device, stage: int, batch: int, preset_name: str, steps: int = 3) -> dict[str, Any]:
+    """A 1-process DeepSpeed engine with ZeRO `stage`: NCCL + bf16 on a GPU, gloo + fp32 on CPU."""
+    from rcn_dist.config import apply_overrides, preset
+    from rcn_dist.model import RCN
+    from rcn_dist.parallel import engine as eng
+    from rcn_dist.train import LossModule
+
+    precision = "bf16" if dev.type == "cuda" else "fp32"
+    cfg = apply_overrides(preset(preset_name), [f"train.batch_size={batch}", f"train.precision={precision}",
+                                                f"parallel.zero_stage={stage}", "train.warmup_steps=0"])
+    eng.resolve_engine_settings(cfg, {}, 1, dev.type)
+    if not torch.distributed.is_initialized():
+        from rcn_dist.parallel.env import free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+        eng.init_distributed("nccl" if dev.type == "cuda" else "gloo")
+    x, y, eps = (t.to(dev) for t in rcn_inputs(cfg, batch))
+    torch.manual_seed(0)
+    plain = float(RCN(cfg.model).to(dev).loss(x, y, eps)[0])
+    torch.manual_seed(0)
+    engine, _, _ = eng.initialize(LossModule(RCN(cfg.model)), cfg, {})
+    losses = []
+    for _ in range(steps):
+        loss = engine(x, y, eps)["loss"].mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    err = _rel(losses[0], plain)
+    finite = all(v == v and abs(v) != float("inf") for v in losses)
+    # bf16 here means bf16 weights throughout (DeepSpeed's bf16 mode), cruder than autocast.
+    return {"check": f"zero{stage}", "ok": finite and err <= 5e-2, "precision": precision,
+            "backend": "nccl" if dev.type == "cuda" else "gloo", "losses": losses, "plain_first": plain,
+            "rel_err_first": err}
+
+
+def bench_rows(dev: torch.device, dry_run: bool) -> list[dict[str, Any]]:
+    """The benchmark table's rows. The dry run uses batch 2 and one step of each."""
+    steps, warmup = (1, 0) if dry_run else (20, 5)
+    rows = []
+    for batch in ((2,) if dry_run else (128, 512)):
+        for precision in ("fp32", "bf16"):
+            rows.append(bench.bench_capsnet(batch, steps, warmup, Options(dev, precision)))
+    # The dry run leaves out rcn-mnist (84 GFLOP per training image: a minute on a CPU).
+    for workload, batch in (("rcn-small", 2),) if dry_run else (("rcn-small", 256), ("rcn-mnist", 64)):
+        for precision in ("fp32", "bf16"):
+            rows.append(bench.bench_rcn(workload, batch, steps if dry_run else 5, warmup if dry_run else 2,
+                                        Options(dev, precision)))
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of benchmark rows."""
+    lines = ["| workload | batch | precision | img/s | ms/step | TFLOP/s | peak TFLOP/s | fraction | peak mem GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['batch']} | {r['precision']} | {r['img_per_s']:.1f} | "
+                     f"{r['ms_per_step']:.1f} | {r['achieved_tflops']:.3f} | {r['matmul_peak_tflops']:.1f} | "
+                     f"{100 * r['fraction_of_peak']:.1f}% | {r['peak_mem_bytes'] / 2**30:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_checks(dev: torch.device, out: Path, dry_run: bool, emit: Callable[[str], Any] = print) -> bool:
+    """All checks, then the benchmark table; True if every check passed."""
+    out.mkdir(parents=True, exist_ok=True)
+    preset_name, batch = ("tiny", 4) if dry_run else ("small", 16)
+    ok = True
+    if dev.type == "cuda":
+        emit(json.dumps({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+                         "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST")}))
+        # Equality checks compare true fp32 arithmetic.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    checks: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("fast_fp32", lambda: check_fast_fp32(dev, batch, preset_name)),
+        ("bf16", lambda: check_bf16(dev, batch, preset_name)),
+        ("fp16_scaled", lambda: check_fp16_scaled(dev, batch, preset_name)),
+        ("zero2", lambda: check_zero(dev, 2, batch, preset_name)),
+        ("zero3", lambda: check_zero(dev, 3, batch, preset_name)),
+    ]
+    with open(out / "checks.jsonl", "w") as f:
+        for name, check in checks:
+            t0 = time.perf_counter()
+            try:
+                r = check()
+            except Exception as e:  # a check that crashes has failed; the others still run
+                r = {"check": name, "ok": False, "error": f"{type(e).__name__}: {e}"}
+            r["seconds"] = time.perf_counter() - t0
+            ok &= bool(r["ok"])
+            f.write(json.dumps(r) + "\n")
+            emit(json.dumps(r))
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    rows = bench_rows(dev, dry_run)
+    with open(out / "bench.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+            emit(json.dumps(r))
+    (out / "bench.md").write_text(table(rows))
+    emit(table(rows))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="gpu_check", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--out", default="gpu_check_out", help="directory for checks.jsonl, bench.jsonl, bench.md")
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes (implied by --device cpu)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    ok = run_checks(torch.device(args.device), Path(args.out), args.dry_run or args.device == "cpu")
+    print("gpu_check: all checks passed" if ok else "gpu_check: SOME CHECKS FAILED", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
