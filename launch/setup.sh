@@ -17,7 +17,7 @@ torch_req="${RCN_TORCH:-torch==2.13.0}"
 
 apt_pkgs=(dataset-fashion-mnist)
 if (( want_test )); then
-  apt_pkgs+=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server openmpi-bin libopenmpi-dev)
+  apt_pkgs+=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server openmpi-bin libopenmpi-dev shellcheck)
 fi
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -24,8 +24,14 @@ from rcn_dist.data.loader import Manifest, load_arrays
 from rcn_dist.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("error::ResourceWarning")
-needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
-                                   reason="Debian's dataset-fashion-mnist is not installed")
+needs_fashion = pytest.mark.usefixtures("fashion_installed")
+
+
+@pytest.fixture
+def fashion_installed() -> None:
+    # Installed by launch/setup.sh: missing is a failure, never a skip.
+    assert (FASHION / "train-images-idx3-ubyte.gz").is_file(), (
+        f"{FASHION} is missing: install Debian's dataset-fashion-mnist (launch/setup.sh does)")
 
 
 def _only_entries(parent) -> list[str]:

@@ -59,8 +59,8 @@ def test_missing_package_is_one_clear_line(name, tmp_path, monkeypatch):
                             f"pip install 'rcn_dist[{name}]'")
 
 
-@pytest.mark.skipif(not HAVE_TB, reason="tensorboard is not installed (pip install 'rcn_dist[tensorboard]')")
 def test_tensorboard_event_file_holds_the_scalars(tmp_path):
+    assert HAVE_TB, "tensorboard is not installed (launch/setup.sh --test installs rcn_dist[dev])"
     lg = make_loggers(cfg_with("jsonl,tensorboard"), tmp_path, rank=0)
     for row in ROWS:
         lg.log(row)
