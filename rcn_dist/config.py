@@ -179,7 +179,12 @@ class DataConfig:
     """Where the data comes from and how it is fed."""
 
     dir: str = "data/fashion-mnist"
-    """A directory prepared by `rcn prepare` (shards + manifest.json)."""
+    """A directory prepared by `rcn prepare` (shards + manifest.json), or where such a directory's
+    files are served: an http(s) URL prefix, a `pipe:` shell command with {} for the file name,
+    or a brace-expanded list of its shards (docs/data.md, "Shard URLs")."""
+    cache_dir: str = ""
+    """Node-local directory that keeps each shard after its first read, checksum-verified ("": no
+    cache). Safe to share between the ranks and workers of one node."""
     binarize: str = "dynamic"
     """"dynamic" (a fresh Bernoulli draw per sample and epoch, seeded), "fixed" (threshold 0.5),
     or "none" (keep grey levels: for the logistic likelihood)."""

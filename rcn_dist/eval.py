@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reduced evaluation: " + ", ".join(f"eval.{k}<={v}" for k, v in REDUCED.items()))
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--out", help="where to write the JSON (default RUN_DIR/eval.json)")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     ap.add_argument("overrides", nargs="*", help="eval.field=value, e.g. eval.iw_samples=100")
     return ap
 
@@ -275,15 +276,16 @@ def eval_config(cfg: Config, args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
-    from rcn_dist.data.loader import EvalStream
     from rcn_dist.parallel.env import detect, finish_rendezvous
-    from rcn_dist.train import LossModule, evaluate
+    from rcn_dist.train import LossModule, evaluate, test_stream
 
     args = build_parser().parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not parts or parts - set(PARTS):
         raise ConfigError(f"--parts takes a comma-separated subset of {','.join(PARTS)}, got {args.parts!r}")
     check_overrides(args.overrides)
+    if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
     le = detect()
     if le.device.startswith("cuda"):
         torch.cuda.set_device(le.local_rank)
@@ -309,12 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         if t.precision in ("bf16", "fp16"):
             test_model = copy.deepcopy(model).to(torch.bfloat16 if t.precision == "bf16" else torch.float16)
         # Exactly the loop's call: the same stream, batch, noise and reduction.
-        metrics |= evaluate(LossModule(test_model), EvalStream(data_dir, batch, le.rank, le.world_size),
+        metrics |= evaluate(LossModule(test_model), test_stream(cfg, data_dir, batch, le.rank, le.world_size),
                             cfg, le.device, progress=rank0)
         if manifest.multi_label:
             metrics["two_object_accuracy"] = 1.0 - metrics["test_error"]
     if "iw" in parts:
-        metrics |= importance_weighted(model, EvalStream(data_dir, batch, le.rank, le.world_size), cfg,
+        metrics |= importance_weighted(model, test_stream(cfg, data_dir, batch, le.rank, le.world_size), cfg,
                                        le.device, e.iw_samples, e.iw_examples, progress=rank0)
     if rank0 and parts & {"nn", "fd"}:
         is_run_dir = (Path(args.run) / "checkpoints").is_dir()  # not a checkpoint or export dir

@@ -160,6 +160,15 @@ def position_from_samples(stream, samples: int, dp_size: int) -> dict[str, int]:
     return stream.state_dict() | {"epoch": samples // per_epoch, "batch": (samples % per_epoch) // per_batch}
 
 
+def test_stream(cfg: Config, data_dir: str, batch_size: int, dp_rank: int, dp_size: int):
+    """The test split, each image once across ranks; binarised at 0.5 unless the likelihood
+    models grey levels (data.binarize=none, CIFAR-10's logistic)."""
+    from rcn_dist.data.loader import EvalStream
+
+    binarize = "none" if cfg.data.binarize == "none" else "fixed"
+    return EvalStream(data_dir, batch_size, dp_rank, dp_size, binarize=binarize)
+
+
 class StopFlag:
     """SIGTERM / SIGUSR1 / SIGUSR2 set a flag; the loop acts on it at the next step boundary.
 
@@ -266,7 +275,7 @@ def prepare_run(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from rcn_dist.data.loader import EvalStream, TrainStream
+    from rcn_dist.data.loader import TrainStream
     from rcn_dist.loggers import make_loggers
     from rcn_dist.model import RCN
     from rcn_dist.parallel import checkpoint as ckpt
@@ -378,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
 
             at_end = step == t.steps
             if (t.eval_every and step % t.eval_every == 0) or at_end:
-                ev = evaluate(engine, EvalStream(cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size),
+                ev = evaluate(engine, test_stream(cfg, cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size),
                               cfg, device, max_batches=0 if at_end else t.eval_batches)
                 ev |= {"step": step, "kind": "eval", "full": at_end or not t.eval_batches}
                 if rank0:

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared body of slurm/train_*.sh (sourced, not run). The calling script sets RCN_DATASET and its
 # defaults for RCN_PRESET and RCN_DATA, then calls rcn_slurm_train.
 #

@@ -154,7 +154,9 @@ ensure_hosts() {
     local n missing=()
     for n in "$@"; do getent hosts "$n" >/dev/null || missing+=("$n"); done
     ((${#missing[@]} == 0)) && return 0
-    # A hosts file without a final newline would glue our line onto its last one.
+    # A hosts file without a final newline would glue our line onto its last one. (Reading its
+    # last byte while the group appends to it is safe: nothing is truncated.)
+    # shellcheck disable=SC2094,SC2015
     { [[ -z $(tail -c1 /etc/hosts) ]] || echo; } >>/etc/hosts &&
         echo "127.0.0.1 ${missing[*]}" >>/etc/hosts ||
         die "cannot add '127.0.0.1 ${missing[*]}' to /etc/hosts; add it by hand"

@@ -18,10 +18,13 @@ and for evaluation "mask" bool (B,).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
+import os
 import random
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ import webdataset.tariterators as wds_tar
 
 from rcn_dist.data import safetar
 from rcn_dist.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, npy_header
+from rcn_dist.data.urls import Source
 from rcn_dist.errors import DataError, RcnError, UnsafeFileError
 
 BINARIZE = ("dynamic", "fixed", "none")
@@ -40,21 +44,33 @@ _ERROR = "__rcn_error__"
 
 # ---------------------------------------------------------------- manifest
 class Manifest:
-    """A prepared data directory: manifest.json plus the shards it lists."""
+    """A prepared data set: manifest.json plus the shards it lists, in a local directory or at a
+    URL (rcn_dist.data.urls), optionally cached node-locally in `cache_dir`.
 
-    def __init__(self, directory: Path, data: dict[str, Any]) -> None:
-        self.dir = directory
+    `dir` is the directory (a Path) for a local source, else the URL prefix or pipe: template.
+    """
+
+    def __init__(self, source: Source, data: dict[str, Any], cache_dir: str | Path | None = None) -> None:
+        self.source = source
+        self.dir: Path | str = source.local_dir or source.base
         self.data = data
+        self.cache_dir = Path(cache_dir) if cache_dir else None
 
     @classmethod
-    def load(cls, directory: str | Path) -> Manifest:
-        """Read and check `directory`/manifest.json (DataError naming what is wrong)."""
-        d = Path(directory)
-        path = d / MANIFEST
-        if not path.is_file():
-            raise DataError(f"{d}: no {MANIFEST} (run `rcn prepare`)")
+    def load(cls, directory: str | Path, cache_dir: str | Path | None = None) -> Manifest:
+        """Read and check the manifest of `directory` (a directory, URL, pipe: template or brace
+        list: see rcn_dist.data.urls); DataError naming what is wrong."""
+        src = Source(directory)
+        d = src.local_dir
+        if d is not None:
+            path: Path | str = d / MANIFEST
+            if not path.is_file():
+                raise DataError(f"{d}: no {MANIFEST} (run `rcn prepare`)")
+            read = path.read_text
+        else:
+            path, read = src.where(MANIFEST), src.read_manifest
         try:
-            m = json.loads(path.read_text())
+            m = json.loads(read())
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -72,6 +88,7 @@ class Manifest:
                     # The manifest names files inside its own directory, never elsewhere.
                     if not isinstance(f, str) or "/" in f or "\\" in f or f in ("", ".", ".."):
                         raise DataError(f"{path}: shard file name {f!r} is not a plain file name")
+                    src.check_name(f, str(path))  # and for URLs and commands, nothing but [A-Za-z0-9._-]
                     if not (isinstance(sh["samples"], int) and isinstance(sh["bytes"], int)
                             and isinstance(sh["sha256"], str)):
                         raise DataError(f"{path}: shard entry {f!r} needs integer samples and bytes "
@@ -82,7 +99,9 @@ class Manifest:
             raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
         if len(shape) != 3 or min(shape) < 1 or len(names) < 2:
             raise DataError(f"{path}: malformed image_shape or class_names")
-        return cls(d, m)
+        if src.shards is not None:
+            m = _select(m, src.shards, path)
+        return cls(src, m, cache_dir)
 
     @property
     def dataset(self) -> str:
@@ -121,17 +140,31 @@ class Manifest:
         return int(self.data["splits"][split]["num_samples"])
 
     def read_shard_bytes(self, entry: dict[str, Any]) -> bytes:
-        """A shard's bytes, checked against the manifest's size and SHA-256."""
-        path = self.dir / entry["file"]
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise DataError(f"{path}: cannot read shard ({e.strerror or e})") from None
+        """A shard's bytes, checked against the manifest's size and SHA-256: from the cache when
+        it holds a good copy, else from the source (and then into the cache)."""
+        cache = self.cache_dir / f"{entry['sha256'][:16]}-{entry['file']}" if self.cache_dir else None
+        if cache is not None:
+            try:
+                data = cache.read_bytes()
+                if len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]:
+                    return data
+            except OSError:
+                pass  # absent (or unreadable, or being replaced): fetch it
+        where = self.source.where(entry["file"])
+        if self.source.kind == "local":
+            try:
+                data = Path(where).read_bytes()
+            except OSError as e:
+                raise DataError(f"{where}: cannot read shard ({e.strerror or e})") from None
+        else:
+            data = self.source.read(entry["file"])
         if len(data) != entry["bytes"]:
-            raise DataError(f"{path}: shard holds {len(data)} bytes, the manifest says {entry['bytes']} "
+            raise DataError(f"{where}: shard holds {len(data)} bytes, the manifest says {entry['bytes']} "
                             + ("(truncated)" if len(data) < entry["bytes"] else "(changed)"))
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise DataError(f"{path}: shard checksum does not match the manifest (corrupt or changed)")
+            raise DataError(f"{where}: shard checksum does not match the manifest (corrupt or changed)")
+        if cache is not None:
+            _write_atomic(cache, data)
         return data
 
     def verify(self) -> None:
@@ -141,6 +174,34 @@ class Manifest:
                 self.read_shard_bytes(entry)
 
 
+def _select(m: dict[str, Any], files: list[str], path: Path | str) -> dict[str, Any]:
+    """The manifest restricted to the shards of a brace list (splits left without shards dropped)."""
+    known = {sh["file"] for entry in m["splits"].values() for sh in entry["shards"]}
+    missing = [f for f in files if f not in known]
+    if missing:
+        raise DataError(f"{path}: lists no shard {missing[0]!r} (of the brace list)")
+    m = copy.deepcopy(m)
+    for split, entry in list(m["splits"].items()):
+        entry["shards"] = [sh for sh in entry["shards"] if sh["file"] in files]
+        entry["num_samples"] = sum(sh["samples"] for sh in entry["shards"])
+        if not entry["shards"]:
+            del m["splits"][split]
+    return m
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a name of this process's own, then rename: readers on the node (other ranks,
+    workers) see the whole file or none, and two writers of the same shard write the same bytes."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{path.parent}: cannot write the shard cache ({e.strerror or e})") from None
+
+
 # ---------------------------------------------------------------- reading one shard
 def iter_shard(manifest: Manifest, entry: dict[str, Any]) -> Iterator[dict[str, bytes]]:
     """The raw samples of one shard ({"__key__", "npy", "cls", ...}), in stored order.
@@ -148,7 +209,7 @@ def iter_shard(manifest: Manifest, entry: dict[str, Any]) -> Iterator[dict[str, 
     The shard is checked (size, checksum, tar members: UnsafeFileError for links, absolute
     paths, `..` and devices) and must hold exactly the manifest's sample count.
     """
-    path = manifest.dir / entry["file"]
+    path = manifest.source.where(entry["file"])
     data = manifest.read_shard_bytes(entry)
     files = ({"fname": name, "data": content, "__url__": str(path)}
              for name, content in safetar.iter_files(io.BytesIO(data), path))
@@ -280,14 +341,15 @@ class TrainStream:
 
     def __init__(self, data_dir: str | Path, batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  num_workers: int = 0, binarize: str = "dynamic", shuffle: bool = True,
-                 split: str = "train", shuffle_buffer: int = 1000) -> None:
+                 split: str = "train", shuffle_buffer: int = 1000,
+                 cache_dir: str | Path | None = None) -> None:
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"data-parallel rank {dp_rank} is outside 0..{dp_size - 1}")
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
             raise DataError("batch_size and shuffle_buffer must be positive, num_workers >= 0")
         if binarize not in BINARIZE:
             raise DataError(f"unknown binarisation {binarize!r} (use {', '.join(BINARIZE)})")
-        self.manifest = Manifest.load(data_dir)
+        self.manifest = Manifest.load(data_dir, cache_dir)
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.num_workers, self.binarize, self.shuffle, self.split = num_workers, binarize, shuffle, split
         self.shuffle_buffer = shuffle_buffer
@@ -422,14 +484,15 @@ class EvalStream:
     """
 
     def __init__(self, data_dir: str | Path, batch_size: int, dp_rank: int, dp_size: int,
-                 split: str = "test", binarize: str = "fixed", seed: int = 0) -> None:
+                 split: str = "test", binarize: str = "fixed", seed: int = 0,
+                 cache_dir: str | Path | None = None) -> None:
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"data-parallel rank {dp_rank} is outside 0..{dp_size - 1}")
         if batch_size < 1:
             raise DataError("batch_size must be positive")
         if binarize not in BINARIZE:
             raise DataError(f"unknown binarisation {binarize!r} (use {', '.join(BINARIZE)})")
-        self.manifest = Manifest.load(data_dir)
+        self.manifest = Manifest.load(data_dir, cache_dir)
         self.batch_size, self.dp_rank, self.dp_size = batch_size, dp_rank, dp_size
         self.split, self.binarize, self.seed = split, binarize, seed
         entries = self.manifest.shards(split)
@@ -476,11 +539,11 @@ class EvalStream:
             made += 1
 
 
-def load_arrays(data_dir: str | Path, split: str, limit: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_arrays(data_dir: str | Path, split: str, limit: int | None = None,
+                cache_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A whole split (or its first `limit` samples) in stored order: images uint8 (N, C, H, W),
     labels int64 (N,) or (N, 2), indices int64 (N,). For nearest-neighbour searches and tests."""
-    manifest = Manifest.load(data_dir)
+    manifest = Manifest.load(data_dir, cache_dir)
     samples: list[dict[str, bytes]] = []
     for entry in manifest.shards(split):
         if limit is not None and len(samples) >= limit:

@@ -252,6 +252,8 @@ def load_model(path: str | Path, device: str = "cpu"):
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
+        # torch's message: a header line, then one line per mismatch; show the first mismatch.
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        first = (lines[1] if len(lines) > 1 else lines[0])[:240]
         raise CheckpointError(f"{where}: weights do not fit the config stored beside them ({first})") from None
     return cfg, model.to(device).eval(), where

@@ -450,7 +450,7 @@ def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
     what resolve_engine_settings already folded into cfg: ZeRO stage and precision.
     """
     from rcn_dist import console
-    from rcn_dist.data.loader import EvalStream, TrainStream
+    from rcn_dist.data.loader import TrainStream
     from rcn_dist.loggers import make_loggers
     from rcn_dist.parallel import checkpoint as ckpt
     from rcn_dist.train import (
@@ -460,6 +460,7 @@ def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
         evaluate,
         noise_for,
         step_noise_seed,
+        test_stream,
     )
 
     logger = make_loggers(cfg, run_dir, le.rank)  # before the process group, as the plain loop
@@ -524,7 +525,7 @@ def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
 
             at_end = step == t.steps
             if (t.eval_every and step % t.eval_every == 0) or at_end:
-                ev_stream = EvalStream(cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size)
+                ev_stream = test_stream(cfg, cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size)
                 ev = evaluate(_EvalAdapter(runner), _masked_on_encoder_rank(ev_stream, le.pp_rank), cfg, device,
                               max_batches=0 if at_end else t.eval_batches)
                 ev |= {"step": step, "kind": "eval", "full": at_end or not t.eval_batches}
