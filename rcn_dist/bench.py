@@ -18,6 +18,7 @@ the measured tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -380,8 +381,10 @@ def bench_loader(data_dir: str | None, batch: int, workers: int, seconds: float)
             from rcn_dist.data.prepare import main as prepare
 
             data_dir = str(Path(tmp, "fmnist"))
-            if prepare(["--dataset", "fashion-mnist", "--out", data_dir, "--limit", "2048",
-                        "--shard-size", "256"]) != 0:
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the one JSON line
+                rc = prepare(["--dataset", "fashion-mnist", "--out", data_dir, "--limit", "2048",
+                              "--shard-size", "256"])
+            if rc != 0:
                 raise BenchError("preparing the Fashion-MNIST sample for the loader benchmark failed")
         elif not Path(data_dir, "manifest.json").is_file():
             raise BenchError(f"--data {data_dir}: no manifest.json (prepare it with `rcn prepare`)")

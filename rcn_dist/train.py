@@ -166,7 +166,8 @@ def test_stream(cfg: Config, data_dir: str, batch_size: int, dp_rank: int, dp_si
     from rcn_dist.data.loader import EvalStream
 
     binarize = "none" if cfg.data.binarize == "none" else "fixed"
-    return EvalStream(data_dir, batch_size, dp_rank, dp_size, binarize=binarize)
+    return EvalStream(data_dir, batch_size, dp_rank, dp_size, binarize=binarize,
+                      cache_dir=cfg.data.cache_dir or None)
 
 
 class StopFlag:
@@ -255,7 +256,7 @@ def prepare_run(args: argparse.Namespace):
                           f"{cfg.parallel.pipeline_stages}")
     resolve_engine_settings(cfg, ds, le.dp_size, le.device)
     check_fits(cfg, le)  # refuse now what would run out of memory at step 1
-    manifest = Manifest.load(cfg.data.dir)
+    manifest = Manifest.load(cfg.data.dir, cache_dir=cfg.data.cache_dir or None)
     shape = tuple(manifest.image_shape)
     want = (cfg.model.in_channels, cfg.model.height, cfg.model.width)
     if shape != want:
@@ -330,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
     device = le.device
     stream = TrainStream(cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size, t.seed,
                          num_workers=cfg.data.num_workers, binarize=cfg.data.binarize,
-                         shuffle=cfg.data.shuffle)
+                         shuffle=cfg.data.shuffle, cache_dir=cfg.data.cache_dir or None)
     step, samples = 0, 0
     for n in notes:
         out.info(n)

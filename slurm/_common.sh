@@ -71,6 +71,8 @@ rcn_slurm_train() {
     MASTER_PORT=${RCN_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
     export MASTER_ADDR MASTER_PORT
     local restarts=${SLURM_RESTART_COUNT:-0} max_restarts=${RCN_MAX_RESTARTS:-20}
+    # Checked before use in (( )): bash arithmetic would run a $(...) hidden in the value.
+    [[ $max_restarts =~ ^[0-9]+$ ]] || { rcn_log "RCN_MAX_RESTARTS must be a number, got '$max_restarts'"; exit 2; }
     rcn_log "job $SLURM_JOB_ID restart $restarts: ${SLURM_NTASKS:-1} tasks on $SLURM_JOB_NODELIST," \
         "rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $run_dir"
 

@@ -18,9 +18,16 @@ CLUSTER=rcn
 # Ports away from Slurm's defaults (6817-6819) and MariaDB's (3306): slurmctld on P, slurmd on
 # P+1 and P+2, slurmdbd on P+10, mariadbd on P+20. A second cluster needs another dir and P.
 PORT=${RCN_SLURM_PORT:-17000}
-CTLD_PORT=$PORT DBD_PORT=$((PORT + 10)) DB_PORT=$((PORT + 20))
 START_TIMEOUT=${RCN_SLURM_START_TIMEOUT:-90}
 CPUS=${RCN_SLURM_CPUS:-2} # per fake node; overcommitting the real cores is fine for tests
+# Checked before any arithmetic: bash evaluates $(...) inside a variable used in $((...)).
+for _v in PORT START_TIMEOUT CPUS; do
+    if [[ ! ${!_v} =~ ^[1-9][0-9]*$ ]]; then
+        echo "local_cluster: error: RCN_SLURM_$_v must be a positive integer, got '${!_v}'" >&2
+        exit 1
+    fi
+done
+CTLD_PORT=$PORT DBD_PORT=$((PORT + 10)) DB_PORT=$((PORT + 20))
 
 ETC=$DIR/etc RUN=$DIR/run LOG=$DIR/log MUNGE=$DIR/munge DB=$DIR/mysql
 export SLURM_CONF=$ETC/slurm.conf

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PY, REPO, cli_env, rcn, run
+from conftest import PY, REPO, cli_env, run
 
 from rcn_dist import bench
+from rcn_dist.cli import main as cli_main
 from rcn_dist.config import preset
 from rcn_dist.flops import rcn_flops
 
@@ -91,10 +92,10 @@ def test_capsnet_sabour_alternates_with_a_comparison_driver(capsys, tmp_path):
     assert r["speedup_vs_other"] == pytest.approx(r["img_per_s"] / r["other_img_per_s"])
 
 
-def test_rcn_small_step_bf16(capsys):
-    r = _bench(capsys, "--workload", "rcn-small", "--batch", "2", *FAST, "--precision", "bf16")
+def test_rcn_small_step(capsys):
+    r = _bench(capsys, "--workload", "rcn-small", "--batch", "2", *FAST, "--eager")
     _check_step_result(r, 2)
-    assert r["precision"] == "bf16" and r["flops_per_image"] == 3 * rcn_flops(preset("small").model)["total"]
+    assert r["precision"] == "fp32" and not r["fast"] and r["flops_per_image"] == 3 * rcn_flops(preset("small").model)["total"]
 
 
 @pytest.mark.slow
@@ -110,7 +111,9 @@ def test_loader_on_a_prepared_set(capsys, fmnist_small):
 
 @pytest.mark.slow
 def test_loader_prepares_its_own_set(capsys):
-    assert _bench(capsys, "--workload", "loader", "--seconds", "0.5")["img_per_s"] > 0
+    assert bench.main(["--workload", "loader", "--seconds", "0.5"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and json.loads(out[0])["img_per_s"] > 0
 
 
 @pytest.mark.slow
@@ -146,14 +149,16 @@ def test_quickstart_reads_a_run_against_its_targets(capsys, tmp_path):
     assert r["wall_ok"] and r["error_ok"] and r["steps"] == 3 and r["img_per_s"] == 102.0
 
 
-def test_bad_input_is_one_error_line(tmp_path):
-    p = rcn("bench", "--workload", "capsnet-sabour", "--compare-with", tmp_path / "nope.py", check=False)
-    assert p.returncode == 2 and p.stderr.strip().startswith("rcn: error: --compare-with")
-    assert len(p.stderr.strip().splitlines()) == 1
-    p = rcn("bench", "--workload", "capsnet-sabour", "--nproc", "2", check=False)
-    assert p.returncode == 2 and "--nproc" in p.stderr
-    p = rcn("bench", "--workload", "quickstart", "--run", tmp_path, check=False)
-    assert p.returncode == 2 and "eval.json" in p.stderr
+def test_bad_input_is_one_error_line(tmp_path, capsys):
+    def error(*args) -> str:
+        assert cli_main(["bench", *map(str, args)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("rcn: error: ")
+        return err
+
+    assert "--compare-with" in error("--workload", "capsnet-sabour", "--compare-with", tmp_path / "nope.py")
+    assert "--nproc" in error("--workload", "capsnet-sabour", "--nproc", "2")
+    assert "eval.json" in error("--workload", "quickstart", "--run", tmp_path)
 
 
 @pytest.mark.slow

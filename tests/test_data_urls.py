@@ -83,7 +83,9 @@ def test_workers_read_http_like_a_directory(fmnist_small, server):
     """DataLoader worker processes fetch over http; the batches equal the local directory's."""
     def two(src: str | Path) -> list[dict]:
         it = iter(TrainStream(src, 16, 0, 1, seed=3, num_workers=2))
-        return [next(it) for _ in range(3)]
+        out = [next(it) for _ in range(3)]
+        it.close()
+        return out
 
     for a, b in zip(two(fmnist_small), two(f"{server.url}/fmnist"), strict=True):
         assert all(np.array_equal(a[k], b[k]) for k in ("image", "label", "index"))
@@ -147,6 +149,7 @@ def test_cache_fills_once_and_serves_without_the_server(fmnist_small, tmp_path):
         it = iter(TrainStream(url, 16, 0, 1, seed=0, num_workers=2, cache_dir=cache))
         for _ in range(8):
             next(it)
+        it.close()  # stops the workers, which hold a copy of the server's listening socket
         assert same(load_arrays(url, "train", cache_dir=cache), local)
         shard_hits = {p: n for p, n in srv.hits.items() if p.endswith(".tar")}
         assert len(shard_hits) == 8 and set(shard_hits.values()) == {1}, shard_hits
@@ -204,6 +207,12 @@ def test_training_through_pipe_and_http_gives_the_local_losses(fmnist_small, ser
     assert len(curves["local"]) == 3
     assert curves["pipe"] == curves["local"] and curves["http"] == curves["local"], curves
     assert server.hits["/fmnist/manifest.json"] >= 1 and server.hits["/fmnist/train-000000.tar"] >= 1
+    # The node-local cache through the CLI: the run fills it, and its losses stay the same.
+    cache = tmp_path / "cache"
+    rcn(*TRAIN, "--data", f"{server.url}/fmnist", "--out", tmp_path / "cached", f"data.cache_dir={cache}")
+    assert losses(tmp_path / "cached") == curves["local"]
+    n_train = len(list(fmnist_small.glob("train-*.tar")))
+    assert len(list(cache.glob("*-train-*.tar"))) == n_train
 
 
 @pytest.mark.slow

@@ -259,12 +259,12 @@ def test_shell_scripts_never_evaluate_strings():
     assert not offenders, "\n".join(offenders)
 
 
-@pytest.mark.xfail(strict=True, reason="slurm/local_cluster.sh:21 evaluates RCN_SLURM_PORT in $((...)) "
-                   "before checking it is a number (line 240): bash arithmetic runs $(...) in subscripts")
 def test_numeric_settings_of_scripts_are_not_evaluated(tmp_path):
     marker = tmp_path / "marker"
     env = cli_env(RCN_SLURM_DIR=str(tmp_path / "cluster"), RCN_SLURM_PORT=f"PATH[$(touch {marker})]")
-    subprocess.run(["bash", str(REPO / "slurm/local_cluster.sh"), "status"], env=env, capture_output=True, timeout=30)
+    p = subprocess.run(["bash", str(REPO / "slurm/local_cluster.sh"), "status"], env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode != 0 and "RCN_SLURM_PORT must be a positive integer" in p.stderr
     assert not marker.exists()
 
 

@@ -479,7 +479,8 @@ def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
     runner = PipelineRank(cfg, le.pp_rank, pp_group, dp_group, device=le.device)
     device = le.device
     stream = TrainStream(cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size, t.seed,
-                         num_workers=cfg.data.num_workers, binarize=cfg.data.binarize, shuffle=cfg.data.shuffle)
+                         num_workers=cfg.data.num_workers, binarize=cfg.data.binarize, shuffle=cfg.data.shuffle,
+                         cache_dir=cfg.data.cache_dir or None)
     step, samples = 0, 0
     latest, notes = ckpt.find_latest(run_dir)
     for n in notes:
