@@ -38,7 +38,7 @@ class PrimaryCapsules(nn.Module):
         b, _, h, w = u.shape
         u = u.view(b, self.types, self.dim, h, w).permute(0, 1, 3, 4, 2)
         # Squash in fp32 also under bf16/fp16 autocast: |s|^2 in 8 bits of mantissa is too coarse.
-        return squash(u.reshape(b, self.types * h * w, self.dim).float())
+        return squash(at_least_fp32(u.reshape(b, self.types * h * w, self.dim)))
 
 
 def dynamic_routing(u_hat: Tensor, iters: int) -> tuple[Tensor, Tensor]:
@@ -66,6 +66,11 @@ def dynamic_routing(u_hat: Tensor, iters: int) -> tuple[Tensor, Tensor]:
     return v, c
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """bf16/fp16 -> fp32; fp32 and fp64 (the exactness tests) unchanged."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast switched off on `device` (the meta device, used to count FLOPs, has no autocast)."""
     return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
@@ -91,13 +96,13 @@ class RoutedCapsules(nn.Module):
         return torch.einsum("ijdk,bik->bjid", self.weight, u)
 
     def forward(self, u: Tensor) -> Tensor:
-        """u (B, n_child, child_dim) -> v (B, n_parent, parent_dim), fp32.
+        """u (B, n_child, child_dim) -> v (B, n_parent, parent_dim), in fp32 (fp64 stays fp64).
 
         The predictions follow autocast (bf16 on the matmul units); the routing itself runs in
         fp32 with autocast off: its logits b sum agreements over iterations and the softmax over
-        parents is sensitive to them. u_hat.float() is a no-op for fp32 u_hat.
+        parents is sensitive to them.
         """
         u_hat = self.predictions(u)
         with _autocast_off(u_hat.device):
-            return dynamic_routing(u_hat.float(), self.iters)[0]
+            return dynamic_routing(at_least_fp32(u_hat), self.iters)[0]
 
