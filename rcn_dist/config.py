@@ -478,7 +478,7 @@ def _small() -> Config:
             class_caps_dim=16, routing_iters=3,
             dec_seed_channels=8, dec_seed_size=4, dec_deconv_channels=(16, 32),
             dec_primary_types=8, dec_primary_dim=8, dec_primary_kernel=5, dec_primary_stride=2,
-            dec_caps=8, dec_caps_dim=8, margin_weight=100.0,
+            dec_caps=8, dec_caps_dim=8, margin_weight=500.0,
         ),
         data=DataConfig(dir="data/fashion-mnist"),
         train=TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup_steps=50, eval_every=500,
