@@ -93,10 +93,10 @@ class RoutedCapsules(nn.Module):
 
     def predictions(self, u: Tensor) -> Tensor:
         """u (B, n_child, child_dim) -> u_hat (B, n_parent, n_child, parent_dim)."""
-        return torch.einsum("ijdk,bik->bjid", self.weight, u)
+        return torch.einsum("ijdk,bik->bjid", self.weight, u.to(self.weight.dtype))
 
     def forward(self, u: Tensor) -> Tensor:
-        """u (B, n_child, child_dim) -> v (B, n_parent, parent_dim), in fp32 (fp64 stays fp64).
+        """u (B, n_child, child_dim) -> v (B, n_parent, parent_dim), routed in fp32 or fp64.
 
         The predictions follow autocast (bf16 on the matmul units); the routing itself runs in
         fp32 with autocast off: its logits b sum agreements over iterations and the softmax over
@@ -104,5 +104,8 @@ class RoutedCapsules(nn.Module):
         """
         u_hat = self.predictions(u)
         with _autocast_off(u_hat.device):
-            return dynamic_routing(at_least_fp32(u_hat), self.iters)[0]
+            v = dynamic_routing(at_least_fp32(u_hat), self.iters)[0]
+        # Back to the weights' dtype: fp32 under autocast (no-op), bf16 where the whole module
+        # was cast to bf16 (DeepSpeed's bf16 mode), so the next layer gets its own dtype.
+        return v.to(self.weight.dtype)
 
