@@ -481,7 +481,7 @@ def _small() -> Config:
             dec_caps=8, dec_caps_dim=8, margin_weight=500.0,
         ),
         data=DataConfig(dir="data/fashion-mnist"),
-        train=TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup_steps=50, eval_every=500,
+        train=TrainConfig(steps=2500, batch_size=64, lr=2e-3, warmup_steps=50, eval_every=500,
                           eval_batches=20, ckpt_every=250),
     )
 
