@@ -138,10 +138,11 @@ def test_usr2_preemption_requeues_and_resumes_exactly(slurm_env, fmnist_small, r
 def test_time_limit_requeues_until_done(slurm_env, fmnist_small, reference_dir, tmp_path):
     """A real 2-minute limit with `--signal=USR2@60`: each attempt is signalled ahead of the
     limit, checkpoints and requeues; the checkpoint step grows from attempt to attempt and the
-    run finishes. Steps: ~80 s of training at the speed the reference run measured, more than
+    run finishes. Steps: ~160 s of training at the speed the reference run measured, more than
     one attempt can hold (the signal comes 30-60 s after the start); a slower machine takes more
     attempts, up to RCN_MAX_RESTARTS."""
-    steps = max(100, min(1500, int(80 / seconds_per_step(reference_dir))))
+    # ~160 s at the reference's speed: even twice as fast, more than the first attempt's share.
+    steps = max(200, min(4000, int(160 / seconds_per_step(reference_dir))))
     job, run_dir, log = fmnist_job(tmp_path, fmnist_small, steps, "--nodes=1", "--ntasks-per-node=2",
                                    "--time=00:02:00", "--signal=USR2@60", RCN_MAX_RESTARTS="12")
     try:
