@@ -44,4 +44,4 @@ fi
 extras="."
 (( want_test )) && extras=".[dev]"
 "$venv/bin/pip" install -q -e "$extras"
-echo "setup: ready ($("$venv/bin/python" -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null))"
+echo "setup: ready ($("$venv/bin/python" -c 'from importlib.metadata import version as v; print("torch", v("torch"), "deepspeed", v("deepspeed"))'))"
