@@ -179,9 +179,8 @@ def test_pipeline_resume_and_single_process_eval(fmnist_small, tmp_path):
     """Real shards through `launch/train.py` under torchrun: the pipeline's losses equal the unsplit
     `rcn train`'s (fp32); a stop after step 5 and a resume give steps 6-10 bit-identical to an
     uninterrupted run; the pipeline checkpoint loads and evaluates in one process."""
-    from rcn_dist.data.loader import EvalStream
     from rcn_dist.parallel.checkpoint import load_model
-    from rcn_dist.train import LossModule, evaluate
+    from rcn_dist.train import LossModule, evaluate, test_stream
 
     common = [*TINY, "--data", fmnist_small, "--steps", STEPS, "train.eval_every=10"]
     straight, split, unsplit = tmp_path / "straight", tmp_path / "split", tmp_path / "unsplit"
@@ -204,7 +203,7 @@ def test_pipeline_resume_and_single_process_eval(fmnist_small, tmp_path):
     # The pipeline's final checkpoint is the full RCN: one process evaluates it to the same numbers.
     cfg, model, where = load_model(straight)
     assert where.name == "step_00000010"
-    ev = evaluate(LossModule(model), EvalStream(fmnist_small, 16, 0, 1), cfg, "cpu")
+    ev = evaluate(LossModule(model), test_stream(cfg, fmnist_small, 16, 0, 1), cfg, "cpu")
     logged = metrics(straight, "eval")[-1]
     assert logged["step"] == STEPS and ev["test_n"] == logged["test_n"] == 512
     for k in ("test_elbo", "test_error", "test_margin"):
