@@ -27,16 +27,8 @@ from typing import Any
 
 import torch
 
+from rcn_dist.bench import rcn_inputs
 from rcn_dist.config import Config
-
-
-def _inputs(cfg: Config, n: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    m = cfg.model
-    x = (torch.rand(n, m.in_channels, m.height, m.width, generator=g) > 0.6).float()
-    y = torch.randint(0, m.n_classes, (n,), generator=g)
-    eps = torch.randn(n, m.T, m.z_dim, generator=g)
-    return x, y, eps
 
 
 def _best(xs: list[float]) -> float:
@@ -79,7 +71,7 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], steps: int, 
     pp_group, dp_group = make_groups(2)
     base = from_dict(json.loads(cfg_json))
     b = base.train.batch_size
-    x, y, eps = _inputs(base, b)
+    x, y, eps = rcn_inputs(base, b)
     runners = {}
     for m in ms:
         cfg = from_dict(json.loads(cfg_json))
