@@ -53,3 +53,19 @@ def fmnist_small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "fmnist"
     rcn("prepare", "--dataset", "fashion-mnist", "--out", out, "--limit", "512", "--shard-size", "64")
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict[str, str]:
+    """Environment for sbatch/srun/sacct against the local cluster (started if needed)."""
+    from slurm_util import start_cluster
+
+    return start_cluster()
+
+
+@pytest.fixture(scope="session")
+def reference_dir(fmnist_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-rank torchrun run that the Slurm, submitit and MPI tests compare with."""
+    from slurm_util import reference_run
+
+    return reference_run(fmnist_small, tmp_path_factory.getbasetemp())

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from slurm_util import PY, REPO, TRAIN, losses, reference_run, start_cluster, train_env
+from slurm_util import PY, REPO, TRAIN, losses, start_cluster, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +21,8 @@ SRUN = ["srun", "--mpi=pmix", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", "-
 
 
 @pytest.fixture(scope="session")
-def reference(fmnist_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    return losses(reference_run(fmnist_small, tmp_path_factory.getbasetemp()))
+def reference(reference_dir: Path) -> dict[int, float]:
+    return losses(reference_dir)
 
 
 def launched(launcher: list[str], *cmd: str, env: dict[str, str]) -> str:

@@ -18,7 +18,6 @@ from slurm_util import (
     sbatch,
     scancel,
     scancel_signal,
-    start_cluster,
     wait_for_text,
     wait_job,
 )
@@ -35,12 +34,6 @@ comm = MPI.COMM_WORLD
 lib = MPI.Get_library_version().split(",")[0]
 os.write(1, f"rank {comm.Get_rank()} size {comm.Get_size()} lib {lib}\\n".encode())
 """
-
-
-@pytest.fixture(scope="session")
-def slurm_env() -> dict[str, str]:
-    """Environment for sbatch/srun/sacct against the local cluster (started if needed)."""
-    return start_cluster()
 
 
 def _write(path: Path, text: str) -> Path:

@@ -21,12 +21,10 @@ from slurm_util import (
     TRAIN,
     job_state,
     losses,
-    reference_run,
     sbatch,
     scancel,
     scancel_signal,
     seconds_per_step,
-    start_cluster,
     steps_logged,
     task_pids,
     train_env,
@@ -39,16 +37,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 SLURM = REPO / "slurm"
 # TRAIN's overrides for RCN_OVERRIDES (the scripts pass the preset and steps themselves).
 OVERRIDES = " ".join(a for a in TRAIN if "=" in a)
-
-
-@pytest.fixture(scope="session")
-def slurm_env() -> dict[str, str]:
-    return start_cluster()
-
-
-@pytest.fixture(scope="session")
-def reference_dir(fmnist_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return reference_run(fmnist_small, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

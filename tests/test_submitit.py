@@ -12,7 +12,6 @@ import json
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 from slurm_util import (
@@ -20,10 +19,8 @@ from slurm_util import (
     REPO,
     TRAIN,
     losses,
-    reference_run,
     scancel,
     seconds_per_step,
-    start_cluster,
     steps_logged,
     train_env,
     wait_for_step,
@@ -37,16 +34,6 @@ from rcn_dist.submit import main, submit, sweep_points
 def on_slurm(test):
     """Mark a test as one that runs jobs on the local Slurm."""
     return pytest.mark.slow(pytest.mark.slurm(test))
-
-
-@pytest.fixture(scope="session")
-def slurm_env() -> dict[str, str]:
-    return start_cluster()
-
-
-@pytest.fixture(scope="session")
-def reference_dir(fmnist_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return reference_run(fmnist_small, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture
