@@ -272,14 +272,16 @@ class ParallelConfig:
     """Micro-batches in flight through the pipeline per step (pipeline_stages = 2 only)."""
     zero_stage: int = -1
     """ZeRO stage; -1 takes it from the DeepSpeed JSON (0 when there is none)."""
-    pipeline_schedule: str = "looped_bfs"
-    """torch.distributed.pipelining schedule of the 2T virtual stages (see docs/parallelism.md):
-    "looped_bfs" (any micro_batches) or "interleaved_1f1b" (micro_batches a multiple of
-    max(1, micro_batches // 2))."""
+    pipeline_schedule: str = "async_bfs"
+    """Schedule of the 2T virtual stages (see docs/parallelism.md): "async_bfs" (ours:
+    breadth-first, each stage waits only for its own input; any micro_batches), or
+    torch.distributed.pipelining's lock-step "looped_bfs" (any micro_batches) and
+    "interleaved_1f1b" (micro_batches a multiple of max(1, micro_batches // 2))."""
 
     def __post_init__(self) -> None:
-        _require(self.pipeline_schedule in ("looped_bfs", "interleaved_1f1b"), "parallel.pipeline_schedule",
-                 f"must be 'looped_bfs' or 'interleaved_1f1b', got {self.pipeline_schedule!r}")
+        _require(self.pipeline_schedule in ("async_bfs", "looped_bfs", "interleaved_1f1b"),
+                 "parallel.pipeline_schedule", "must be 'async_bfs', 'looped_bfs' or 'interleaved_1f1b', "
+                 f"got {self.pipeline_schedule!r}")
         _require(self.pipeline_stages in (1, 2), "parallel.pipeline_stages",
                  f"must be 1 or 2, got {self.pipeline_stages}")
         _require(isinstance(self.micro_batches, int) and self.micro_batches >= 1,

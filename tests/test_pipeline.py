@@ -20,7 +20,7 @@ STEPS = 10
 MB = 8  # per-pipeline batch of the in-process tests
 
 
-def _cfg(m: int, schedule: str = "looped_bfs", zero: int = 0):
+def _cfg(m: int, schedule: str = "async_bfs", zero: int = 0):
     cfg = apply_overrides(preset("tiny"), ["parallel.pipeline_stages=2", f"parallel.micro_batches={m}",
                                            f"parallel.pipeline_schedule={schedule}", f"parallel.zero_stage={zero}",
                                            "train.warmup_steps=2"])
@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, port: int, runs: list, out_dir: str) -> None:
             losses.append(None if terms is None else terms[:, 0].mean().item())
         result.append({"losses": losses, "grads": grads, "events": list(events),
                        "names": sorted(runner.named_parameters()),
-                       "stage_params": sorted({n for s in runner.stages for n, _ in s.submod.named_parameters()})})
+                       "stage_params": sorted({n for s in runner.stage_modules for n, _ in s.named_parameters()})})
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -123,12 +123,15 @@ def _assert_same(got: list[list[dict]], run: int, cfg, dtype, tol: float, dp: in
 
 @pytest.mark.slow
 def test_two_stages_equal_unsplit_model_and_overlap(tmp_path):
-    """fp64 (M=2, looped BFS) and fp32 (M=4, interleaved 1F1B): 10 steps of losses and gradients
-    equal the unsplit model's; each rank holds exactly its stack; micro-batches overlap."""
-    runs = [(2, "looped_bfs", 0, torch.float64), (4, "interleaved_1f1b", 0, torch.float32)]
+    """The async schedule in fp64 (M=2) and fp32 (M=4), torch's interleaved 1F1B in fp32 (M=4):
+    10 steps of losses and gradients equal the unsplit model's; each rank holds exactly its stack;
+    micro-batches overlap."""
+    runs = [(2, "async_bfs", 0, torch.float64), (4, "async_bfs", 0, torch.float32),
+            (4, "interleaved_1f1b", 0, torch.float32)]
     got = _spawn(2, runs, tmp_path)
     _assert_same(got, 0, _cfg(2), torch.float64, 1e-12, dp=1)
     _assert_same(got, 1, _cfg(4), torch.float32, 1e-5, dp=1)
+    _assert_same(got, 2, _cfg(4), torch.float32, 1e-5, dp=1)
 
     # Acceptance 2: the parameters present on each rank are exactly its own stack's, by name.
     from rcn_dist.model import RCN
@@ -143,7 +146,7 @@ def test_two_stages_equal_unsplit_model_and_overlap(tmp_path):
 
     # Acceptance 1b: from the stages' own event log, a forward of one micro-batch on one rank
     # overlaps in time with work on another micro-batch on the other rank.
-    for run_i in (0, 1):
+    for run_i in (0, 1, 2):
         ev0, ev1 = got[0][run_i]["events"], got[1][run_i]["events"]
         assert {e[1] % 2 for e in ev0} == {0} and {e[1] % 2 for e in ev1} == {1}
         overlaps = [(a, b) for a in ev0 + ev1 if a[0] == "F"
@@ -156,7 +159,7 @@ def test_two_stages_equal_unsplit_model_and_overlap(tmp_path):
 def test_two_pipelines_by_two_replicas_equal_plain_data_parallelism(tmp_path):
     """2 pipelines x 2 data-parallel replicas, ZeRO-1 (optimizer state sharded over the replicas),
     fp64: the same losses and gradients as the unsplit model on both replicas' batches."""
-    got = _spawn(4, [(2, "looped_bfs", 1, torch.float64)], tmp_path)
+    got = _spawn(4, [(2, "async_bfs", 1, torch.float64)], tmp_path)
     _assert_same(got, 0, _cfg(2, zero=1), torch.float64, 1e-12, dp=2)
 
 
@@ -254,7 +257,7 @@ def test_check_pipeline_config_refuses_each_case():
             check_pipeline_config(cfg, _le(world))
     looped = _cfg(4)
     looped.parallel.micro_batches, looped.train.micro_batch = 5, 10
-    check_pipeline_config(looped, _le(2))  # looped BFS takes any M that divides the batch
+    check_pipeline_config(looped, _le(2))  # async (and looped) BFS take any M that divides the batch
 
 
 @pytest.mark.slow

@@ -32,8 +32,10 @@ from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B,
 
 from rcn_dist.config import Config, ConfigError
 from rcn_dist.model import RCN, RCNOutput, kl_standard_normal
+from rcn_dist.parallel.async_schedule import AsyncLoopedBFS
 
 SCHEDULES = {"looped_bfs": ScheduleLoopedBFS, "interleaved_1f1b": ScheduleInterleaved1F1B}
+"""torch.distributed.pipelining's lock-step looped schedules; "async_bfs" (AsyncLoopedBFS) is ours."""
 TERMS = ("loss", "margin", "recon", "kl", "elbo")
 """Columns of the last stage's output (B, 6): these, then `correct` as 0/1."""
 ZERO_STAGES = (0, 1)
@@ -233,13 +235,21 @@ class PipelineRank:
         del full
         T, bf16 = cfg.model.T, cfg.train.precision == "bf16"
         step_cls = EncoderStep if pp_rank == 0 else DecoderStep
+        steps = [step_cls(self.stack, t, T, bf16) for t in range(T)]
+        self.stage_modules: list[nn.Module] = steps
+        """The T virtual stages of this rank (EncoderStep or DecoderStep, t = 0 .. T-1)."""
         self.events: list | None = None
-        self.stages = [LoggedStage(step_cls(self.stack, t, T, bf16), 2 * t + pp_rank, 2 * T, self.device,
-                                   group=pp_group) for t in range(T)]
-        # scale_grads=False: the default divides a shared parameter's gradient by M once per stage
-        # that uses it (wrong by up to 90%); the loss is divided by the rank's batch instead.
-        self.schedule = SCHEDULES[cfg.parallel.pipeline_schedule](
-            self.stages, cfg.parallel.micro_batches, loss_fn=self._loss, scale_grads=False)
+        self.async_schedule: AsyncLoopedBFS | None = None
+        self.stages: list[LoggedStage] = []
+        name, m = cfg.parallel.pipeline_schedule, cfg.parallel.micro_batches
+        if name == "async_bfs":
+            self.async_schedule = AsyncLoopedBFS(steps, pp_rank, pp_group, m, loss_fn=self._loss_terms)
+        else:
+            self.stages = [LoggedStage(st, 2 * t + pp_rank, 2 * T, self.device, group=pp_group)
+                           for t, st in enumerate(steps)]
+            # scale_grads=False: the default divides a shared parameter's gradient by M once per
+            # stage that uses it (wrong by up to 90%); the loss is divided by the rank's batch instead.
+            self.schedule = SCHEDULES[name](self.stages, m, loss_fn=self._loss, scale_grads=False)
         self._denom = 1
         params = list(self.stack.parameters())
         t = cfg.train
@@ -258,6 +268,8 @@ class PipelineRank:
         self.events = [] if on else None
         for s in self.stages:
             s.events = self.events
+        if self.async_schedule is not None:
+            self.async_schedule.events = self.events
         return self.events if on else []
 
     def named_parameters(self) -> dict[str, Tensor]:
@@ -275,6 +287,14 @@ class PipelineRank:
     def _loss(self, out: Tensor, target: Tensor) -> Tensor:
         return out[:, 0].sum() / self._denom
 
+    def _loss_terms(self, out: Tensor) -> Tensor:
+        return out[:, 0].sum() / self._denom
+
+    def _micro_kwargs(self, kw: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        m = self.cfg.parallel.micro_batches
+        parts = {k: v.chunk(m) for k, v in kw.items()}
+        return [{k: v[i] for k, v in parts.items()} for i in range(m)]
+
     def _kwargs(self, x: Tensor, y: Tensor, eps: Tensor) -> dict[str, Tensor]:
         x = x.to(self.device)
         if self.pp_rank == 0:
@@ -286,6 +306,9 @@ class PipelineRank:
         sum(loss) / denom. Returns the per-sample terms (B, 6) on the decoder rank, else None."""
         self._denom = denom
         kw = self._kwargs(x, y, eps)
+        if self.async_schedule is not None:
+            out = self.async_schedule.run(self._micro_kwargs(kw), train=True)
+            return None if out is None else torch.cat([o.detach() for o in out])
         if self.pp_rank == 0:
             self.schedule.step(**kw)
             return None
@@ -295,6 +318,9 @@ class PipelineRank:
     def forward_only(self, x: Tensor, y: Tensor, eps: Tensor) -> Tensor | None:
         """Forward through the pipeline without gradients: terms (B, 6) on the decoder rank."""
         kw = self._kwargs(x, y, eps)
+        if self.async_schedule is not None:
+            out = self.async_schedule.run(self._micro_kwargs(kw), train=False)
+            return None if out is None else torch.cat(out)
         if self.pp_rank == 0:
             self.schedule.eval(**kw)
             return None

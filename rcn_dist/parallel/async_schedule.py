@@ -1,0 +1,203 @@
+"""An asynchronous looped schedule for a 2-rank pipeline of 2T alternating virtual stages.
+
+torch.distributed.pipelining's looped schedules run in lock-step: after every action each rank
+posts that time slot's sends and receives as one batch and waits for all of them, so a slot lasts
+as long as the slower rank's action plus a round trip, and every carried tensor is its own
+message. For the RCN's stages that is ruinous: enc_1 (with the encoder capsules) is heavy while
+dec_1 is light, and dec_t (decoder capsules every step) is heavier than enc_t for t > 1, so the
+lock-step slots add up to sum_t max(enc_t, dec_t) instead of max(sum enc_t, sum dec_t), and
+16 to 22 small gloo messages per stage call cost about as much as the stage's work on a CPU.
+
+This schedule keeps the same order of work (breadth-first: every micro-batch through stage s
+before stage s + 2; then the backward in reverse) but synchronises only on data:
+
+* every receive of a step is posted up front (one `irecv` per stage boundary and micro-batch,
+  with its own tag), so gloo's I/O thread moves each message in the background as soon as the
+  sender has it; a stage waits only for the one message it needs;
+* a stage's outputs travel as one flat buffer (cast to one transport dtype, cast back exactly on
+  arrival), and so do the gradients coming back;
+* sends are asynchronous and waited for once, at the end of the step.
+
+The shapes and dtypes of what crosses each boundary are learned once by a probe: the two ranks
+run their stages in turn on a one-sample batch without gradients and exchange the (shape, dtype)
+lists with `send_object_list`, alternating, so the probe cannot deadlock.
+
+Events (kind "F" | "B", virtual stage, micro-batch, start, end; time.time() stamps) go to
+`events` while it is a list, as for the library's stages.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+Spec = list[tuple[tuple[int, ...], torch.dtype]]
+"""What crosses one stage boundary: per tensor, its shape without the batch dimension, and dtype."""
+
+
+def _transport_dtype(spec: Spec) -> torch.dtype:
+    # One dtype that holds every tensor of the boundary exactly (bf16 -> fp32 is exact).
+    dt = torch.float32
+    for _, d in spec:
+        dt = torch.promote_types(dt, d)
+    return dt
+
+
+def _numel(spec: Spec, batch: int) -> int:
+    return sum(batch * math.prod(shape) for shape, _ in spec)
+
+
+def _pack(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """Tensors (B, ...) -> one contiguous flat buffer of `dtype` (a copy: the sender keeps it alive)."""
+    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+
+
+def _unpack(buf: Tensor, spec: Spec, batch: int) -> list[Tensor]:
+    """The inverse of _pack: fresh tensors (B, *shape) in their own dtypes."""
+    sizes = [batch * math.prod(shape) for shape, _ in spec]
+    return [p.view(batch, *shape).to(dt).clone() if p.dtype == dt else p.view(batch, *shape).to(dt)
+            for p, (shape, dt) in zip(buf.split(sizes), spec)]
+
+
+class AsyncLoopedBFS:
+    """The schedule for one rank: `steps[t]` is virtual stage 2t + pp_rank of 2T.
+
+    Rank 0's stages are 0, 2, ..., 2T - 2, rank 1's 1, 3, ..., 2T - 1; stage s sends its outputs
+    to stage s + 1 on the other rank and receives its inputs from s - 1. The last stage's output
+    goes to `loss_fn(output) -> scalar` (backward) and is returned per micro-batch.
+    """
+
+    def __init__(self, steps: Sequence[nn.Module], pp_rank: int, group, n_microbatches: int,
+                 loss_fn: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.steps, self.pp_rank, self.group, self.m = list(steps), pp_rank, group, n_microbatches
+        self.loss_fn = loss_fn
+        self.n_stages = 2 * len(self.steps)
+        self.peer = dist.get_global_rank(group, 1 - pp_rank) if group is not None else 1 - pp_rank
+        self.specs: dict[int, Spec] | None = None  # boundary s (stage s -> s + 1) -> its Spec
+        self.events: list | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _my_stages(self) -> range:
+        return range(self.pp_rank, self.n_stages, 2)
+
+    def _tag(self, backward: bool, boundary: int, mb: int) -> int:
+        return (2 * boundary + int(backward)) * self.m + mb
+
+    def _call(self, s: int, inputs: Sequence[Tensor], kwargs: dict[str, Any]) -> tuple[Tensor, ...]:
+        out = self.steps[s // 2](*inputs, **kwargs)
+        return out if isinstance(out, tuple) else (out,)
+
+    def _log(self, kind: str, s: int, mb: int, t0: float) -> None:
+        if self.events is not None:
+            self.events.append((kind, s, mb, t0, time.time()))
+
+    @torch.no_grad()
+    def _probe(self, kwargs: dict[str, Tensor]) -> None:
+        """Learn every boundary's Spec by running the stages on sample 0, in turn with the peer."""
+        one = {k: v[:1] for k, v in kwargs.items()}
+        specs: dict[int, Spec] = {}
+        with torch.random.fork_rng(devices=[]):
+            for s in self._my_stages():
+                inputs: list[Tensor] = []
+                if s > 0:
+                    box: list[Any] = [None]
+                    dist.recv_object_list(box, src=self.peer, group=self.group)
+                    specs[s - 1] = box[0]
+                    inputs = [torch.zeros(1, *shape, dtype=dt, device=kwargs_device(one)) for shape, dt in box[0]]
+                if s < self.n_stages - 1:
+                    outs = self._call(s, inputs, one)
+                    specs[s] = [(tuple(o.shape[1:]), o.dtype) for o in outs]
+                    dist.send_object_list([specs[s]], dst=self.peer, group=self.group)
+        self.specs = specs
+
+    # ------------------------------------------------------------------ the schedule
+    def run(self, kwarg_mbs: Sequence[dict[str, Tensor]], train: bool = True) -> list[Tensor] | None:
+        """One step over M micro-batches (each a dict of keyword tensors for this rank's stages).
+
+        With `train`, gradients of sum over micro-batches of loss_fn(last output) accumulate in the
+        parameters. Returns the last stage's outputs per micro-batch on rank 1, None on rank 0.
+        """
+        if len(kwarg_mbs) != self.m:
+            raise ValueError(f"expected {self.m} micro-batches, got {len(kwarg_mbs)}")
+        if self.specs is None:
+            self._probe(kwarg_mbs[0])
+        specs = self.specs
+        assert specs is not None
+        batch = next(iter(kwarg_mbs[0].values())).shape[0]
+        device = kwargs_device(kwarg_mbs[0])
+        last = self.n_stages - 1
+        mine = self._my_stages()
+        sends: list[tuple[Any, Tensor]] = []
+
+        def post(backward: bool, boundary: int) -> dict[int, tuple[Any, Tensor]]:
+            spec = specs[boundary]
+            posted = {}
+            for mb in range(self.m):
+                buf = torch.empty(_numel(spec, batch), dtype=_transport_dtype(spec), device=device)
+                posted[mb] = (dist.irecv(buf, src=self.peer, group=self.group,
+                                         tag=self._tag(backward, boundary, mb)), buf)
+            return posted
+
+        def send(backward: bool, boundary: int, mb: int, tensors: Sequence[Tensor]) -> None:
+            buf = _pack(tensors, _transport_dtype(specs[boundary]))
+            sends.append((dist.isend(buf, dst=self.peer, group=self.group,
+                                     tag=self._tag(backward, boundary, mb)), buf))
+
+        # Forward: receives for every input, then stage by stage, micro-batch by micro-batch.
+        fwd_in = {s: post(False, s - 1) for s in mine if s > 0}
+        saved: dict[tuple[int, int], tuple[list[Tensor], tuple[Tensor, ...]]] = {}
+        results: list[Tensor] = []
+        with torch.set_grad_enabled(train):
+            for s in mine:
+                for mb in range(self.m):
+                    inputs: list[Tensor] = []
+                    if s > 0:
+                        work, buf = fwd_in[s].pop(mb)
+                        work.wait()
+                        inputs = _unpack(buf, specs[s - 1], batch)
+                        if train:
+                            inputs = [i.requires_grad_() if i.is_floating_point() else i for i in inputs]
+                    t0 = time.time()
+                    outs = self._call(s, inputs, kwarg_mbs[mb])
+                    self._log("F", s, mb, t0)
+                    if s < last:
+                        send(False, s, mb, outs)
+                    else:
+                        results.append(outs[0])
+                    if train:
+                        saved[(s, mb)] = (inputs, outs)
+        if train:
+            # Backward: the same order reversed; gradients for this rank's outputs arrive from s + 1.
+            bwd_in = {s: post(True, s) for s in mine if s < last}
+            for s in reversed(mine):
+                for mb in range(self.m):
+                    inputs, outs = saved.pop((s, mb))
+                    if s == last:
+                        assert self.loss_fn is not None
+                        t0 = time.time()
+                        self.loss_fn(outs[0]).backward()
+                    else:
+                        work, buf = bwd_in[s].pop(mb)
+                        work.wait()
+                        grads = _unpack(buf, specs[s], batch)
+                        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+                        t0 = time.time()
+                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                    self._log("B", s, mb, t0)
+                    if s > 0:
+                        send(True, s - 1, mb, [i.grad if i.grad is not None else torch.zeros_like(i)
+                                               for i in inputs])
+        for work, _ in sends:
+            work.wait()
+        return results if self.pp_rank == 1 else None
+
+
+def kwargs_device(kwargs: dict[str, Tensor]) -> torch.device:
+    """The device of a stage's keyword tensors (the image is always among them)."""
+    return next(iter(kwargs.values())).device
