@@ -272,16 +272,17 @@ class ParallelConfig:
     """Micro-batches in flight through the pipeline per step (pipeline_stages = 2 only)."""
     zero_stage: int = -1
     """ZeRO stage; -1 takes it from the DeepSpeed JSON (0 when there is none)."""
-    pipeline_schedule: str = "async_bfs"
-    """Schedule of the 2T virtual stages (see docs/parallelism.md): "async_bfs" (ours:
-    breadth-first, each stage waits only for its own input; any micro_batches), or
-    torch.distributed.pipelining's lock-step "looped_bfs" (any micro_batches) and
-    "interleaved_1f1b" (micro_batches a multiple of max(1, micro_batches // 2))."""
+    pipeline_schedule: str = "planned"
+    """Schedule of the 2T virtual stages (see docs/parallelism.md). Ours, where each stage waits
+    only for its own input (any micro_batches): "planned" (breadth-first for the first step, then
+    an order list-scheduled from the stage costs measured in it) or "async_bfs" (breadth-first
+    throughout). torch.distributed.pipelining's lock-step ones: "looped_bfs" (any micro_batches)
+    and "interleaved_1f1b" (micro_batches a multiple of max(1, micro_batches // 2))."""
 
     def __post_init__(self) -> None:
-        _require(self.pipeline_schedule in ("async_bfs", "looped_bfs", "interleaved_1f1b"),
-                 "parallel.pipeline_schedule", "must be 'async_bfs', 'looped_bfs' or 'interleaved_1f1b', "
-                 f"got {self.pipeline_schedule!r}")
+        _require(self.pipeline_schedule in ("planned", "async_bfs", "looped_bfs", "interleaved_1f1b"),
+                 "parallel.pipeline_schedule", "must be 'planned', 'async_bfs', 'looped_bfs' or "
+                 f"'interleaved_1f1b', got {self.pipeline_schedule!r}")
         _require(self.pipeline_stages in (1, 2), "parallel.pipeline_stages",
                  f"must be 1 or 2, got {self.pipeline_stages}")
         _require(isinstance(self.micro_batches, int) and self.micro_batches >= 1,

@@ -60,6 +60,7 @@ def _worker(rank: int, world: int, port: int, runs: list, out_dir: str) -> None:
             norm = runner.reduce_gradients()
             grads.append({k: p.grad.clone() for k, p in runner.named_parameters().items()})
             runner.optimizer_step(norm)
+            runner.maybe_plan()  # as the training loop: the "planned" schedule plans after step 2
             losses.append(None if terms is None else terms[:, 0].mean().item())
         result.append({"losses": losses, "grads": grads, "events": list(events),
                        "names": sorted(runner.named_parameters()),
@@ -84,7 +85,9 @@ def _reference(cfg, dtype: torch.dtype, dp: int):
 
     torch.manual_seed(cfg.train.seed)
     model = RCN(cfg.model).to(dtype)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    from rcn_dist.parallel.pipeline import adam_options
+
+    opt = torch.optim.Adam(model.parameters(), **adam_options(cfg, torch.device("cpu")))  # the ranks' Adam
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     losses, grads = [], []
     for step in range(STEPS):
@@ -123,10 +126,10 @@ def _assert_same(got: list[list[dict]], run: int, cfg, dtype, tol: float, dp: in
 
 @pytest.mark.slow
 def test_two_stages_equal_unsplit_model_and_overlap(tmp_path):
-    """The async schedule in fp64 (M=2) and fp32 (M=4), torch's interleaved 1F1B in fp32 (M=4):
+    """Our planned schedule in fp64 (M=2) and fp32 (M=4), torch's interleaved 1F1B in fp32 (M=4):
     10 steps of losses and gradients equal the unsplit model's; each rank holds exactly its stack;
     micro-batches overlap."""
-    runs = [(2, "async_bfs", 0, torch.float64), (4, "async_bfs", 0, torch.float32),
+    runs = [(2, "planned", 0, torch.float64), (4, "planned", 0, torch.float32),
             (4, "interleaved_1f1b", 0, torch.float32)]
     got = _spawn(2, runs, tmp_path)
     _assert_same(got, 0, _cfg(2), torch.float64, 1e-12, dp=1)
@@ -159,7 +162,7 @@ def test_two_stages_equal_unsplit_model_and_overlap(tmp_path):
 def test_two_pipelines_by_two_replicas_equal_plain_data_parallelism(tmp_path):
     """2 pipelines x 2 data-parallel replicas, ZeRO-1 (optimizer state sharded over the replicas),
     fp64: the same losses and gradients as the unsplit model on both replicas' batches."""
-    got = _spawn(4, [(2, "async_bfs", 1, torch.float64)], tmp_path)
+    got = _spawn(4, [(2, "async_bfs", 1, torch.float64)], tmp_path)  # and breadth-first throughout
     _assert_same(got, 0, _cfg(2, zero=1), torch.float64, 1e-12, dp=2)
 
 

@@ -39,6 +39,64 @@ from torch import Tensor, nn
 
 Spec = list[tuple[tuple[int, ...], torch.dtype]]
 """What crosses one stage boundary: per tensor, its shape without the batch dimension, and dtype."""
+Action = tuple[str, int, int]
+"""("F" | "B", virtual stage, micro-batch)."""
+COST_KEYS = [(k, c) for k in ("F", "B") for c in ("first", "enc", "dec", "last")]
+"""The cost table's entries: forward/backward of stage 0 (encoder capsules + enc_1), of the other
+encoder stages, of the decoder stages but the last, and of the last (decoder + loss)."""
+
+
+def stage_class(s: int, n_stages: int) -> str:
+    if s == 0:
+        return "first"
+    if s == n_stages - 1:
+        return "last"
+    return "enc" if s % 2 == 0 else "dec"
+
+
+def plan_orders(costs: dict[tuple[str, str], float], T: int, M: int, latency: float) -> list[list[Action]]:
+    """Both ranks' action orders from a list-scheduling simulation of one step.
+
+    Each rank, when free, takes among its actions whose inputs have arrived (the other rank's
+    output plus `latency`) the one of the oldest micro-batch, backward before forward; when none
+    has arrived it waits for the next arrival. The result is a valid execution, so running the
+    orders with real (different) costs cannot deadlock; and it is a pure function of its inputs,
+    so every rank, and every run given the same table, gets the same orders.
+    """
+    n = 2 * T
+
+    def cost(a: Action) -> float:
+        return costs[(a[0], stage_class(a[1], n))]
+
+    def deps(a: Action) -> list[Action]:
+        kind, s, mb = a
+        if kind == "F":
+            return [("F", s - 1, mb)] if s > 0 else []
+        return [("F", s, mb)] + ([("B", s + 1, mb)] if s < n - 1 else [])
+
+    todo = [{(k, s, mb) for k in "FB" for s in range(r, n, 2) for mb in range(M)} for r in (0, 1)]
+    done: dict[Action, float] = {}
+    clock = [0.0, 0.0]
+    orders: list[list[Action]] = [[], []]
+    while todo[0] or todo[1]:
+        r = min((x for x in (0, 1) if todo[x]), key=lambda x: (clock[x], x))
+        arrivals = []
+        ready = []
+        for a in todo[r]:
+            ds = deps(a)
+            if all(d in done for d in ds):
+                at = max([0.0] + [done[d] + (latency if d[1] % 2 != r else 0.0) for d in ds])
+                (ready if at <= clock[r] else arrivals).append((at, a))
+        if ready:
+            a = min(ready, key=lambda x: (x[1][2], x[1][0] == "F", x[1][1]))[1]
+            clock[r] += cost(a)
+            done[a] = clock[r]
+            todo[r].remove(a)
+            orders[r].append(a)
+        else:
+            later = [t for t, _ in arrivals] + [t + latency for t in done.values() if t + latency > clock[r]]
+            clock[r] = min(later) if later else clock[1 - r] + 1e-9
+    return orders
 
 
 def _transport_dtype(spec: Spec) -> torch.dtype:
@@ -81,6 +139,9 @@ class AsyncLoopedBFS:
         self.peer = dist.get_global_rank(group, 1 - pp_rank) if group is not None else 1 - pp_rank
         self.specs: dict[int, Spec] | None = None  # boundary s (stage s -> s + 1) -> its Spec
         self.events: list | None = None
+        self.order: list[Action] | None = None  # None: breadth-first (bfs_order)
+        self.durations: dict[Action, float] = {}  # seconds of each action's work, last training run
+        self._durations: dict[Action, float] = {}
 
     # ------------------------------------------------------------------ helpers
     def _my_stages(self) -> range:
@@ -89,13 +150,22 @@ class AsyncLoopedBFS:
     def _tag(self, backward: bool, boundary: int, mb: int) -> int:
         return (2 * boundary + int(backward)) * self.m + mb
 
+    def _params(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for step in self.steps:
+            for p in step.parameters():
+                seen.setdefault(id(p), p)
+        return [p for p in seen.values() if p.requires_grad]
+
     def _call(self, s: int, inputs: Sequence[Tensor], kwargs: dict[str, Any]) -> tuple[Tensor, ...]:
         out = self.steps[s // 2](*inputs, **kwargs)
         return out if isinstance(out, tuple) else (out,)
 
-    def _log(self, kind: str, s: int, mb: int, t0: float) -> None:
+    def _log(self, action: Action, t0: float) -> None:
+        t1 = time.time()
+        self._durations[action] = t1 - t0
         if self.events is not None:
-            self.events.append((kind, s, mb, t0, time.time()))
+            self.events.append((*action, t0, t1))
 
     @torch.no_grad()
     def _probe(self, kwargs: dict[str, Tensor]) -> None:
@@ -117,11 +187,19 @@ class AsyncLoopedBFS:
         self.specs = specs
 
     # ------------------------------------------------------------------ the schedule
+    def bfs_order(self) -> list[Action]:
+        """Breadth-first: every micro-batch through stage s before stage s + 2, then the
+        backward in reverse."""
+        mine = self._my_stages()
+        return [("F", s, mb) for s in mine for mb in range(self.m)] + \
+            [("B", s, mb) for s in reversed(mine) for mb in range(self.m)]
+
     def run(self, kwarg_mbs: Sequence[dict[str, Tensor]], train: bool = True) -> list[Tensor] | None:
         """One step over M micro-batches (each a dict of keyword tensors for this rank's stages).
 
         With `train`, gradients of sum over micro-batches of loss_fn(last output) accumulate in the
-        parameters. Returns the last stage's outputs per micro-batch on rank 1, None on rank 0.
+        parameters, in the order of `self.order` (breadth-first unless a plan was set). Returns the
+        last stage's outputs per micro-batch on rank 1, None on rank 0.
         """
         if len(kwarg_mbs) != self.m:
             raise ValueError(f"expected {self.m} micro-batches, got {len(kwarg_mbs)}")
@@ -132,70 +210,107 @@ class AsyncLoopedBFS:
         batch = next(iter(kwarg_mbs[0].values())).shape[0]
         device = kwargs_device(kwarg_mbs[0])
         last = self.n_stages - 1
-        mine = self._my_stages()
         sends: list[tuple[Any, Tensor]] = []
+        self._durations = {}
 
-        def post(backward: bool, boundary: int) -> dict[int, tuple[Any, Tensor]]:
+        def post(backward: bool, boundary: int, mb: int) -> tuple[Any, Tensor]:
             spec = specs[boundary]
-            posted = {}
-            for mb in range(self.m):
-                buf = torch.empty(_numel(spec, batch), dtype=_transport_dtype(spec), device=device)
-                posted[mb] = (dist.irecv(buf, src=self.peer, group=self.group,
-                                         tag=self._tag(backward, boundary, mb)), buf)
-            return posted
+            buf = torch.empty(_numel(spec, batch), dtype=_transport_dtype(spec), device=device)
+            return dist.irecv(buf, src=self.peer, group=self.group, tag=self._tag(backward, boundary, mb)), buf
 
         def send(backward: bool, boundary: int, mb: int, tensors: Sequence[Tensor]) -> None:
             buf = _pack(tensors, _transport_dtype(specs[boundary]))
             sends.append((dist.isend(buf, dst=self.peer, group=self.group,
                                      tag=self._tag(backward, boundary, mb)), buf))
 
-        # Forward: receives for every input, then stage by stage, micro-batch by micro-batch.
-        fwd_in = {s: post(False, s - 1) for s in mine if s > 0}
+        order = (self.order or self.bfs_order()) if train else [a for a in self.bfs_order() if a[0] == "F"]
+        # A planned order interleaves micro-batches differently from run to run (it comes from
+        # measured costs). Accumulating each micro-batch's parameter gradients apart (its own
+        # backward actions run in a fixed order: the chain through both ranks forces it) and
+        # summing them in index order at the end makes the result independent of the order, so
+        # a resumed run (which plans anew) repeats an uninterrupted one bit for bit.
+        per_mb = train
+        params = self._params() if per_mb else []
+        prior = [p.grad for p in params]
+        mb_grads: dict[int, list[Tensor | None]] = {mb: [None] * len(params) for mb in range(self.m)}
+        # Every receive of the step is posted now: forward inputs of stages s > 0, and (training)
+        # the gradients for the outputs of stages s < last. A stage then waits only for its own.
+        posted = {a: post(a[0] == "B", a[1] - 1 if a[0] == "F" else a[1], a[2]) for a in order
+                  if (a[0] == "F" and a[1] > 0) or (a[0] == "B" and a[1] < last)}
         saved: dict[tuple[int, int], tuple[list[Tensor], tuple[Tensor, ...]]] = {}
-        results: list[Tensor] = []
-        with torch.set_grad_enabled(train):
-            for s in mine:
-                for mb in range(self.m):
-                    inputs: list[Tensor] = []
-                    if s > 0:
-                        work, buf = fwd_in[s].pop(mb)
-                        work.wait()
-                        inputs = _unpack(buf, specs[s - 1], batch)
-                        if train:
-                            inputs = [i.requires_grad_() if i.is_floating_point() else i for i in inputs]
-                    t0 = time.time()
-                    outs = self._call(s, inputs, kwarg_mbs[mb])
-                    self._log("F", s, mb, t0)
-                    if s < last:
-                        send(False, s, mb, outs)
-                    else:
-                        results.append(outs[0])
+        results: dict[int, Tensor] = {}
+        for a in order:
+            kind, s, mb = a
+            if kind == "F":
+                inputs: list[Tensor] = []
+                if s > 0:
+                    work, buf = posted.pop(a)
+                    work.wait()
+                    inputs = _unpack(buf, specs[s - 1], batch)
                     if train:
-                        saved[(s, mb)] = (inputs, outs)
-        if train:
-            # Backward: the same order reversed; gradients for this rank's outputs arrive from s + 1.
-            bwd_in = {s: post(True, s) for s in mine if s < last}
-            for s in reversed(mine):
+                        inputs = [i.requires_grad_() if i.is_floating_point() else i for i in inputs]
+                t0 = time.time()
+                with torch.set_grad_enabled(train):
+                    outs = self._call(s, inputs, kwarg_mbs[mb])
+                self._log(a, t0)
+                if s < last:
+                    send(False, s, mb, outs)
+                else:
+                    results[mb] = outs[0]
+                if train:
+                    saved[(s, mb)] = (inputs, outs)
+                continue
+            # Backward of stage s for micro-batch mb: gradients for its outputs come from s + 1.
+            inputs, outs = saved.pop((s, mb))
+            for p, g in zip(params, mb_grads[mb]):
+                p.grad = g
+            if s == last:
+                assert self.loss_fn is not None
+                t0 = time.time()
+                self.loss_fn(outs[0]).backward()
+            else:
+                work, buf = posted.pop(a)
+                work.wait()
+                grads = _unpack(buf, specs[s], batch)
+                pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+                t0 = time.time()
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            self._log(a, t0)
+            if per_mb:
+                mb_grads[mb] = [p.grad for p in params]
+            if s > 0:
+                send(True, s - 1, mb, [i.grad if i.grad is not None else torch.zeros_like(i) for i in inputs])
+        if per_mb:
+            for i, p in enumerate(params):
+                total = prior[i]
                 for mb in range(self.m):
-                    inputs, outs = saved.pop((s, mb))
-                    if s == last:
-                        assert self.loss_fn is not None
-                        t0 = time.time()
-                        self.loss_fn(outs[0]).backward()
-                    else:
-                        work, buf = bwd_in[s].pop(mb)
-                        work.wait()
-                        grads = _unpack(buf, specs[s], batch)
-                        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
-                        t0 = time.time()
-                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-                    self._log("B", s, mb, t0)
-                    if s > 0:
-                        send(True, s - 1, mb, [i.grad if i.grad is not None else torch.zeros_like(i)
-                                               for i in inputs])
+                    g = mb_grads[mb][i]
+                    if g is not None:
+                        total = g if total is None else total.add_(g)
+                p.grad = total
         for work, _ in sends:
             work.wait()
-        return results if self.pp_rank == 1 else None
+        if train:
+            self.durations = self._durations
+        return [results[mb] for mb in range(self.m)] if self.pp_rank == 1 else None
+
+    # ------------------------------------------------------------------ planning
+    def stage_costs(self) -> Tensor:
+        """This rank's mean seconds per (action kind, stage class) over the last training step,
+        as a vector indexed like COST_KEYS (zeros where the class is the other rank's)."""
+        sums = torch.zeros(len(COST_KEYS), dtype=torch.float64)
+        counts = torch.zeros(len(COST_KEYS), dtype=torch.float64)
+        for (kind, s, _), dt in self.durations.items():
+            i = COST_KEYS.index((kind, stage_class(s, self.n_stages)))
+            sums[i] += dt
+            counts[i] += 1
+        return sums / counts.clamp(min=1)
+
+    def set_plan(self, costs: Sequence[float], latency: float = 2e-4) -> None:
+        """Order this rank's actions by list-scheduling both ranks on `costs` (COST_KEYS order,
+        both ranks' classes filled in: the same vector on both ranks gives matching plans)."""
+        table = dict(zip(COST_KEYS, map(float, costs)))
+        self.order = plan_orders(table, self.n_stages // 2, self.m, latency)[self.pp_rank]
 
 
 def kwargs_device(kwargs: dict[str, Tensor]) -> torch.device:
