@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -31,9 +32,9 @@ from rcn_dist.bench import rcn_inputs
 from rcn_dist.config import Config
 
 
-def _best(xs: list[float]) -> float:
-    # The fastest of the timed steps: on a shared 2-core machine, other processes only ever add time.
-    return min(xs)
+def _median(xs: list[float]) -> float:
+    # Every round times every variant once, interleaved, so load from elsewhere falls on all alike.
+    return statistics.median(xs)
 
 
 class _Unsplit:
@@ -60,7 +61,7 @@ class _Unsplit:
 
 def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], steps: int, warmup: int, out: str) -> None:
     """One of 2 processes, 1 thread each. Every round times each variant once, interleaved, so
-    that load from elsewhere on the machine falls on all of them alike; the best round counts.
+    that load from elsewhere on the machine falls on all of them alike; the median round counts.
     The unsplit variants run on rank 0 while rank 1 waits (1 process, 1 core)."""
     import torch.distributed as dist
 
@@ -121,7 +122,7 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], steps: int, 
             timed(f"pipeline{m}", lambda m=m: pipe_step(m))
             busy[m].append(sum(e[4] - e[3] for e in events))
         timed("dp", dp_step)
-    res = {k: _best(v[warmup:]) for k, v in t.items()} | {f"busy{m}": _best(v[warmup:]) for m, v in busy.items()}
+    res = {k: _median(v[warmup:]) for k, v in t.items()} | {f"busy{m}": _median(v[warmup:]) for m, v in busy.items()}
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     dist.barrier()
     dist.destroy_process_group()
@@ -156,7 +157,8 @@ def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5
     for m in ms:
         rows.append({"mode": "accum", "M": m, "step_s": accum[m]})
         pipe = max(r0[f"pipeline{m}"], r1[f"pipeline{m}"])
-        rows.append({"mode": "pipeline", "M": m, "step_s": pipe, "speedup_vs_accum": accum[m] / pipe})
+        rows.append({"mode": "pipeline", "M": m, "step_s": pipe, "speedup_vs_accum": accum[m] / pipe,
+                     "enc_busy_s": r0[f"busy{m}"], "dec_busy_s": r1[f"busy{m}"]})
     rows.append({"mode": "dp", "M": 1, "step_s": max(r0["dp"], r1["dp"])})
     for r in rows:
         r["img_per_s"] = b / r["step_s"]
@@ -174,7 +176,8 @@ def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5
                 f"= {100 * r['fraction_of_bound']:.0f}% of the bound (load average {r['loadavg_1min']:.1f} "
                 f"on {r['cpus']} CPUs: 2-process rows need 2 idle cores)")
         else:
-            extra = f"  {r['speedup_vs_accum']:.2f}x vs accum" if "speedup_vs_accum" in r else ""
+            extra = (f"  {r['speedup_vs_accum']:.2f}x vs accum  (stages busy: encoder {1e3 * r['enc_busy_s']:.0f}, "
+                     f"decoder {1e3 * r['dec_busy_s']:.0f} ms)") if "speedup_vs_accum" in r else ""
             out(f"{r['mode']:9s} M={r['M']}  {1e3 * r['step_s']:8.1f} ms/step  {r['img_per_s']:7.1f} img/s{extra}")
     return rows
 
