@@ -272,12 +272,12 @@ class ParallelConfig:
     """Micro-batches in flight through the pipeline per step (pipeline_stages = 2 only)."""
     zero_stage: int = -1
     """ZeRO stage; -1 takes it from the DeepSpeed JSON (0 when there is none)."""
-    pipeline_schedule: str = "planned"
+    pipeline_schedule: str = "async_bfs"
     """Schedule of the 2T virtual stages (see docs/parallelism.md). Ours, where each stage waits
-    only for its own input (any micro_batches): "planned" (breadth-first for the first step, then
-    an order list-scheduled from the stage costs measured in it) or "async_bfs" (breadth-first
-    throughout). torch.distributed.pipelining's lock-step ones: "looped_bfs" (any micro_batches)
-    and "interleaved_1f1b" (micro_batches a multiple of max(1, micro_batches // 2))."""
+    only for its own input (any micro_batches): "async_bfs" (breadth-first) or "planned" (an
+    order list-scheduled from the stage costs measured in the second step; same results).
+    torch.distributed.pipelining's lock-step ones: "looped_bfs" (any micro_batches) and
+    "interleaved_1f1b" (micro_batches a multiple of max(1, micro_batches // 2))."""
 
     def __post_init__(self) -> None:
         _require(self.pipeline_schedule in ("planned", "async_bfs", "looped_bfs", "interleaved_1f1b"),

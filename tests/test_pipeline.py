@@ -126,15 +126,22 @@ def _assert_same(got: list[list[dict]], run: int, cfg, dtype, tol: float, dp: in
 
 @pytest.mark.slow
 def test_two_stages_equal_unsplit_model_and_overlap(tmp_path):
-    """Our planned schedule in fp64 (M=2) and fp32 (M=4), torch's interleaved 1F1B in fp32 (M=4):
+    """Our planned schedule in fp64 (M=2) and fp32 (M=4, and breadth-first), torch's interleaved 1F1B
+    in fp32 (M=4):
     10 steps of losses and gradients equal the unsplit model's; each rank holds exactly its stack;
     micro-batches overlap."""
     runs = [(2, "planned", 0, torch.float64), (4, "planned", 0, torch.float32),
-            (4, "interleaved_1f1b", 0, torch.float32)]
+            (4, "interleaved_1f1b", 0, torch.float32), (4, "async_bfs", 0, torch.float32)]
     got = _spawn(2, runs, tmp_path)
     _assert_same(got, 0, _cfg(2), torch.float64, 1e-12, dp=1)
     _assert_same(got, 1, _cfg(4), torch.float32, 1e-5, dp=1)
     _assert_same(got, 2, _cfg(4), torch.float32, 1e-5, dp=1)
+    # The planned order gives the breadth-first order's results bit for bit (gradients add up
+    # per micro-batch, in index order, whatever the interleaving).
+    assert got[1][1]["losses"] == got[1][3]["losses"]
+    for r in (0, 1):
+        for a, b in zip(got[r][1]["grads"], got[r][3]["grads"]):
+            assert all(torch.equal(a[n], b[n]) for n in a)
     # The planned runs planned (after step 2), from one cost table both ranks agree on.
     for run_i in (0, 1):
         assert got[0][run_i]["plan"] is not None and got[0][run_i]["plan"] == got[1][run_i]["plan"]

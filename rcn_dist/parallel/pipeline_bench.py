@@ -59,7 +59,8 @@ class _Unsplit:
         self.opt.zero_grad(set_to_none=True)
 
 
-def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], steps: int, warmup: int, out: str) -> None:
+def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: Sequence[str], steps: int,
+            warmup: int, out: str) -> None:
     """One of 2 processes, 1 thread each. Every round times each variant once, interleaved, so
     that load from elsewhere on the machine falls on all of them alike; the median round counts.
     The unsplit variants run on rank 0 while rank 1 waits (1 process, 1 core)."""
@@ -76,11 +77,13 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], steps: int, 
     b = base.train.batch_size
     x, y, eps = rcn_inputs(base, b)
     runners = {}
-    for m in ms:
-        cfg = from_dict(json.loads(cfg_json))
-        cfg.parallel.pipeline_stages, cfg.parallel.micro_batches, cfg.parallel.zero_stage = 2, m, 0
-        cfg.train.micro_batch, cfg.train.precision = b, "fp32"
-        runners[m] = PipelineRank(cfg, rank, pp_group, dp_group)
+    for sched in schedules:
+        for m in ms:
+            cfg = from_dict(json.loads(cfg_json))
+            cfg.parallel.pipeline_stages, cfg.parallel.micro_batches, cfg.parallel.zero_stage = 2, m, 0
+            cfg.parallel.pipeline_schedule = sched
+            cfg.train.micro_batch, cfg.train.precision = b, "fp32"
+            runners[(sched, m)] = PipelineRank(cfg, rank, pp_group, dp_group)
     unsplit, dp = _Unsplit(base), _Unsplit(base)
     half = slice(rank * b // 2, (rank + 1) * b // 2)
     t: dict[str, list[float]] = {}
@@ -103,12 +106,12 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], steps: int, 
             o += p.numel()
         dp.update()
 
-    def pipe_step(m: int) -> None:
-        r = runners[m]
+    def pipe_step(key: tuple[str, int]) -> None:
+        r = runners[key]
         r.forward_backward(x, y, eps, b)
         r.optimizer_step(r.reduce_gradients())
 
-    busy: dict[int, list[float]] = {m: [] for m in ms}
+    busy: dict[str, list[float]] = {}
     for i in range(warmup + steps):
         if i == 1:
             for r in runners.values():
@@ -118,9 +121,11 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], steps: int, 
                 timed(f"accum{m}", lambda m=m: (unsplit.grads(x, y, eps, m), unsplit.update()))
             else:
                 timed(f"accum{m}", lambda: None)
-            events = runners[m].record_events()
-            timed(f"pipeline{m}", lambda m=m: pipe_step(m))
-            busy[m].append(sum(e[4] - e[3] for e in events))
+            for sched in schedules:
+                key = f"{sched}:{m}"
+                events = runners[(sched, m)].record_events()
+                timed(f"pipeline{key}", lambda k=(sched, m): pipe_step(k))
+                busy.setdefault(key, []).append(sum(e[4] - e[3] for e in events))
         timed("dp", dp_step)
     res = {k: _median(v[warmup:]) for k, v in t.items()} | {f"busy{m}": _median(v[warmup:]) for m, v in busy.items()}
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
@@ -129,8 +134,11 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], steps: int, 
 
 
 def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5,
-                   out: Callable[[str], Any] = print, warmup: int = 2) -> list[dict[str, Any]]:
-    """Time unsplit / accum / pipeline / dp for each M (see the module docstring).
+                   out: Callable[[str], Any] = print, warmup: int = 2,
+                   compare: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Time unsplit / accum / pipeline / dp for each M (see the module docstring). The pipeline
+    runs the config's schedule, and in the same rounds each schedule named in `compare` (their
+    rows carry "schedule"; the balance row is the config's schedule's).
 
     Returns rows {"mode", "M", "step_s", "img_per_s"} (pipeline rows add "speedup_vs_accum"),
     then one {"mode": "balance", "enc_s", "dec_s", "bound", "best_M", "best_speedup",
@@ -147,7 +155,9 @@ def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5
 
         raise ConfigError(f"train.batch_size={b} is not divisible by micro-batch count(s) {bad}")
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(free_port(), cfg.to_json(), list(ms), steps, warmup, tmp),
+        main = cfg.parallel.pipeline_schedule
+        schedules = [main] + [c for c in compare if c != main]
+        mp.start_processes(_worker, args=(free_port(), cfg.to_json(), list(ms), schedules, steps, warmup, tmp),
                            nprocs=2, start_method="spawn")
         r0, r1 = (json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(2))
     accum = {m: r0[f"accum{m}"] for m in ms}
@@ -156,17 +166,21 @@ def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5
     rows: list[dict[str, Any]] = [{"mode": "unsplit", "M": min(ms), "step_s": unsplit}]
     for m in ms:
         rows.append({"mode": "accum", "M": m, "step_s": accum[m]})
-        pipe = max(r0[f"pipeline{m}"], r1[f"pipeline{m}"])
-        rows.append({"mode": "pipeline", "M": m, "step_s": pipe, "speedup_vs_accum": accum[m] / pipe,
-                     "enc_busy_s": r0[f"busy{m}"], "dec_busy_s": r1[f"busy{m}"]})
+        for sched in schedules:
+            key = f"{sched}:{m}"
+            pipe = max(r0[f"pipeline{key}"], r1[f"pipeline{key}"])
+            rows.append({"mode": "pipeline", "M": m, "schedule": sched, "step_s": pipe,
+                         "speedup_vs_accum": accum[m] / pipe, "enc_busy_s": r0[f"busy{key}"],
+                         "dec_busy_s": r1[f"busy{key}"]})
     rows.append({"mode": "dp", "M": 1, "step_s": max(r0["dp"], r1["dp"])})
     for r in rows:
         r["img_per_s"] = b / r["step_s"]
     # Stack costs: busy time of each rank with one micro-batch (nothing overlaps, no contention).
-    enc, dec = r0[f"busy{min(ms)}"], r1[f"busy{min(ms)}"]
+    enc, dec = r0[f"busy{main}:{min(ms)}"], r1[f"busy{main}:{min(ms)}"]
     bound = (enc + dec) / max(enc, dec)
-    best = max((r for r in rows if r["mode"] == "pipeline"), key=lambda r: r["speedup_vs_accum"])
-    rows.append({"mode": "balance", "enc_s": enc, "dec_s": dec, "bound": bound, "best_M": best["M"],
+    best = max((r for r in rows if r["mode"] == "pipeline" and r["schedule"] == main),
+               key=lambda r: r["speedup_vs_accum"])
+    rows.append({"mode": "balance", "schedule": main, "enc_s": enc, "dec_s": dec, "bound": bound, "best_M": best["M"],
                  "best_speedup": best["speedup_vs_accum"], "fraction_of_bound": best["speedup_vs_accum"] / bound,
                  "loadavg_1min": os.getloadavg()[0], "cpus": os.cpu_count()})
     for r in rows:
@@ -178,7 +192,8 @@ def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5
         else:
             extra = (f"  {r['speedup_vs_accum']:.2f}x vs accum  (stages busy: encoder {1e3 * r['enc_busy_s']:.0f}, "
                      f"decoder {1e3 * r['dec_busy_s']:.0f} ms)") if "speedup_vs_accum" in r else ""
-            out(f"{r['mode']:9s} M={r['M']}  {1e3 * r['step_s']:8.1f} ms/step  {r['img_per_s']:7.1f} img/s{extra}")
+            name = f"pipeline/{r['schedule']}" if r["mode"] == "pipeline" and len(schedules) > 1 else r["mode"]
+            out(f"{name:9s} M={r['M']}  {1e3 * r['step_s']:8.1f} ms/step  {r['img_per_s']:7.1f} img/s{extra}")
     return rows
 
 
@@ -192,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ms", default="1,2,4,8", help="micro-batch counts, comma separated")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--compare", default="", help="other schedules to time in the same rounds, comma separated")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     cfg = resolve(args.preset or (None if args.config else "small"), args.config, args.overrides)
-    rows = bench_pipeline(cfg, tuple(int(m) for m in args.ms.split(",")), args.steps)
+    rows = bench_pipeline(cfg, tuple(int(m) for m in args.ms.split(",")), args.steps,
+                          compare=[c for c in args.compare.split(",") if c])
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
