@@ -103,14 +103,15 @@ class EncoderStep(nn.Module):
         self.encoder, self.t, self.T, self.bf16 = encoder, t, T, bf16
         self.n = 2 if encoder.cfg.rnn == "lstm" else 1
 
-    def forward(self, *carry: Tensor, x: Tensor, eps: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, *carry: Tensor, x: Tensor, eps: Tensor, caps: Tensor | None = None) -> tuple[Tensor, ...]:
+        """caps: the class capsules (B, K*D) when computed outside (our schedules), else None."""
         enc, n = self.encoder, self.n
         dtype = enc.latent.weight.dtype
         x = x.to(dtype)
         with _autocast(x.device, self.bf16):
             if self.t == 0:
                 # Image -> class capsules runs once; the decoder's zero state and canvas are implied.
-                caps = enc.capsules(x).flatten(1)
+                caps = enc.capsules(x).flatten(1) if caps is None else caps
                 state, kl = enc.init_state(x.shape[0], x), x.new_zeros(x.shape[0])
                 h_dec, canvas, dec_rest = x.new_zeros(x.shape[0], enc.cfg.dec_hidden), torch.zeros_like(x), ()
             else:
@@ -328,6 +329,35 @@ class PipelineRank:
         parts = {k: v.chunk(m) for k, v in kw.items()}
         return [{k: v[i] for k, v in parts.items()} for i in range(m)]
 
+    def _run_async(self, kw: dict[str, Tensor], train: bool) -> list[Tensor] | None:
+        """Our schedule over M micro-batches. On the encoder rank the encoder capsules, which need
+        only the image, run once over the rank's whole batch before the schedule (and their
+        backward once after it): M small capsule passes cost a CPU thread 2-3x one big one, and
+        as part of stage 0 they made the first round of every micro-batch the slowest."""
+        assert self.async_schedule is not None
+        mbs = self._micro_kwargs(kw)
+        caps = None
+        if self.pp_rank == 0:
+            x = kw["x"]
+            t0 = time.time()
+            with torch.set_grad_enabled(train), _autocast(x.device, self.cfg.train.precision == "bf16"):
+                caps = self.stack.capsules(x.to(self.stack.latent.weight.dtype)).flatten(1)  # (B, K*D)
+            self._log_caps("F", t0)
+            for d, part in zip(mbs, caps.detach().chunk(len(mbs))):
+                d["caps"] = part.requires_grad_(train)  # a leaf per micro-batch: stage 0's input
+        out = self.async_schedule.run(mbs, train=train)
+        if train and caps is not None:
+            t0 = time.time()
+            grads = [d["caps"].grad if d["caps"].grad is not None else torch.zeros_like(d["caps"]) for d in mbs]
+            caps.backward(torch.cat(grads))
+            self._log_caps("B", t0)
+        return out
+
+    def _log_caps(self, kind: str, t0: float) -> None:
+        # The whole-batch capsule pass is stage 0's work, logged with micro-batch -1.
+        if self.events is not None:
+            self.events.append((kind, 0, -1, t0, time.time()))
+
     def _kwargs(self, x: Tensor, y: Tensor, eps: Tensor) -> dict[str, Tensor]:
         x = x.to(self.device)
         if self.pp_rank == 0:
@@ -340,7 +370,7 @@ class PipelineRank:
         self._denom = denom
         kw = self._kwargs(x, y, eps)
         if self.async_schedule is not None:
-            out = self.async_schedule.run(self._micro_kwargs(kw), train=True)
+            out = self._run_async(kw, train=True)
             return None if out is None else torch.cat([o.detach() for o in out])
         if self.pp_rank == 0:
             self.schedule.step(**kw)
@@ -352,7 +382,7 @@ class PipelineRank:
         """Forward through the pipeline without gradients: terms (B, 6) on the decoder rank."""
         kw = self._kwargs(x, y, eps)
         if self.async_schedule is not None:
-            out = self.async_schedule.run(self._micro_kwargs(kw), train=False)
+            out = self._run_async(kw, train=False)
             return None if out is None else torch.cat(out)
         if self.pp_rank == 0:
             self.schedule.eval(**kw)
