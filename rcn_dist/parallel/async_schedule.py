@@ -8,8 +8,9 @@ dec_1 is light, and dec_t (decoder capsules every step) is heavier than enc_t fo
 lock-step slots add up to sum_t max(enc_t, dec_t) instead of max(sum enc_t, sum dec_t), and
 16 to 22 small gloo messages per stage call cost about as much as the stage's work on a CPU.
 
-This schedule keeps the same order of work (breadth-first: every micro-batch through stage s
-before stage s + 2; then the backward in reverse) but synchronises only on data:
+This schedule runs a fixed order of work per rank (breadth-first by default: every micro-batch
+through stage s before stage s + 2, then the backward in reverse; or one planned by
+`plan_orders` from measured stage costs) and synchronises only on data:
 
 * every receive of a step is posted up front (one `irecv` per stage boundary and micro-batch,
   with its own tag), so gloo's I/O thread moves each message in the background as soon as the
@@ -17,6 +18,8 @@ before stage s + 2; then the backward in reverse) but synchronises only on data:
 * a stage's outputs travel as one flat buffer (cast to one transport dtype, cast back exactly on
   arrival), and so do the gradients coming back;
 * sends are asynchronous and waited for once, at the end of the step.
+* each micro-batch's parameter gradients accumulate apart and are summed in micro-batch order at
+  the end, so every order gives bit-identical results.
 
 The shapes and dtypes of what crosses each boundary are learned once by a probe: the two ranks
 run their stages in turn on a one-sample batch without gradients and exchange the (shape, dtype)
