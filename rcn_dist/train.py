@@ -211,6 +211,104 @@ class StopFlag:
             prev(signum, None)
 
 
+class StepHooks:
+    """What differs between the plain loop (one DeepSpeed engine) and the pipeline loop (one stack
+    per rank); run_loop() does the rest: agreement, logging, eval and checkpoint cadence, stops.
+
+    grads(batches, step) -> (5,) float64: run train.grad_accum micro-steps on batches from the
+        iterator, leave the gradients ready for the update, return the summed (loss, margin,
+        recon, kl, elbo) batch means (zeros on ranks that hold no loss);
+    update() -> None: the optimizer step, after every rank agreed the losses are finite;
+    lr() -> float: the learning rate after the update;
+    evaluate(at_end) -> dict: test metrics (collective);
+    save(step, loop_state) -> Path: a checkpoint (collective);
+    loss_ranks: how many ranks' loss parts the all-reduce adds up.
+    """
+
+    def __init__(self, grads, update, lr, evaluate, save, loss_ranks: int) -> None:
+        self.grads, self.update, self.lr, self.evaluate, self.save = grads, update, lr, evaluate, save
+        self.loss_ranks = loss_ranks
+
+
+def run_loop(cfg: Config, hooks: StepHooks, stream, step: int, samples: int, latest: Path | None, stop: StopFlag,
+             logger, out, run_dir: Path, rank: int) -> int:
+    """Train from `step` (and `latest`, the checkpoint it came from) to cfg.train.steps, then tear
+    the process group down. Returns the exit code: 0, or EXIT_STOPPED after a stop signal (and a
+    checkpoint). Raises Diverged, before the update, when any rank's loss is not finite."""
+    progress = out.progress(total=cfg.train.steps, start=step, label=f"train {cfg.name}")
+    try:
+        stopped = _steps(cfg, hooks, stream, step, samples, str(latest) if latest else "none", stop, logger,
+                         progress, out, run_dir, rank)
+    finally:
+        progress.close()
+        logger.close()
+        stop.restore()
+    return _end_run(stopped, cfg.train.steps, out, run_dir, stop)
+
+
+def _steps(cfg: Config, hooks: StepHooks, stream, step: int, samples: int, last_good: str, stop: StopFlag,
+           logger, progress, out, run_dir: Path, rank: int) -> bool:
+    # The loop of run_loop(); True when a stop signal ended it early.
+    import torch.distributed as dist
+
+    from rcn_dist.parallel import checkpoint as ckpt
+
+    t = cfg.train
+    batches = iter(stream)
+    while step < t.steps:
+        ckpt.fault_point("step", step, rank)
+        tic = time.perf_counter()
+        parts = hooks.grads(batches, step)
+        # One collective per step: the loss parts, any rank's stop signal, any non-finite loss,
+        # agreed before the update so that a NaN never reaches the weights.
+        flag = torch.cat([parts / t.grad_accum, torch.tensor(
+            [float(stop.signum != 0), float(not torch.isfinite(parts).all())], dtype=torch.float64)])
+        dist.all_reduce(flag)
+        if flag[6] > 0:
+            raise Diverged(f"loss is not finite at step {step + 1}; last good checkpoint: {last_good}")
+        hooks.update()
+        parts = flag[:5] / hooks.loss_ranks
+        step += 1
+        samples += t.batch_size
+        dt = time.perf_counter() - tic
+        row = {"step": step, "loss": parts[0].item(), "margin": parts[1].item(),
+               "recon": parts[2].item(), "kl": parts[3].item(), "elbo": parts[4].item(),
+               "lr": hooks.lr(), "img_per_s": t.batch_size / dt, "samples": samples}
+        if rank == 0 and (step % t.log_every == 0 or step == t.steps):
+            logger.log(row)
+        progress.update(step, row)
+
+        at_end = step == t.steps
+        if (t.eval_every and step % t.eval_every == 0) or at_end:
+            ev = hooks.evaluate(at_end) | {"step": step, "kind": "eval", "full": at_end or not t.eval_batches}
+            if rank == 0:
+                logger.log(ev)
+            progress.eval(ev)
+        stopping = flag[5] > 0
+        if (t.ckpt_every and step % t.ckpt_every == 0) or at_end or stopping:
+            loop_state = {"step": step, "samples": samples, "loader": stream.state_dict()}
+            last_good = str(hooks.save(step, loop_state))
+        if stopping and not at_end:
+            out.info(f"stop signal: checkpointed at step {step} in {last_good}; "
+                     f"exit {EXIT_STOPPED} (run again on {run_dir} to resume)")
+            return True
+    return False
+
+
+def _end_run(stopped: bool, steps: int, out, run_dir: Path, stop: StopFlag) -> int:
+    """After the loop, on every rank: the last line, the process group's teardown and, under
+    submitit after a stop, the requeue. Returns the exit code."""
+    import torch.distributed as dist
+
+    if not stopped:
+        out.info(f"done: {steps} steps; run directory {run_dir}")
+    dist.barrier()  # without it, gloo teardown aborted ~1 run in 3 (stack-facts.md)
+    dist.destroy_process_group()
+    if stopped:
+        stop.hand_over()  # under submitit: task 0 requeues the job and exits here
+    return EXIT_STOPPED if stopped else 0
+
+
 def _check_run_dir(run_dir: Path, cfg: Config) -> None:
     """A run dir that holds another model's checkpoints is refused, not overwritten."""
     saved = run_dir / "config.json"
@@ -347,75 +445,28 @@ def run(args: argparse.Namespace) -> int:
             _verify_loaded_weights(engine, latest, rank0, out)
         out.info(f"resumed from {latest} (step {step})")
 
-    batches = iter(stream)
-    progress = out.progress(total=t.steps, start=step, label=f"train {cfg.name}")
-    last_good = str(latest) if latest else "none"
-    stopped = False
-    try:
-        while step < t.steps:
-            ckpt.fault_point("step", step, le.rank)
-            tic = time.perf_counter()
-            parts = torch.zeros(5, dtype=torch.float64)  # loss, margin, recon, kl, elbo
-            for micro in range(t.grad_accum):
-                batch = next(batches)
-                x, y = batch["image"].to(device), batch["label"].to(device)
-                eps = noise_for(batch, step_noise_seed(t.seed, step), cfg).to(device)
-                terms = engine(x, y, eps)
-                loss = terms["loss"].mean()
-                engine.backward(loss)
-                parts += torch.stack([terms[k].detach().mean().double().cpu()
-                                      for k in ("loss", "margin", "recon", "kl", "elbo")])
-                if micro < t.grad_accum - 1:
-                    engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-            # One collective per step: the loss parts, any rank's stop signal, any non-finite loss,
-            # agreed before the update so that a NaN never reaches the weights.
-            flag = torch.cat([parts / t.grad_accum, torch.tensor(
-                [float(stop.signum != 0), float(not torch.isfinite(parts).all())], dtype=torch.float64)])
-            dist.all_reduce(flag)
-            if flag[6] > 0:
-                raise Diverged(f"loss is not finite at step {step + 1}; last good checkpoint: {last_good}")
-            engine.step()
-            parts = flag[:5] / le.world_size
-            step += 1
-            samples += t.batch_size
-            dt = time.perf_counter() - tic
-            lr = scheduler.get_last_lr()[0]
-            row = {"step": step, "loss": parts[0].item(), "margin": parts[1].item(),
-                   "recon": parts[2].item(), "kl": parts[3].item(), "elbo": parts[4].item(),
-                   "lr": lr, "img_per_s": t.batch_size / dt, "samples": samples}
-            if rank0 and (step % t.log_every == 0 or step == t.steps):
-                logger.log(row)
-            progress.update(step, row)
+    def grads(batches, step: int) -> torch.Tensor:
+        parts = torch.zeros(5, dtype=torch.float64)  # loss, margin, recon, kl, elbo
+        for micro in range(t.grad_accum):
+            batch = next(batches)
+            x, y = batch["image"].to(device), batch["label"].to(device)
+            eps = noise_for(batch, step_noise_seed(t.seed, step), cfg).to(device)
+            terms = engine(x, y, eps)
+            engine.backward(terms["loss"].mean())
+            parts += torch.stack([terms[k].detach().mean().double().cpu()
+                                  for k in ("loss", "margin", "recon", "kl", "elbo")])
+            if micro < t.grad_accum - 1:
+                engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+        return parts
 
-            at_end = step == t.steps
-            if (t.eval_every and step % t.eval_every == 0) or at_end:
-                ev = evaluate(engine, test_stream(cfg, cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size),
-                              cfg, device, max_batches=0 if at_end else t.eval_batches)
-                ev |= {"step": step, "kind": "eval", "full": at_end or not t.eval_batches}
-                if rank0:
-                    logger.log(ev)
-                progress.eval(ev)
-            stopping = flag[5] > 0
-            if (t.ckpt_every and step % t.ckpt_every == 0) or at_end or stopping:
-                loop_state = {"step": step, "samples": samples, "loader": stream.state_dict()}
-                last_good = str(ckpt.save(engine, run_dir, step, loop_state, cfg, le.rank,
-                                          le.world_size, t.keep_last))
-            if stopping and not at_end:
-                out.info(f"stop signal: checkpointed at step {step} in {last_good}; "
-                         f"exit {EXIT_STOPPED} (run again on {run_dir} to resume)")
-                stopped = True
-                break
-    finally:
-        progress.close()
-        logger.close()
-        stop.restore()
-    if not stopped:
-        out.info(f"done: {t.steps} steps; run directory {run_dir}")
-    dist.barrier()
-    dist.destroy_process_group()
-    if stopped:
-        stop.hand_over()  # under submitit: task 0 requeues the job and exits here
-    return EXIT_STOPPED if stopped else 0
+    hooks = StepHooks(
+        grads=grads, update=engine.step, lr=lambda: scheduler.get_last_lr()[0],
+        evaluate=lambda at_end: evaluate(engine, test_stream(cfg, cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size),
+                                         cfg, device, max_batches=0 if at_end else t.eval_batches),
+        save=lambda step, loop_state: ckpt.save(engine, run_dir, step, loop_state, cfg, le.rank, le.world_size,
+                                                t.keep_last),
+        loss_ranks=le.world_size)
+    return run_loop(cfg, hooks, stream, step, samples, latest, stop, logger, out, run_dir, le.rank)
 
 
 def main(argv: list[str] | None = None) -> int:

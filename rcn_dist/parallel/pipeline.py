@@ -547,11 +547,11 @@ def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
     from rcn_dist.loggers import make_loggers
     from rcn_dist.parallel import checkpoint as ckpt
     from rcn_dist.train import (
-        EXIT_STOPPED,
-        Diverged,
+        StepHooks,
         StopFlag,
         evaluate,
         noise_for,
+        run_loop,
         step_noise_seed,
         test_stream,
     )
@@ -570,7 +570,6 @@ def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
              f"ZeRO {p.zero_stage}, {t.precision}, global batch {t.batch_size} = {t.micro_batch} x "
              f"{t.grad_accum} x {le.dp_size}")
     runner = PipelineRank(cfg, le.pp_rank, pp_group, dp_group, device=le.device)
-    device = le.device
     stream = TrainStream(cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size, t.seed,
                          num_workers=cfg.data.num_workers, binarize=cfg.data.binarize, shuffle=cfg.data.shuffle,
                          cache_dir=cfg.data.cache_dir or None)
@@ -584,66 +583,27 @@ def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
         stream.load_state_dict(state["loader"])
         out.info(f"resumed from {latest} (step {step})")
 
-    batches = iter(stream)
-    progress = out.progress(total=t.steps, start=step, label=f"train {cfg.name}")
-    last_good = str(latest) if latest else "none"
-    stopped = False
-    try:
-        while step < t.steps:
-            ckpt.fault_point("step", step, le.rank)
-            tic = time.perf_counter()
-            parts = torch.zeros(5, dtype=torch.float64)  # loss, margin, recon, kl, elbo
-            for _ in range(t.grad_accum):
-                batch = next(batches)
-                eps = noise_for(batch, step_noise_seed(t.seed, step), cfg)
-                terms = runner.forward_backward(batch["image"], batch["label"], eps, t.micro_batch * t.grad_accum)
-                if terms is not None:
-                    parts += terms[:, :5].double().mean(0).cpu()
-            # One collective: loss parts (from each decoder rank), stop signals, non-finite losses.
-            flag = torch.cat([parts / t.grad_accum, torch.tensor(
-                [float(stop.signum != 0), float(not torch.isfinite(parts).all())], dtype=torch.float64)])
-            dist.all_reduce(flag)
-            if flag[6] > 0:
-                raise Diverged(f"loss is not finite at step {step + 1}; last good checkpoint: {last_good}")
-            runner.optimizer_step(runner.reduce_gradients())
-            runner.maybe_plan()
-            parts = flag[:5] / le.dp_size
-            step += 1
-            samples += t.batch_size
-            dt = time.perf_counter() - tic
-            row = {"step": step, "loss": parts[0].item(), "margin": parts[1].item(),
-                   "recon": parts[2].item(), "kl": parts[3].item(), "elbo": parts[4].item(),
-                   "lr": runner.scheduler.get_last_lr()[0], "img_per_s": t.batch_size / dt, "samples": samples}
-            if rank0 and (step % t.log_every == 0 or step == t.steps):
-                logger.log(row)
-            progress.update(step, row)
+    def grads(batches, step: int) -> torch.Tensor:
+        parts = torch.zeros(5, dtype=torch.float64)  # loss, margin, recon, kl, elbo
+        for _ in range(t.grad_accum):
+            batch = next(batches)
+            eps = noise_for(batch, step_noise_seed(t.seed, step), cfg)
+            terms = runner.forward_backward(batch["image"], batch["label"], eps, t.micro_batch * t.grad_accum)
+            if terms is not None:  # the decoder rank holds the loss terms
+                parts += terms[:, :5].double().mean(0).cpu()
+        return parts
 
-            at_end = step == t.steps
-            if (t.eval_every and step % t.eval_every == 0) or at_end:
-                ev_stream = test_stream(cfg, cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size)
-                ev = evaluate(_EvalAdapter(runner), _masked_on_encoder_rank(ev_stream, le.pp_rank), cfg, device,
-                              max_batches=0 if at_end else t.eval_batches)
-                ev |= {"step": step, "kind": "eval", "full": at_end or not t.eval_batches}
-                if rank0:
-                    logger.log(ev)
-                progress.eval(ev)
-            stopping = flag[5] > 0
-            if (t.ckpt_every and step % t.ckpt_every == 0) or at_end or stopping:
-                loop_state = {"step": step, "samples": samples, "loader": stream.state_dict()}
-                last_good = str(save_checkpoint(runner, run_dir, step, loop_state, cfg, le, t.keep_last))
-            if stopping and not at_end:
-                out.info(f"stop signal: checkpointed at step {step} in {last_good}; "
-                         f"exit {EXIT_STOPPED} (run again on {run_dir} to resume)")
-                stopped = True
-                break
-    finally:
-        progress.close()
-        logger.close()
-        stop.restore()
-    if not stopped:
-        out.info(f"done: {t.steps} steps; run directory {run_dir}")
-    dist.barrier()  # without it, gloo teardown aborted ~1 run in 3 (stack-facts.md)
-    dist.destroy_process_group()
-    if stopped:
-        stop.hand_over()  # under submitit: task 0 requeues the job and exits here
-    return EXIT_STOPPED if stopped else 0
+    def update() -> None:
+        runner.optimizer_step(runner.reduce_gradients())
+        runner.maybe_plan()
+
+    def evaluate_pipeline(at_end: bool) -> dict:
+        ev_stream = test_stream(cfg, cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size)
+        return evaluate(_EvalAdapter(runner), _masked_on_encoder_rank(ev_stream, le.pp_rank), cfg, le.device,
+                        max_batches=0 if at_end else t.eval_batches)
+
+    hooks = StepHooks(
+        grads=grads, update=update, lr=lambda: runner.scheduler.get_last_lr()[0], evaluate=evaluate_pipeline,
+        save=lambda step, loop_state: save_checkpoint(runner, run_dir, step, loop_state, cfg, le, t.keep_last),
+        loss_ranks=le.dp_size)
+    return run_loop(cfg, hooks, stream, step, samples, latest, stop, logger, out, run_dir, le.rank)
