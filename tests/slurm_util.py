@@ -123,6 +123,21 @@ def wait_job(job_id: str, timeout: float = 120, env: dict[str, str] | None = Non
     raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s")
 
 
+def finish_job(job_id: str, log: str | os.PathLike[str], expect: str = "COMPLETED", timeout: float = 300,
+               env: dict[str, str] | None = None, during=None) -> str:
+    """Run `during()` (if given) while the job runs, wait for its end, cancel it whatever happened,
+    check its final state against `expect` and return its log text."""
+    try:
+        if during is not None:
+            during()
+        state = wait_job(job_id, timeout=timeout, env=env)
+    finally:
+        scancel(job_id, env=env)
+    text = Path(log).read_text()
+    assert state == expect, text
+    return text
+
+
 def scancel_signal(job_id: str, sig: str, *, batch: bool = False, env: dict[str, str] | None = None) -> None:
     """Send `sig` (e.g. "USR2") to the tasks of the job's steps, or with `batch` to its batch shell."""
     _run(["scancel", f"--signal={sig}", *(["--batch"] if batch else []), job_id], env)

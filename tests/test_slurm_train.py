@@ -19,17 +19,16 @@ from slurm_util import (
     CPU_JOB,
     REPO,
     TRAIN,
+    finish_job,
     job_state,
     losses,
     sbatch,
-    scancel,
     scancel_signal,
     seconds_per_step,
     steps_logged,
     task_pids,
     train_env,
     wait_for_step,
-    wait_job,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -80,12 +79,7 @@ def test_cifar_script_trains_on_two_ranks(slurm_env, tmp_path):
                                   "data.binarize=none train.batch_size=16 train.eval_every=0")
     job = sbatch(SLURM / "train_cifar.sh", *CPU_JOB, "--nodes=1", "--ntasks-per-node=2", f"--output={log}",
                  env=env)
-    try:
-        state = wait_job(job, timeout=300, env=slurm_env)
-    finally:
-        scancel(job, env=slurm_env)
-    text = log.read_text()
-    assert state == "COMPLETED", text
+    text = finish_job(job, log, env=slurm_env)
     assert "preparing data" in text and (data / "manifest.json").is_file()
     # Both ranks, as each detected itself (RCN_ENV_CHECK), and as the loop saw the world.
     ranks = sorted((e["rank"], e["world_size"], e["launcher"])
@@ -105,14 +99,12 @@ def test_usr2_preemption_requeues_and_resumes_exactly(slurm_env, fmnist_small, r
     itself, resumes there and finishes with the uninterrupted run's losses, bit for bit."""
     steps = 40
     job, run_dir, log = fmnist_job(tmp_path, fmnist_small, steps, "--nodes=1", "--ntasks-per-node=2")
-    try:
+
+    def during() -> None:
         wait_for_step(run_dir, 3, job, env=slurm_env)
         scancel_signal(job, "USR2", env=slurm_env)
-        state = wait_job(job, timeout=300, env=slurm_env)
-    finally:
-        scancel(job, env=slurm_env)
-    text = log.read_text()
-    assert state == "COMPLETED", text
+
+    text = finish_job(job, log, env=slurm_env, during=during)
     first, second = attempts(text)
     assert (first["restart"], second["restart"]) == (0, 1), text
     assert first["stopped"] is not None and first["stopped"] < steps, text
@@ -133,12 +125,7 @@ def test_time_limit_requeues_until_done(slurm_env, fmnist_small, reference_dir, 
     steps = max(200, min(4000, int(160 / seconds_per_step(reference_dir))))
     job, run_dir, log = fmnist_job(tmp_path, fmnist_small, steps, "--nodes=1", "--ntasks-per-node=2",
                                    "--time=00:02:00", "--signal=USR2@60", RCN_MAX_RESTARTS="12")
-    try:
-        state = wait_job(job, timeout=1200, env=slurm_env)
-    finally:
-        scancel(job, env=slurm_env)
-    text = log.read_text()
-    assert state == "COMPLETED", text
+    text = finish_job(job, log, timeout=1200, env=slurm_env)
     tries = attempts(text)
     assert len(tries) >= 2 and [t["restart"] for t in tries] == list(range(len(tries))), text
     stops = [t["stopped"] for t in tries[:-1]]
@@ -152,12 +139,7 @@ def test_two_nodes_match_one_node(slurm_env, fmnist_small, reference, tmp_path):
     """2 nodes x 1 task: data parallel across node1 and node2, the same losses as 2 ranks on one
     node (the reference)."""
     job, run_dir, log = fmnist_job(tmp_path, fmnist_small, 8, "--nodes=2", "--ntasks-per-node=1")
-    try:
-        state = wait_job(job, timeout=300, env=slurm_env)
-    finally:
-        scancel(job, env=slurm_env)
-    text = log.read_text()
-    assert state == "COMPLETED", text
+    text = finish_job(job, log, env=slurm_env)
     assert "2 tasks on node[1-2], rendezvous node1:" in text
     assert "srun: 2 rank(s)" in text
     assert losses(run_dir) == {s: reference[s] for s in range(1, 9)}
@@ -169,29 +151,22 @@ def test_killed_task_fails_job_and_resubmission_resumes(slurm_env, fmnist_small,
     steps = 30
     job, run_dir, log = fmnist_job(tmp_path, fmnist_small, steps, "--nodes=1", "--ntasks-per-node=2")
     latest = run_dir / "checkpoints" / "latest"
-    try:
+
+    def during() -> None:
         wait_for_step(run_dir, 6, job, env=slurm_env)
         assert latest.is_file(), "no complete checkpoint at step 6 (train.ckpt_every=5)"
         pids = task_pids(job, procid=1)
         assert len(pids) == 1, pids
         os.kill(pids[0], signal.SIGKILL)
-        state = wait_job(job, timeout=240, env=slurm_env)
-    finally:
-        scancel(job, env=slurm_env)
-    text = log.read_text()
-    assert state == "FAILED", text
+
+    text = finish_job(job, log, "FAILED", timeout=240, env=slurm_env, during=during)
     assert "training failed" in text
     saved = int(latest.read_text().removeprefix("step_"))
     assert 5 <= saved < steps and max(steps_logged(run_dir)) < steps
 
     job2, _, log2 = fmnist_job(tmp_path / "again", fmnist_small, steps, "--nodes=1", "--ntasks-per-node=2",
                                run_dir=run_dir)
-    try:
-        state = wait_job(job2, timeout=300, env=slurm_env)
-    finally:
-        scancel(job2, env=slurm_env)
-    text2 = log2.read_text()
-    assert state == "COMPLETED", text2
+    text2 = finish_job(job2, log2, env=slurm_env)
     assert attempts(text2)[0]["resumed"] == saved, text2
     logged = steps_logged(run_dir)
     resumed_at = len(logged) - (steps - saved)
