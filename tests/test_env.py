@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import PY, cli_env, run
 
-from rcn_dist.parallel.env import detect, first_host
+from rcn_dist.parallel.env import detect, first_host, tasks_on_node
 from rcn_dist.parallel.env import main as env_main
 
 ENVS = Path(__file__).parent / "envs"
@@ -99,3 +99,16 @@ def test_rcn_env_table(monkeypatch, capsys):
     assert env_main([]) == 0
     out = capsys.readouterr().out
     assert "mpirun-mpich" in out and "launch environment (rank 1)" in out
+
+
+def test_srun_uneven_task_layout():
+    """--ntasks=3 on 2 nodes: 2 tasks on the first node, 1 on the second (not 3 // 2 = 1 and 1)."""
+    assert [tasks_on_node("2(x3),1", i) for i in range(5)] == [2, 2, 2, 1, None]
+    assert tasks_on_node("", 0) is None and tasks_on_node("two", 0) is None
+    base = {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "3", "SLURM_NNODES": "2", "SLURM_JOB_ID": "8",
+            "SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_STEP_NODELIST": "node[1-2]"}
+    layout = [(0, 0, 0), (1, 1, 0), (2, 0, 1)]  # (rank, local rank, node)
+    got = [detect(base | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(lr), "SLURM_NODEID": str(n)}, cuda=False)
+           for r, lr, n in layout]
+    assert [(le.rank, le.local_rank, le.local_world_size) for le in got] == [(0, 0, 2), (1, 1, 2), (2, 0, 1)]
+    assert {le.world_size for le in got} == {3} and {le.master_addr for le in got} == {"node1"}

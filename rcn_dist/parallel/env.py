@@ -82,6 +82,18 @@ def _port_from_job(job_id: str) -> int:
     return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
 
 
+def tasks_on_node(spec: str, node: int) -> int | None:
+    """Slurm's compressed tasks-per-node list ("2(x3),1": 2, 2, 2, 1) at index `node`; None when
+    the list is missing, malformed or too short."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            return None
+        counts += [int(m[1])] * int(m[2] or 1)
+    return counts[node] if 0 <= node < len(counts) else None
+
+
 def detect(environ: Mapping[str, str] | None = None, cuda: bool | None = None,
            pipeline_stages: int = 1) -> LaunchEnv:
     """Detect the launcher and this process's place from the environment (no side effects)."""
@@ -115,7 +127,9 @@ def detect(environ: Mapping[str, str] | None = None, cuda: bool | None = None,
         rank, world = int(env["SLURM_PROCID"]), _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1)
         local_rank = _int(env, "SLURM_LOCALID", default=0)
         nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES", default=1)
-        local_world = world // max(nodes, 1)
+        # Tasks on this node: uneven layouts (--ntasks=3 on 2 nodes: "2,1") differ from world // nodes.
+        local_world = tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""),
+                                    _int(env, "SLURM_NODEID", default=0)) or world // max(nodes, 1)
         if not addr:
             nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
             addr = "127.0.0.1" if nodes == 1 or not nodelist else first_host(nodelist)
