@@ -28,13 +28,8 @@ from typing import Any
 
 import torch
 
-from rcn_dist.bench import rcn_inputs
+from rcn_dist.bench import load_average, rcn_inputs
 from rcn_dist.config import Config
-
-
-def _median(xs: list[float]) -> float:
-    # Every round times every variant once, interleaved, so load from elsewhere falls on all alike.
-    return statistics.median(xs)
 
 
 class _Unsplit:
@@ -110,12 +105,10 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
         r = runners[key]
         r.forward_backward(x, y, eps, b)
         r.optimizer_step(r.reduce_gradients())
+        r.maybe_plan()  # as the training loop: the "planned" schedule plans after its second step
 
     busy: dict[str, list[float]] = {}
-    for i in range(warmup + steps):
-        if i == 1:
-            for r in runners.values():
-                r.maybe_plan()  # the "planned" schedule orders its actions from round 0's stage costs
+    for _ in range(warmup + steps):
         for m in ms:
             if rank == 0:
                 timed(f"accum{m}", lambda m=m: (unsplit.grads(x, y, eps, m), unsplit.update()))
@@ -125,9 +118,10 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
                 key = f"{sched}:{m}"
                 events = runners[(sched, m)].record_events()
                 timed(f"pipeline{key}", lambda k=(sched, m): pipe_step(k))
-                busy.setdefault(key, []).append(sum(e[4] - e[3] for e in events))
+                busy.setdefault(f"busy{key}", []).append(sum(e[4] - e[3] for e in events))
         timed("dp", dp_step)
-    res = {k: _median(v[warmup:]) for k, v in t.items()} | {f"busy{m}": _median(v[warmup:]) for m, v in busy.items()}
+    # Every round timed every variant once, interleaved, so load from elsewhere fell on all alike.
+    res = {k: statistics.median(v[warmup:]) for k, v in (t | busy).items()}
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     dist.barrier()
     dist.destroy_process_group()
@@ -182,7 +176,7 @@ def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5
                key=lambda r: r["speedup_vs_accum"])
     rows.append({"mode": "balance", "schedule": main, "enc_s": enc, "dec_s": dec, "bound": bound, "best_M": best["M"],
                  "best_speedup": best["speedup_vs_accum"], "fraction_of_bound": best["speedup_vs_accum"] / bound,
-                 "loadavg_1min": os.getloadavg()[0], "cpus": os.cpu_count()})
+                 "loadavg_1min": load_average(), "cpus": os.cpu_count()})
     for r in rows:
         if r["mode"] == "balance":
             out(f"stacks: encoder {1e3 * enc:.1f} ms, decoder {1e3 * dec:.1f} ms per step (fwd+bwd); "
