@@ -45,8 +45,8 @@ Spec = list[tuple[tuple[int, ...], torch.dtype]]
 Action = tuple[str, int, int]
 """("F" | "B", virtual stage, micro-batch)."""
 COST_KEYS = [(k, c) for k in ("F", "B") for c in ("first", "enc", "dec", "last")]
-"""The cost table's entries: forward/backward of stage 0 (encoder capsules + enc_1), of the other
-encoder stages, of the decoder stages but the last, and of the last (decoder + loss)."""
+"""The cost table's entries: forward/backward of stage 0 (enc_1, which starts from zero states),
+of the other encoder stages, of the decoder stages but the last, and of the last (dec_T + loss)."""
 
 
 def stage_class(s: int, n_stages: int) -> str:
@@ -120,10 +120,10 @@ def _pack(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
 
 
 def _unpack(buf: Tensor, spec: Spec, batch: int) -> list[Tensor]:
-    """The inverse of _pack: fresh tensors (B, *shape) in their own dtypes."""
+    """The inverse of _pack: tensors (B, *shape) in their own dtypes."""
     sizes = [batch * math.prod(shape) for shape, _ in spec]
-    return [p.view(batch, *shape).to(dt).clone() if p.dtype == dt else p.view(batch, *shape).to(dt)
-            for p, (shape, dt) in zip(buf.split(sizes), spec)]
+    # Views of the received buffer where the dtype matches (each buffer serves one message only).
+    return [p.view(batch, *shape).to(dt) for p, (shape, dt) in zip(buf.split(sizes), spec)]
 
 
 class AsyncLoopedBFS:
@@ -144,7 +144,6 @@ class AsyncLoopedBFS:
         self.events: list | None = None
         self.order: list[Action] | None = None  # None: breadth-first (bfs_order)
         self.durations: dict[Action, float] = {}  # seconds of each action's work, last training run
-        self._durations: dict[Action, float] = {}
 
     # ------------------------------------------------------------------ helpers
     def _my_stages(self) -> range:
@@ -164,9 +163,9 @@ class AsyncLoopedBFS:
         out = self.steps[s // 2](*inputs, **kwargs)
         return out if isinstance(out, tuple) else (out,)
 
-    def _log(self, action: Action, t0: float) -> None:
+    def _log(self, durations: dict[Action, float], action: Action, t0: float) -> None:
         t1 = time.time()
-        self._durations[action] = t1 - t0
+        durations[action] = t1 - t0
         if self.events is not None:
             self.events.append((*action, t0, t1))
 
@@ -214,7 +213,7 @@ class AsyncLoopedBFS:
         device = kwargs_device(kwarg_mbs[0])
         last = self.n_stages - 1
         sends: list[tuple[Any, Tensor]] = []
-        self._durations = {}
+        durations: dict[Action, float] = {}
 
         def post(backward: bool, boundary: int, mb: int) -> tuple[Any, Tensor]:
             spec = specs[boundary]
@@ -232,8 +231,7 @@ class AsyncLoopedBFS:
         # backward actions run in a fixed order: the chain through both ranks forces it) and
         # summing them in index order at the end makes the result independent of the order, so
         # a resumed run (which plans anew) repeats an uninterrupted one bit for bit.
-        per_mb = train
-        params = self._params() if per_mb else []
+        params = self._params() if train else []
         prior = [p.grad for p in params]
         mb_grads: dict[int, list[Tensor | None]] = {mb: [None] * len(params) for mb in range(self.m)}
         # Every receive of the step is posted now: forward inputs of stages s > 0, and (training)
@@ -255,7 +253,7 @@ class AsyncLoopedBFS:
                 t0 = time.time()
                 with torch.set_grad_enabled(train):
                     outs = self._call(s, inputs, kwarg_mbs[mb])
-                self._log(a, t0)
+                self._log(durations, a, t0)
                 if s < last:
                     send(False, s, mb, outs)
                 else:
@@ -278,12 +276,11 @@ class AsyncLoopedBFS:
                 pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
                 t0 = time.time()
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            self._log(a, t0)
-            if per_mb:
-                mb_grads[mb] = [p.grad for p in params]
+            self._log(durations, a, t0)
+            mb_grads[mb] = [p.grad for p in params]
             if s > 0:
                 send(True, s - 1, mb, [i.grad if i.grad is not None else torch.zeros_like(i) for i in inputs])
-        if per_mb:
+        if train:
             for i, p in enumerate(params):
                 total = prior[i]
                 for mb in range(self.m):
@@ -294,7 +291,7 @@ class AsyncLoopedBFS:
         for work, _ in sends:
             work.wait()
         if train:
-            self.durations = self._durations
+            self.durations = durations
         return [results[mb] for mb in range(self.m)] if self.pp_rank == 1 else None
 
     # ------------------------------------------------------------------ planning

@@ -37,7 +37,7 @@ from rcn_dist.parallel.async_schedule import AsyncLoopedBFS
 SCHEDULES = {"looped_bfs": ScheduleLoopedBFS, "interleaved_1f1b": ScheduleInterleaved1F1B}
 """torch.distributed.pipelining's lock-step looped schedules."""
 ASYNC = ("planned", "async_bfs")
-"""Ours (AsyncLoopedBFS): breadth-first throughout, or planned from measured stage costs after step 1."""
+"""Ours (AsyncLoopedBFS): planned from the stage costs of the second step, or breadth-first throughout."""
 TERMS = ("loss", "margin", "recon", "kl", "elbo")
 """Columns of the last stage's output (B, 6): these, then `correct` as 0/1."""
 ZERO_STAGES = (0, 1)
@@ -255,7 +255,7 @@ class PipelineRank:
         """The stage cost table the "planned" schedule's order comes from."""
         self._steps_run = 0
         if name in ASYNC:
-            self.async_schedule = AsyncLoopedBFS(steps, pp_rank, pp_group, m, loss_fn=self._loss_terms)
+            self.async_schedule = AsyncLoopedBFS(steps, pp_rank, pp_group, m, loss_fn=self._loss)
         else:
             self.stages = [LoggedStage(st, 2 * t + pp_rank, 2 * T, self.device, group=pp_group)
                            for t, st in enumerate(steps)]
@@ -279,20 +279,14 @@ class PipelineRank:
         assert self.async_schedule is not None
         costs = self.async_schedule.stage_costs()
         dist.all_reduce(costs, group=self.pp_group)  # each rank fills only its own stage classes
-        self.set_plan_costs(costs.tolist())
-        assert self.plan_costs is not None
-        return self.plan_costs
-
-    def set_plan_costs(self, costs: list[float]) -> None:
-        """Order the actions by a cost table (see plan())."""
-        assert self.async_schedule is not None
-        self.plan_costs = [float(c) for c in costs]
+        self.plan_costs = costs.tolist()
         self.async_schedule.set_plan(self.plan_costs)
+        return self.plan_costs
 
     def maybe_plan(self) -> None:
         """Call after every training step: the "planned" schedule plans once, from the stage costs
         of this process's second step (the first pays for warm-up). The order does not change the
-        results: with a plan, gradients accumulate per micro-batch and are summed in index order."""
+        results: our schedule sums gradients per micro-batch, in index order, whatever the order."""
         self._steps_run += 1
         if self.cfg.parallel.pipeline_schedule == "planned" and self.plan_costs is None and self._steps_run >= 2:
             self.plan()
@@ -318,10 +312,8 @@ class PipelineRank:
         mine = {k.removeprefix(self.prefix): v for k, v in full.items() if k.startswith(self.prefix)}
         self.stack.load_state_dict(mine, strict=True)
 
-    def _loss(self, out: Tensor, target: Tensor) -> Tensor:
-        return out[:, 0].sum() / self._denom
-
-    def _loss_terms(self, out: Tensor) -> Tensor:
+    def _loss(self, out: Tensor, target: Tensor | None = None) -> Tensor:
+        # torch's schedules pass a target (unused: the last stage computed the loss terms), ours not.
         return out[:, 0].sum() / self._denom
 
     def _micro_kwargs(self, kw: dict[str, Tensor]) -> list[dict[str, Tensor]]:
