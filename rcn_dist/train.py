@@ -17,6 +17,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -211,23 +213,25 @@ class StopFlag:
             prev(signum, None)
 
 
+@dataclass
 class StepHooks:
     """What differs between the plain loop (one DeepSpeed engine) and the pipeline loop (one stack
-    per rank); run_loop() does the rest: agreement, logging, eval and checkpoint cadence, stops.
+    per rank); run_loop() does the rest: agreement, logging, eval and checkpoint cadence, stops."""
 
-    grads(batches, step) -> (5,) float64: run train.grad_accum micro-steps on batches from the
-        iterator, leave the gradients ready for the update, return the summed (loss, margin,
-        recon, kl, elbo) batch means (zeros on ranks that hold no loss);
-    update() -> None: the optimizer step, after every rank agreed the losses are finite;
-    lr() -> float: the learning rate after the update;
-    evaluate(at_end) -> dict: test metrics (collective);
-    save(step, loop_state) -> Path: a checkpoint (collective);
-    loss_ranks: how many ranks' loss parts the all-reduce adds up.
-    """
-
-    def __init__(self, grads, update, lr, evaluate, save, loss_ranks: int) -> None:
-        self.grads, self.update, self.lr, self.evaluate, self.save = grads, update, lr, evaluate, save
-        self.loss_ranks = loss_ranks
+    grads: Callable[[Iterator[dict[str, torch.Tensor]], int], torch.Tensor]
+    """(batches, step) -> (5,) float64: run train.grad_accum micro-steps on batches from the
+    iterator, leave the gradients ready for the update, return the summed (loss, margin, recon,
+    kl, elbo) batch means (zeros on ranks that hold no loss)."""
+    update: Callable[[], Any]
+    """The optimizer step, after every rank agreed the losses are finite."""
+    lr: Callable[[], float]
+    """The learning rate after the update."""
+    evaluate: Callable[[bool], dict[str, Any]]
+    """(at_end) -> test metrics (collective)."""
+    save: Callable[[int, dict[str, Any]], Path]
+    """(step, loop_state) -> the checkpoint directory written (collective)."""
+    loss_ranks: int
+    """How many ranks' loss parts the all-reduce adds up."""
 
 
 def run_loop(cfg: Config, hooks: StepHooks, stream, step: int, samples: int, latest: Path | None, stop: StopFlag,
