@@ -388,16 +388,17 @@ def run(args: argparse.Namespace) -> int:
     from rcn_dist.parallel.safety import check_checkpoint_dir
 
     cfg, ds, le, manifest, run_dir = prepare_run(args)
+    if le.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Several ranks on one machine (data-parallel or pipeline) must not each spin up a thread
+        # per core: oversubscribed OpenMP threads spin while their partners wait, and a step gets
+        # many times slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // le.local_world_size))
     if cfg.parallel.pipeline_stages > 1:
         from rcn_dist.parallel.pipeline import run_pipeline
 
         return run_pipeline(cfg, ds, le, run_dir)
 
     logger = make_loggers(cfg, run_dir, le.rank)  # before the process group: a missing package stops all ranks
-    if le.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Several ranks on one machine must not each spin up a thread per core: oversubscribed
-        # OpenMP threads spin while their partners wait, and a step gets many times slower.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // le.local_world_size))
     stop = StopFlag().install()
     finish_rendezvous(le)
     if le.device.startswith("cuda"):
