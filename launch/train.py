@@ -8,7 +8,8 @@ The same as `rcn train`; everything lives in rcn_dist.train.
 import sys
 
 from rcn_dist.cli import run_main
+from rcn_dist.parallel.teardown import exit_process
 from rcn_dist.train import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, sys.argv[1:]))
+    exit_process(run_main(main, sys.argv[1:]))  # no abort at exit after a distributed run

@@ -63,7 +63,9 @@ def run_main(fn, argv: list[str]) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    from rcn_dist.parallel.teardown import exit_process
+
+    exit_process(main())  # sys.exit(code); no abort at exit after a distributed run
 
 
 if __name__ == "__main__":
