@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _proc import run_group
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -27,7 +28,8 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def run(cmd: list[str], timeout: float = 600, env: dict[str, str] | None = None,
         check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    """Run cmd in its own process group; at `timeout` the group (a launcher and its ranks) is killed."""
+    p = run_group(cmd, timeout, cwd=cwd, env=env or cli_env())
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}"
                              f"\n--- stderr\n{p.stderr[-6000:]}")

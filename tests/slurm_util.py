@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from _proc import run_group
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
@@ -229,7 +230,7 @@ def reference_run(data: str | os.PathLike[str], workdir: Path) -> Path:
         cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "launch" / "train.py"), *TRAIN, "--data", str(data), "--out", str(out),
                "--steps", str(REF_STEPS), "train.keep_last=1000"]  # every checkpoint: seconds_per_step
-        proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+        proc = run_group(cmd, 600, cwd=REPO, env=train_env())
         if proc.returncode != 0:
             raise AssertionError(f"reference run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
         assert sorted(losses(out)) == list(range(1, REF_STEPS + 1))

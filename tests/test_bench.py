@@ -162,6 +162,7 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # five checks, each a short training run
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     p = run(["bash", "launch/gpu_check.sh", "--device", "cpu", "--out", str(tmp_path)],
             env=cli_env(RCN_PYTHON=PY), timeout=900)

@@ -294,7 +294,12 @@ def test_two_real_rank_processes_split_the_epoch(even):
     data, _ = even
     procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(data), str(r)], stdout=subprocess.PIPE,
                               text=True) for r in range(2)]
-    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    try:
+        outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
     assert all(p.returncode == 0 for p in procs)
     assert len(outs[0]) == len(outs[1]) == 24
     assert sorted(i for out in outs for b in out for i in b) == list(range(480))

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
+from _proc import run_group
 from slurm_util import PY, REPO, TRAIN, losses, start_cluster, train_env
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def reference(reference_dir: Path) -> dict[int, float]:
 
 
 def launched(launcher: list[str], *cmd: str, env: dict[str, str]) -> str:
-    proc = subprocess.run([*launcher, *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_group([*launcher, *cmd], 600, cwd=REPO, env=env)
     assert proc.returncode == 0, f"{' '.join(launcher)} exited {proc.returncode}\n{proc.stdout[-3000:]}" \
                                  f"\n{proc.stderr[-3000:]}"
     return proc.stdout

@@ -244,7 +244,7 @@ def test_shell_scripts_quote_every_expansion():
     assert shutil.which("shellcheck"), "shellcheck is not installed (launch/setup.sh --test installs it)"
     assert SCRIPTS
     p = subprocess.run(["shellcheck", "--format=gcc", f"--include={QUOTING_CODES}", *map(str, SCRIPTS)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
 
 

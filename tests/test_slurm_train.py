@@ -115,6 +115,7 @@ def test_usr2_preemption_requeues_and_resumes_exactly(slurm_env, fmnist_small, r
     assert got == {s: reference[s] for s in range(1, steps + 1)}
 
 
+@pytest.mark.timeout(1800)  # waits up to 20 minutes for the requeued attempts
 def test_time_limit_requeues_until_done(slurm_env, fmnist_small, reference_dir, tmp_path):
     """A real 2-minute limit with `--signal=USR2@60`: each attempt is signalled ahead of the
     limit, checkpoints and requeues; the checkpoint step grows from attempt to attempt and the

@@ -14,6 +14,7 @@ import re
 import subprocess
 
 import pytest
+from _proc import run_group
 from slurm_util import (
     PY,
     REPO,
@@ -88,6 +89,7 @@ def test_preemption_through_submitit_requeues_and_resumes_exactly(job_env, fmnis
 
 
 @on_slurm
+@pytest.mark.timeout(2700)  # a calibration run, then up to 20 minutes of requeued attempts
 def test_timeout_requeues_and_resumes_exactly(job_env, fmnist_small, tmp_path):
     """A real 2-minute limit (signal 60 s ahead): the job is signalled, checkpoints, requeues
     itself through submitit and resumes, as often as it takes, and ends with the losses of an
@@ -97,9 +99,8 @@ def test_timeout_requeues_and_resumes_exactly(job_env, fmnist_small, tmp_path):
     speed a short single-process run measures first, more than one attempt holds (the signal
     comes 30-60 s in, after ~10 s of start-up); a slower machine takes more attempts."""
     args = [*TRAIN, "--data", str(fmnist_small)]
-    calib = subprocess.run([PY, "-m", "rcn_dist.cli", "train", *args, "--out", str(tmp_path / "calib"),
-                            "--steps", "30", "train.keep_last=1000"], cwd=REPO, env=job_env,
-                           capture_output=True, text=True, timeout=600)
+    calib = run_group([PY, "-m", "rcn_dist.cli", "train", *args, "--out", str(tmp_path / "calib"),
+                       "--steps", "30", "train.keep_last=1000"], 600, cwd=REPO, env=job_env)
     assert calib.returncode == 0, calib.stderr[-3000:]
     # ~150 s at the measured speed: even twice as fast as measured (a calibration taken while
     # the machine was busier), the work outlasts the first signal, ~60 s into the 2-minute limit.
@@ -109,8 +110,8 @@ def test_timeout_requeues_and_resumes_exactly(job_env, fmnist_small, tmp_path):
     job = submit([*args, "--out", str(run_dir)], folder=tmp_path / "submitit", cluster="slurm", nodes=1,
                  tasks_per_node=1, timeout_min=2, signal_delay_s=60, max_requeues=15)
     try:
-        ref = subprocess.run([PY, "-m", "rcn_dist.cli", "train", *args, "--out", str(straight)], cwd=REPO,
-                             env=job_env, capture_output=True, text=True, timeout=900)
+        ref = run_group([PY, "-m", "rcn_dist.cli", "train", *args, "--out", str(straight)], 900, cwd=REPO,
+                        env=job_env)
         assert ref.returncode == 0, ref.stderr[-3000:]
         state = wait_job(job.job_id, timeout=1200, env=job_env)
         out, err = job.task(0).stdout() or "", job.task(0).stderr() or ""  # task 0: the one that requeues
