@@ -118,8 +118,12 @@ def test_loader_prepares_its_own_set(capsys):
 
 @pytest.mark.slow
 def test_pipeline_workload(capsys):
+    """The benchmark runs (a failed import is a failure, not an "unavailable" pass) and reports
+    the best pipeline row."""
     r = _bench(capsys, "--workload", "pipeline", "--batch", "4", "--steps", "1")
-    assert r["available"] is False or (r["img_per_s"] > 0 and r["rows"])
+    assert r.get("available") is True, r
+    pipeline_rows = [row for row in r["rows"] if row["mode"] == "pipeline"]
+    assert pipeline_rows and r["img_per_s"] == max(row["img_per_s"] for row in pipeline_rows) > 0
 
 
 @pytest.mark.slow
