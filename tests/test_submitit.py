@@ -119,7 +119,9 @@ def test_timeout_requeues_and_resumes_exactly(job_env, fmnist_small, tmp_path):
         assert job.result() == {"run_dir": str(run_dir), "exit": 0}
     finally:
         scancel(job.job_id, env=job_env)
-    assert "this job is timed-out" in err  # submitit's own reading of the signal
+    # No check of submitit's "this job is timed-out" line: with a limit this short, submitit reads
+    # every signal as a timeout, so the line would be there whatever sent the signal. What counts is
+    # below: each SIGUSR2 led to a checkpointed stop, a requeue and a resume from that step.
     stops, resumes = stops_and_resumes(out)
     assert stops and resumes == stops and stops == sorted(set(stops)), out[-3000:]  # progress each time
     assert err.count("Caught signal SIGUSR2") == len(requeues(err)) == len(stops), err[-3000:]
