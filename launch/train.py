@@ -2,7 +2,7 @@
 `torchrun --nproc_per_node 2 launch/train.py ...`, `srun python launch/train.py ...`,
 `mpirun -np 2 python launch/train.py ...` or plain `python launch/train.py ...`.
 
-The same as `rcn train`; everything lives in rcn_dist.train.
+The same as `rcn train`; everything lives in rcn_dist.train (and rcn_dist.loop).
 """
 
 import sys

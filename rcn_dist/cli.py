@@ -7,6 +7,7 @@ that `rcn env` or `rcn prepare` never pay for importing DeepSpeed.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from rcn_dist.errors import RcnError
@@ -63,9 +64,17 @@ def run_main(fn, argv: list[str]) -> int:
 
 
 def entry() -> None:
+    try:
+        code = main()
+        sys.stdout.flush()  # inside the try: a reader that left must not fail the exit's flush
+    except BrokenPipeError:
+        # The reader of our output went away (`rcn --help | head -1`): stop quietly, as other
+        # command-line tools do, and send what is left of stdout nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     from rcn_dist.parallel.teardown import exit_process
 
-    exit_process(main())  # sys.exit(code); no abort at exit after a distributed run
+    exit_process(code)  # sys.exit(code); no abort at exit after a distributed run
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ sample-quality figures (nearest neighbour, Frechet distance) are computed on ran
 
 Parts:
   test  test error from capsule lengths, negative ELBO (nats; bits/dim for the logistic
-        likelihood), its recon/KL/margin parts: `rcn_dist.train.evaluate`, the function the
+        likelihood), its recon/KL/margin parts: `rcn_dist.loop.evaluate`, the function the
         training loop uses, with the same noise, so the numbers equal the loop's final test row
         for the same checkpoint. On MultiMNIST also the two-object accuracy (both top-2 capsules
         correct). Computed in the run's training precision (bf16 runs in bf16).
@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,8 @@ from torch import Tensor
 from rcn_dist import console
 from rcn_dist.config import Config, ConfigError, apply_overrides
 from rcn_dist.errors import CheckpointError, DataError
+from rcn_dist.files import atomic_write
+from rcn_dist.model import bits_per_dim, step_noise_seed
 
 PARTS = ("test", "iw", "nn", "fd")
 REDUCED = {"iw_samples": 10, "iw_examples": 500, "nn_samples": 128, "nn_train_images": 10000,
@@ -109,7 +110,7 @@ def log_weights(model, x: Tensor, eps: Tensor) -> Tensor:
 
 def iw_seed(base: int, k: int) -> int:
     """Noise stream of importance sample k; k = 0 is the evaluation noise itself."""
-    return base if k == 0 else (base * 1_000_003 + k) % (2**62)
+    return base if k == 0 else step_noise_seed(base, k)
 
 
 @torch.no_grad()
@@ -125,8 +126,8 @@ def importance_weighted(model, stream, cfg: Config, device: str, k: int, example
     """
     import torch.distributed as dist
 
+    from rcn_dist.loop import EVAL_NOISE_SEED
     from rcn_dist.model import sample_noise
-    from rcn_dist.train import EVAL_NOISE_SEED
 
     base = cfg.train.seed + EVAL_NOISE_SEED
     m = cfg.model
@@ -145,7 +146,7 @@ def importance_weighted(model, stream, cfg: Config, device: str, k: int, example
     n = max(sums[2].item(), 1.0)
     out = {"iw_nll": sums[0].item() / n, "iw_elbo_mc": sums[1].item() / n, "iw_n": int(sums[2].item()), "iw_k": k}
     if m.likelihood == "logistic":
-        out["iw_bits_per_dim"] = out["iw_nll"] / (m.in_channels * m.height * m.width * math.log(2))
+        out["iw_bits_per_dim"] = bits_per_dim(out["iw_nll"], m.in_channels * m.height * m.width)
     return out
 
 
@@ -276,8 +277,8 @@ def eval_config(cfg: Config, args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
-    from rcn_dist.parallel.env import detect, finish_rendezvous
-    from rcn_dist.train import LossModule, evaluate, test_stream
+    from rcn_dist.loop import LossModule, evaluate, test_stream
+    from rcn_dist.parallel.env import detect, init_process_group
 
     args = build_parser().parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
@@ -287,16 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
     le = detect()
-    if le.device.startswith("cuda"):
-        torch.cuda.set_device(le.local_rank)
-    cfg, model, where, data_dir, manifest = load_for_eval(args.run, args.data, le.device)
-    cfg = eval_config(cfg, args)
     distributed = le.world_size > 1
     if distributed:
-        from rcn_dist.parallel.engine import init_distributed
-
-        finish_rendezvous(le)
-        init_distributed(le.backend)
+        init_process_group(le)  # also binds this rank's GPU (le.device)
+    elif le.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(le.device))
+    cfg, model, where, data_dir, manifest = load_for_eval(args.run, args.data, le.device)
+    cfg = eval_config(cfg, args)
     rank0 = le.rank == 0
     con = console.Console(rank0)
     e, t = cfg.eval, cfg.train
@@ -328,9 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                   "precision": t.precision, "reduced": bool(args.reduced), "parts": sorted(parts),
                   "eval": dataclasses.asdict(e), "metrics": metrics}
         out = Path(args.out) if args.out else Path(args.run) / "eval.json"
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, out)
+        atomic_write(out, json.dumps(report, indent=1, sort_keys=True) + "\n")
         con.table(f"eval {where.name}" + (" (reduced)" if args.reduced else ""), metrics)
         con.info(f"wrote {out}")
     if distributed:
@@ -338,8 +334,3 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
     return 0
 
-
-if __name__ == "__main__":
-    from rcn_dist.cli import run_main
-
-    sys.exit(run_main(main, sys.argv[1:]))

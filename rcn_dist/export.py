@@ -13,18 +13,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from rcn_dist import __version__
 from rcn_dist.errors import CheckpointError
+from rcn_dist.files import atomic_write
 from rcn_dist.parallel.checkpoint import (
     COMPLETE,
-    atomic_write_text,
     ckpt_root,
     find_latest,
     load_model,
@@ -97,15 +96,13 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Pat
     step = json.loads((ckpt / COMPLETE).read_text()).get("step", int(ckpt.name[5:]))
     weights = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".model.safetensors.tmp{os.getpid()}"
-    save_file(weights, str(tmp), metadata={"format": "pt", "rcn_dist": __version__, "step": str(step),
-                                           "preset": cfg.name})
-    os.replace(tmp, out / "model.safetensors")
-    atomic_write_text(out / "config.json", cfg.to_json() + "\n")
+    atomic_write(out / "model.safetensors", save(weights, metadata={
+        "format": "pt", "rcn_dist": __version__, "step": str(step), "preset": cfg.name}))
+    atomic_write(out / "config.json", cfg.to_json() + "\n")
     sha = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     metrics, source = recorded_metrics(run_dir, step)
     n_params = sum(v.numel() for v in weights.values())
-    atomic_write_text(out / "README.md", _card(cfg, out.name, step, n_params, sha, metrics, source))
+    atomic_write(out / "README.md", _card(cfg, out.name, step, n_params, sha, metrics, source))
     return out
 
 

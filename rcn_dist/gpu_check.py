@@ -103,9 +103,9 @@ def check_fp16_scaled(dev: torch.device, batch: int, preset_name: str, steps: in
 def check_zero(dev: torch.device, stage: int, batch: int, preset_name: str, steps: int = 3) -> dict[str, Any]:
     """A 1-process DeepSpeed engine with ZeRO `stage`: NCCL + bf16 on a GPU, gloo + fp32 on CPU."""
     from rcn_dist.config import apply_overrides, preset
+    from rcn_dist.loop import LossModule
     from rcn_dist.model import RCN
     from rcn_dist.parallel import engine as eng
-    from rcn_dist.train import LossModule
 
     precision = "bf16" if dev.type == "cuda" else "fp32"
     cfg = apply_overrides(preset(preset_name), [f"train.batch_size={batch}", f"train.precision={precision}",

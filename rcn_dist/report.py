@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from rcn_dist.errors import RcnError
+from rcn_dist.files import atomic_write
 
 PARTS = ("loss", "elbo", "recon", "kl", "margin")
 PICTURES = (
@@ -160,7 +159,7 @@ def run_report(run_dir: Path) -> Path:
     if cfg:
         out += ["## Config", "", "```json", json.dumps(cfg, indent=1), "```", ""]
     path = run_dir / "report.md"
-    _atomic_write(path, "\n".join(out))
+    atomic_write(path, "\n".join(out))
     return path
 
 
@@ -219,14 +218,8 @@ def compare_report(runs: list[Path], out_dir: Path) -> Path:
                  md_table(["field", *(Path(r).name for r in flat)], [[k, *(f.get(k) for f in flat.values())]
                                                                      for k in varying]), ""]
     path = out_dir / "report.md"
-    _atomic_write(path, "\n".join(text))
+    atomic_write(path, "\n".join(text))
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,7 +237,3 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from rcn_dist.cli import run_main
-
-    sys.exit(run_main(main, sys.argv[1:]))

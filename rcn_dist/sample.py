@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     from rcn_dist.config import ConfigError
     from rcn_dist.data.loader import EvalStream, Manifest
     from rcn_dist.errors import DataError
+    from rcn_dist.loop import EVAL_NOISE_SEED
     from rcn_dist.model import sample_noise
     from rcn_dist.parallel.checkpoint import load_model
-    from rcn_dist.train import EVAL_NOISE_SEED
 
     args = build_parser().parse_args(argv)
     for name in ("n", "animate", "recon", "scale"):
@@ -256,7 +255,3 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from rcn_dist.cli import run_main
-
-    sys.exit(run_main(main, sys.argv[1:]))

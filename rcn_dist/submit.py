@@ -2,7 +2,7 @@
 
 The job is a Checkpointable callable that always resumes from its RUN_DIR, so a requeue after a
 timeout or a preemption continues where the last checkpoint left off. On SIGUSR2 every rank
-checkpoints at the next step boundary first (rcn_dist.train.StopFlag), then submitit requeues.
+checkpoints at the next step boundary first (rcn_dist.loop.StopFlag), then submitit requeues.
 
     from rcn_dist.submit import submit
     job = submit(["--preset", "tiny", "--data", "data/fashion-mnist", "--out", "runs/x"],

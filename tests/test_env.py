@@ -29,7 +29,10 @@ EXPECTED = {
     "srun_2nodes": ("srun", 4, 2, [0, 1, 0, 1], "node1", 20008),  # port: 20000 + job id 8
     "mpirun_in_slurm_2nodes": ("mpirun-openmpi", 4, 2, [0, 1, 0, 1], "", 0),
     "mpirun_in_slurm_1node": ("mpirun-openmpi", 2, 2, [0, 1], "127.0.0.1", 0),
+    "srun_gpus_per_task": ("srun", 4, 2, [0, 1, 0, 1], "node1", 20008),
 }
+GPU = {"srun_gpus_per_task": [0, 0, 0, 0]}
+"""The GPU index of each rank where it is not the local rank: with one visible GPU per task it is 0."""
 
 
 def processes(name: str) -> list[dict[str, str]]:
@@ -53,7 +56,7 @@ def test_detect_recorded_launch(name):
         assert (le.device, le.backend) == ("cpu", "gloo")
         assert (le.dp_rank, le.pp_rank, le.dp_size) == (rank, 0, world)
         gpu = detect(env, cuda=True)
-        assert (gpu.device, gpu.backend) == (f"cuda:{local_ranks[rank]}", "nccl")
+        assert (gpu.device, gpu.backend) == (f"cuda:{GPU.get(name, local_ranks)[rank]}", "nccl")
         # Two pipeline stages: consecutive ranks form one pipeline (encoder stage, decoder stage).
         pp = detect(env, cuda=False, pipeline_stages=2)
         assert (pp.dp_rank, pp.pp_rank, pp.dp_size) == (rank // 2, rank % 2, world // 2)
@@ -112,3 +115,18 @@ def test_srun_uneven_task_layout():
            for r, lr, n in layout]
     assert [(le.rank, le.local_rank, le.local_world_size) for le in got] == [(0, 0, 2), (1, 1, 2), (2, 0, 1)]
     assert {le.world_size for le in got} == {3} and {le.master_addr for le in got} == {"node1"}
+
+
+def test_one_gpu_per_task_is_cuda0_and_exported_as_local_rank_0(monkeypatch):
+    """Under `srun --gpus-per-task=1` the second task of a node has SLURM_LOCALID=1 but sees one
+    GPU: its device is cuda:0 (cuda:1 does not exist for it), and DeepSpeed, which picks its device
+    from LOCAL_RANK, must be told 0."""
+    from rcn_dist.parallel.env import finish_rendezvous
+
+    second = processes("srun_gpus_per_task")[1]
+    le = detect(second, cuda=True)
+    assert (le.local_rank, le.device, le.backend) == (1, "cuda:0", "nccl")
+    for k, v in second.items():
+        monkeypatch.setenv(k, v)
+    finish_rendezvous(le)
+    assert (le.device, os.environ["LOCAL_RANK"], os.environ["RANK"]) == ("cuda:0", "0", "1")

@@ -68,7 +68,7 @@ def test_iw_bound_equals_the_elbo_for_one_sample_and_is_tighter_for_more(fmnist_
     first = next(iter(EvalStream(fmnist_small, 16, 0, 1)))
     x, idx = first["image"], first["index"]
     assert idx.tolist() == list(range(16))
-    from rcn_dist.train import EVAL_NOISE_SEED
+    from rcn_dist.loop import EVAL_NOISE_SEED
 
     eps = sample_noise(idx, cfg.train.seed + EVAL_NOISE_SEED, cfg.model.T, cfg.model.z_dim)
     with torch.no_grad():

@@ -197,8 +197,8 @@ def test_pipeline_resume_and_single_process_eval(fmnist_small, tmp_path):
     """Real shards through `launch/train.py` under torchrun: the pipeline's losses equal the unsplit
     `rcn train`'s (fp32); a stop after step 5 and a resume give steps 6-10 bit-identical to an
     uninterrupted run; the pipeline checkpoint loads and evaluates in one process."""
+    from rcn_dist.loop import LossModule, evaluate, test_stream
     from rcn_dist.parallel.checkpoint import load_model
-    from rcn_dist.train import LossModule, evaluate, test_stream
 
     common = [*TINY, "--data", fmnist_small, "--steps", STEPS, "train.eval_every=10"]
     straight, split, unsplit = tmp_path / "straight", tmp_path / "split", tmp_path / "unsplit"

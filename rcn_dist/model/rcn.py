@@ -328,7 +328,7 @@ def sample_noise(
 
     Row b is drawn from a CPU torch.Generator seeded with a hash of (seed, indices[b]), so a sample
     gets the same noise whichever batch, micro-batch or rank it lands in. For fresh noise every
-    optimizer step, fold the step into `seed` (e.g. seed = base_seed * 1_000_003 + step).
+    optimizer step, fold the step into `seed` (step_noise_seed).
     The result is on `device` (default: indices' device).
     """
     gen = torch.Generator()
@@ -338,6 +338,18 @@ def sample_noise(
         gen.manual_seed(_mix64(key ^ _mix64(int(idx))) >> 1)  # manual_seed takes < 2**63
         out[row] = torch.randn(T, z_dim, generator=gen)
     return out.to(device=device if device is not None else indices.device, dtype=dtype)
+
+
+def step_noise_seed(seed: int, step: int) -> int:
+    """`seed` folded with `step` (an optimizer step, an importance sample): a fresh noise stream
+    per step; the sample index picks the draw inside it."""
+    return (seed * 1_000_003 + step) % (2**62)
+
+
+def noise_for(batch: dict[str, Tensor], seed: int, cfg) -> Tensor:
+    """Latent noise eps (B, T, z) of a loader batch from (seed, sample index): the same whatever
+    the layout. `cfg` is the run's Config (its model.T and model.z_dim)."""
+    return sample_noise(batch["index"], seed, cfg.model.T, cfg.model.z_dim)
 
 
 def _n_params(mod: nn.Module) -> int:

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from rcn_dist.config import Config, from_dict
 from rcn_dist.errors import CheckpointError
+from rcn_dist.files import atomic_write
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -41,16 +42,6 @@ COMPLETE = "COMPLETE"
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def fault_point(point: str, step: int, rank: int = 0) -> None:
@@ -116,19 +107,19 @@ def save(engine, run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg
     engine.save_checkpoint(str(root), tag=tag, save_latest=False,
                            client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
     fault_point("checkpoint", step, rank)
-    atomic_write_text(d / f"loop_rank{rank}.json", json.dumps(loop_state, sort_keys=True))
+    atomic_write(d / f"loop_rank{rank}.json", json.dumps(loop_state, sort_keys=True))
     save_file({"cpu": torch.get_rng_state()}, str(d / f"rng_rank{rank}.safetensors"))
     weights = consolidated_state_dict(engine)
     if rank == 0:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in weights.items()},
                   str(d / "model.safetensors"))
-        atomic_write_text(d / "config.json", cfg.to_json())
+        atomic_write(d / "config.json", cfg.to_json())
     dist.barrier()
     if rank == 0:
         summary = {"step": step, "world_size": world_size, "zero_stage": cfg.parallel.zero_stage,
                    "time": time.time()}
-        atomic_write_text(d / COMPLETE, json.dumps(summary))
-        atomic_write_text(root / LATEST, tag)
+        atomic_write(d / COMPLETE, json.dumps(summary))
+        atomic_write(root / LATEST, tag)
         _prune(root, keep_last)
     dist.barrier()
     return d

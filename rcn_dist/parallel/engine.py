@@ -82,9 +82,6 @@ def resolve_engine_settings(cfg: Config, ds: dict[str, Any], dp_size: int, devic
         p.zero_stage = int(json_stage or 0)
     elif json_stage is not None and int(json_stage) != p.zero_stage:
         clash("parallel.zero_stage", p.zero_stage, "zero_optimization.stage", json_stage)
-    if p.pipeline_stages > 1 and p.zero_stage > 1:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} cannot shard a pipeline: "
-                          "with pipeline_stages=2 use ZeRO stage 0 or 1")
 
     if t.micro_batch == 0:
         if t.batch_size % (t.grad_accum * dp_size):

@@ -37,7 +37,7 @@ class LaunchEnv:
     master_addr: str
     master_port: int
     device: str
-    """"cpu" or "cuda:<local_rank>"."""
+    """"cpu" or "cuda:<index>" (gpu_index: the local rank, or 0 with one visible GPU per task)."""
     backend: str
     """"gloo" on CPU, "nccl" on GPU."""
     pipeline_stages: int = 1
@@ -94,6 +94,19 @@ def tasks_on_node(spec: str, node: int) -> int | None:
     return counts[node] if 0 <= node < len(counts) else None
 
 
+def gpu_index(local_rank: int, env: Mapping[str, str], visible: int | None = None) -> int:
+    """This process's GPU among the ones it sees.
+
+    Slurm may bind one GPU per task (--gpus-per-task=1): then each process sees one device,
+    cuda:0, whatever its local rank. `visible` is the number of GPUs this process sees; without
+    it, the count in CUDA_VISIBLE_DEVICES, when set; with neither, the local rank.
+    """
+    if visible is None:
+        ids = [i for i in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if i.strip()]
+        visible = len(ids) or None
+    return local_rank % visible if visible else local_rank
+
+
 def detect(environ: Mapping[str, str] | None = None, cuda: bool | None = None,
            pipeline_stages: int = 1) -> LaunchEnv:
     """Detect the launcher and this process's place from the environment (no side effects)."""
@@ -140,7 +153,7 @@ def detect(environ: Mapping[str, str] | None = None, cuda: bool | None = None,
 
     if world > 1 and local_world == world and not addr:
         addr = "127.0.0.1"  # everyone on this machine: rendezvous on loopback
-    device = f"cuda:{local_rank}" if cuda else "cpu"
+    device = f"cuda:{gpu_index(local_rank, env)}" if cuda else "cpu"
     return LaunchEnv(
         launcher=launcher, rank=rank, local_rank=local_rank, world_size=world,
         local_world_size=local_world, master_addr=addr or "", master_port=port or 0,
@@ -173,13 +186,10 @@ def finish_rendezvous(le: LaunchEnv) -> LaunchEnv:
             mine = (le.master_addr or host, le.master_port or free_port())
         le.master_addr, le.master_port = comm.bcast(mine, root=0)
     if le.device.startswith("cuda"):
-        # Slurm may bind one GPU per task (--gpus-per-task=1): then this process sees one device
-        # and it is cuda:0 whatever the local rank. DeepSpeed picks its device from LOCAL_RANK,
-        # so that is what we export.
+        # DeepSpeed picks its device from LOCAL_RANK, so the index is exported as LOCAL_RANK below.
         import torch
 
-        idx = le.local_rank % max(torch.cuda.device_count(), 1)
-        le.device = f"cuda:{idx}"
+        le.device = f"cuda:{gpu_index(le.local_rank, os.environ, torch.cuda.device_count() or None)}"
     if not le.master_addr or not le.master_port:
         raise RuntimeError(f"{le.launcher}: no MASTER_ADDR/MASTER_PORT for a {le.world_size}-process job")
     os.environ.update(
@@ -188,6 +198,26 @@ def finish_rendezvous(le: LaunchEnv) -> LaunchEnv:
         LOCAL_WORLD_SIZE=str(le.local_world_size), MASTER_ADDR=le.master_addr,
         MASTER_PORT=str(le.master_port),
     )
+    return le
+
+
+def init_process_group(le: LaunchEnv, deepspeed: bool = False) -> LaunchEnv:
+    """Start torch.distributed for this process: the rendezvous (finish_rendezvous), this
+    process's GPU as the current device, then the process group, through DeepSpeed's
+    init_distributed when a DeepSpeed engine will run on it. Every command starts it here."""
+    finish_rendezvous(le)
+    if le.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(le.device))
+    if deepspeed:
+        from rcn_dist.parallel.engine import init_distributed
+
+        init_distributed(le.backend)
+    else:
+        import torch.distributed as dist
+
+        dist.init_process_group(le.backend)
     return le
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B, ScheduleLoopedBFS
 
 from rcn_dist.config import Config, ConfigError
+from rcn_dist.files import atomic_write
 from rcn_dist.model import RCN, RCNOutput, kl_standard_normal
 from rcn_dist.parallel.async_schedule import AsyncLoopedBFS
 
@@ -430,8 +431,8 @@ class PipelineRank:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-class _EvalAdapter(nn.Module):
-    """What train.evaluate() calls: (x, y, eps) -> terms. The decoder rank returns the real terms;
+class EvalAdapter(nn.Module):
+    """What loop.evaluate() calls: (x, y, eps) -> terms. The decoder rank returns the real terms;
     the encoder rank returns zeros (and its batches are masked out, so nothing counts twice)."""
 
     def __init__(self, runner: PipelineRank) -> None:
@@ -448,7 +449,8 @@ class _EvalAdapter(nn.Module):
         return terms
 
 
-def _masked_on_encoder_rank(stream, pp_rank: int):
+def masked_on_encoder_rank(stream, pp_rank: int):
+    """The eval stream with every sample masked out on the encoder rank (its terms are zeros)."""
     for b in stream:
         if pp_rank == 0:
             b = {**b, "mask": torch.zeros_like(b["mask"])}
@@ -478,7 +480,7 @@ def save_checkpoint(runner: PipelineRank, run_dir: Path, step: int, loop_state: 
         save_file(part, str(d / f"model_stage{le.pp_rank}.safetensors"))
     if opt is not None:
         torch.save(opt, d / f"optim_stage{le.pp_rank}.pt")
-    ckpt.atomic_write_text(d / f"loop_rank{le.rank}.json", json.dumps(loop_state, sort_keys=True))
+    atomic_write(d / f"loop_rank{le.rank}.json", json.dumps(loop_state, sort_keys=True))
     save_file({"cpu": torch.get_rng_state()}, str(d / f"rng_rank{le.rank}.safetensors"))
     dist.barrier()
     if le.rank == 0:
@@ -487,11 +489,11 @@ def save_checkpoint(runner: PipelineRank, run_dir: Path, step: int, loop_state: 
         save_file(merged, str(d / "model.safetensors"))
         for p in parts:
             p.unlink()
-        ckpt.atomic_write_text(d / "config.json", cfg.to_json())
+        atomic_write(d / "config.json", cfg.to_json())
         summary = {"step": step, "world_size": le.world_size, "zero_stage": cfg.parallel.zero_stage,
                    "pipeline_stages": 2, "micro_batches": cfg.parallel.micro_batches, "time": time.time()}
-        ckpt.atomic_write_text(d / ckpt.COMPLETE, json.dumps(summary))
-        ckpt.atomic_write_text(root / ckpt.LATEST, d.name)
+        atomic_write(d / ckpt.COMPLETE, json.dumps(summary))
+        atomic_write(root / ckpt.LATEST, d.name)
         ckpt._prune(root, keep_last)
     dist.barrier()
     return d
@@ -512,90 +514,3 @@ def load_checkpoint(runner: PipelineRank, d: Path, le) -> dict[str, Any]:
     runner.load_optimizer_state(torch.load(opt_file, weights_only=True))
     torch.set_rng_state(load_file(str(d / f"rng_rank{le.rank}.safetensors"))["cpu"])
     return json.loads(loop_file.read_text())
-
-
-# ---------------------------------------------------------------- the loop
-def init_process_groups(le) -> tuple[Any, Any]:
-    """Start torch.distributed for this rank (RANK etc. exported) and build the pipeline and
-    data-parallel groups."""
-    from rcn_dist.parallel.env import finish_rendezvous
-
-    finish_rendezvous(le)
-    if le.device.startswith("cuda"):
-        torch.cuda.set_device(le.local_rank)
-    dist.init_process_group(le.backend)
-    return make_groups(le.world_size)
-
-
-def run_pipeline(cfg: Config, ds: dict[str, Any], le, run_dir: Path) -> int:
-    """The training loop of rcn_dist.train, with the model split over a 2-stage pipeline.
-
-    Same metrics.jsonl rows, evaluation, checkpoints (RUN_DIR/checkpoints/<tag>/model.safetensors
-    holds the full RCN), stop protocol and exit codes. `ds` (the DeepSpeed JSON) contributes only
-    what resolve_engine_settings already folded into cfg: ZeRO stage and precision.
-    """
-    from rcn_dist import console
-    from rcn_dist.data.loader import TrainStream
-    from rcn_dist.loggers import make_loggers
-    from rcn_dist.parallel import checkpoint as ckpt
-    from rcn_dist.train import (
-        StepHooks,
-        StopFlag,
-        evaluate,
-        noise_for,
-        run_loop,
-        step_noise_seed,
-        test_stream,
-    )
-
-    logger = make_loggers(cfg, run_dir, le.rank)  # before the process group, as the plain loop
-    stop = StopFlag().install()
-    pp_group, dp_group = init_process_groups(le)
-    rank0 = le.rank == 0
-    out = console.Console(rank0)
-    t, p = cfg.train, cfg.parallel
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(run_dir / "config.json", cfg.to_json())
-    out.info(f"{le.launcher}: {le.world_size} rank(s) = {le.dp_size} pipeline(s) x 2 stages, {le.backend} on "
-             f"{le.device}; {cfg.name} preset, {p.pipeline_schedule} with {p.micro_batches} micro-batch(es), "
-             f"ZeRO {p.zero_stage}, {t.precision}, global batch {t.batch_size} = {t.micro_batch} x "
-             f"{t.grad_accum} x {le.dp_size}")
-    runner = PipelineRank(cfg, le.pp_rank, pp_group, dp_group, device=le.device)
-    stream = TrainStream(cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size, t.seed,
-                         num_workers=cfg.data.num_workers, binarize=cfg.data.binarize, shuffle=cfg.data.shuffle,
-                         cache_dir=cfg.data.cache_dir or None)
-    step, samples = 0, 0
-    latest, notes = ckpt.find_latest(run_dir)
-    for n in notes:
-        out.info(n)
-    if latest is not None:
-        state = load_checkpoint(runner, latest, le)
-        step, samples = state["step"], state["samples"]
-        stream.load_state_dict(state["loader"])
-        out.info(f"resumed from {latest} (step {step})")
-
-    def grads(batches, step: int) -> torch.Tensor:
-        parts = torch.zeros(5, dtype=torch.float64)  # loss, margin, recon, kl, elbo
-        for _ in range(t.grad_accum):
-            batch = next(batches)
-            eps = noise_for(batch, step_noise_seed(t.seed, step), cfg)
-            terms = runner.forward_backward(batch["image"], batch["label"], eps, t.micro_batch * t.grad_accum)
-            if terms is not None:  # the decoder rank holds the loss terms
-                parts += terms[:, :5].double().mean(0).cpu()
-        return parts
-
-    def update() -> None:
-        runner.optimizer_step(runner.reduce_gradients())
-        runner.maybe_plan()
-
-    def evaluate_pipeline(at_end: bool) -> dict:
-        ev_stream = test_stream(cfg, cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size)
-        return evaluate(_EvalAdapter(runner), _masked_on_encoder_rank(ev_stream, le.pp_rank), cfg, le.device,
-                        max_batches=0 if at_end else t.eval_batches)
-
-    hooks = StepHooks(
-        grads=grads, update=update, lr=lambda: runner.scheduler.get_last_lr()[0], evaluate=evaluate_pipeline,
-        save=lambda step, loop_state: save_checkpoint(runner, run_dir, step, loop_state, cfg, le, t.keep_last),
-        loss_ranks=le.dp_size)
-    return run_loop(cfg, hooks, stream, step, samples, latest, stop, logger, out, run_dir, le.rank)

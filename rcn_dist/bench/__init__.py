@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rcn_dist.bench.base import load_average, rcn_inputs
 from rcn_dist.errors import RcnError
 from rcn_dist.flops import count_forward, rcn_flops, train_flops_per_image
 from rcn_dist.model import PrimaryCapsules, RoutedCapsules, margin_loss
@@ -168,11 +169,6 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def load_average() -> float:
-    """1-minute load average (timings on a shared machine are only as good as this is low)."""
-    return os.getloadavg()[0]
-
-
 def summarize(name: str, batch: int, times: list[float], flops_per_image: float, peak_tflops: float,
               device: torch.device, **extra: Any) -> dict[str, Any]:
     """The one-line result of a workload."""
@@ -240,16 +236,6 @@ def bench_capsnet(batch: int, steps: int, warmup: int, opt: Options, compare_wit
         extra |= {"compare_with": name, "other_img_per_s": other,
                   "speedup_vs_other": batch / statistics.median(times["ours"]) / other}
     return summarize("capsnet-sabour", batch, times["ours"], flops, peak, opt.device, **extra)
-
-
-def rcn_inputs(cfg, batch: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """Synthetic binary images, labels and latent noise: the cost does not depend on the pixels."""
-    g = torch.Generator().manual_seed(seed)
-    m = cfg.model
-    x = (torch.rand(batch, m.in_channels, m.height, m.width, generator=g) > 0.6).float()
-    y = torch.randint(0, m.n_classes, (batch,), generator=g)
-    eps = torch.randn(batch, m.T, m.z_dim, generator=g)
-    return x, y, eps
 
 
 def rcn_step(cfg, batch: int, opt: Options, seed: int = 0) -> Callable[[], Tensor]:
@@ -397,11 +383,8 @@ def bench_loader(data_dir: str | None, batch: int, workers: int, seconds: float)
 
 
 def bench_pipeline_workload(batch: int, steps: int) -> dict[str, Any]:
-    """The 2-stage pipeline benchmark of rcn_dist.parallel.pipeline_bench, if present."""
-    try:
-        from rcn_dist.parallel.pipeline_bench import bench_pipeline
-    except ImportError as e:
-        return {"workload": "pipeline", "available": False, "reason": f"rcn_dist.parallel.pipeline_bench: {e}"}
+    """The 2-stage pipeline benchmark of rcn_dist.bench.pipeline on the small preset."""
+    from rcn_dist.bench.pipeline import bench_pipeline
     from rcn_dist.config import apply_overrides, preset
 
     cfg = apply_overrides(preset("small"), [f"train.batch_size={batch}"])

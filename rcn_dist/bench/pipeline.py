@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from rcn_dist.bench import load_average, rcn_inputs
+from rcn_dist.bench.base import load_average, rcn_inputs
 from rcn_dist.config import Config
 
 
@@ -192,7 +192,7 @@ def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m rcn_dist.parallel.pipeline_bench --config configs/bench_pipeline_balanced.toml"""
+    """python -m rcn_dist.bench.pipeline --config configs/bench_pipeline_balanced.toml"""
     from rcn_dist.config import resolve
 
     ap = argparse.ArgumentParser(prog="pipeline_bench", description=__doc__.splitlines()[0])
