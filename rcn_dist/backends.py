@@ -122,7 +122,6 @@ def pipeline_backend(run: Run) -> Backend:
 
     def update() -> None:
         runner.optimizer_step(runner.reduce_gradients())
-        runner.maybe_plan()
 
     def evaluate_pipeline(at_end: bool) -> dict:
         ev_stream = test_stream(cfg, cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size)

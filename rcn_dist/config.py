@@ -273,15 +273,15 @@ class ParallelConfig:
     zero_stage: int = -1
     """ZeRO stage; -1 takes it from the DeepSpeed JSON (0 when there is none)."""
     pipeline_schedule: str = "async_bfs"
-    """Schedule of the 2T virtual stages (see docs/parallelism.md). Ours, where each stage waits
-    only for its own input (any micro_batches): "async_bfs" (breadth-first) or "planned" (an
-    order list-scheduled from the stage costs measured in the second step; same results).
-    torch.distributed.pipelining's lock-step ones: "looped_bfs" (any micro_batches) and
-    "interleaved_1f1b" (micro_batches a multiple of max(1, micro_batches // 2))."""
+    """Schedule of the 2T virtual stages (see docs/parallelism.md). Training runs ours, where each
+    stage waits only for its own input (any micro_batches): "async_bfs" (breadth-first). The
+    pipeline benchmark also runs torch.distributed.pipelining's lock-step ones, for comparison:
+    "looped_bfs" (any micro_batches) and "interleaved_1f1b" (micro_batches a multiple of
+    max(1, micro_batches // 2))."""
 
     def __post_init__(self) -> None:
-        _require(self.pipeline_schedule in ("planned", "async_bfs", "looped_bfs", "interleaved_1f1b"),
-                 "parallel.pipeline_schedule", "must be 'planned', 'async_bfs', 'looped_bfs' or "
+        _require(self.pipeline_schedule in ("async_bfs", "looped_bfs", "interleaved_1f1b"),
+                 "parallel.pipeline_schedule", "must be 'async_bfs', 'looped_bfs' or "
                  f"'interleaved_1f1b', got {self.pipeline_schedule!r}")
         _require(self.pipeline_stages in (1, 2), "parallel.pipeline_stages",
                  f"must be 1 or 2, got {self.pipeline_stages}")

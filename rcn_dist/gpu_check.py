@@ -112,11 +112,9 @@ def check_zero(dev: torch.device, stage: int, batch: int, preset_name: str, step
                                                 f"parallel.zero_stage={stage}", "train.warmup_steps=0"])
     eng.resolve_engine_settings(cfg, {}, 1, dev.type)
     if not torch.distributed.is_initialized():
-        from rcn_dist.parallel.env import free_port
+        from rcn_dist.parallel.env import detect, init_process_group
 
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-        eng.init_distributed("nccl" if dev.type == "cuda" else "gloo")
+        init_process_group(detect({}, cuda=dev.type == "cuda"), deepspeed=True)  # one process
     x, y, eps = (t.to(dev) for t in rcn_inputs(cfg, batch))
     torch.manual_seed(0)
     plain = float(RCN(cfg.model).to(dev).loss(x, y, eps)[0])

@@ -41,7 +41,8 @@ class TrainJob(Checkpointable):
         # before torch is imported, which reads it once.
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         from rcn_dist.cli import run_main
-        from rcn_dist.train import EXIT_STOPPED, main
+        from rcn_dist.loop import EXIT_STOPPED
+        from rcn_dist.train import main
 
         rc = run_main(main, self.argv)
         if rc == EXIT_STOPPED and submitit.JobEnvironment().global_rank != 0:

@@ -20,9 +20,6 @@ from pathlib import Path
 
 from rcn_dist.config import Config, ConfigError, resolve
 from rcn_dist.errors import CheckpointError
-from rcn_dist.loop import EXIT_STOPPED
-
-__all__ = ["EXIT_STOPPED", "build_parser", "config_from_args", "prepare_run", "run", "main"]
 
 
 def build_parser(prog: str = "rcn train") -> argparse.ArgumentParser:

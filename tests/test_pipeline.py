@@ -43,7 +43,8 @@ def _worker(rank: int, world: int, port: int, runs: list, out_dir: str) -> None:
     """One rank: each run (M, schedule, zero, dtype) trains STEPS steps; results go to a file."""
     import torch.distributed as dist
 
-    from rcn_dist.parallel.pipeline import PipelineRank, make_groups
+    from rcn_dist.bench.pipeline import make_rank
+    from rcn_dist.parallel.pipeline import make_groups
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -51,7 +52,7 @@ def _worker(rank: int, world: int, port: int, runs: list, out_dir: str) -> None:
     pp_group, dp_group = make_groups(world)
     result = []
     for m, schedule, zero, dtype in runs:
-        runner = PipelineRank(_cfg(m, schedule, zero), rank % 2, pp_group, dp_group, dtype=dtype)
+        runner = make_rank(_cfg(m, schedule, zero), rank % 2, pp_group, dp_group, dtype=dtype)
         events = runner.record_events()
         losses, grads = [], []
         for step in range(STEPS):
@@ -60,9 +61,8 @@ def _worker(rank: int, world: int, port: int, runs: list, out_dir: str) -> None:
             norm = runner.reduce_gradients()
             grads.append({k: p.grad.clone() for k, p in runner.named_parameters().items()})
             runner.optimizer_step(norm)
-            runner.maybe_plan()  # as the training loop: the "planned" schedule plans after step 2
             losses.append(None if terms is None else terms[:, 0].mean().item())
-        result.append({"losses": losses, "grads": grads, "events": list(events), "plan": runner.plan_costs,
+        result.append({"losses": losses, "grads": grads, "events": list(events),
                        "names": sorted(runner.named_parameters()),
                        "stage_params": sorted({n for s in runner.stage_modules for n, _ in s.named_parameters()})})
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -126,26 +126,15 @@ def _assert_same(got: list[list[dict]], run: int, cfg, dtype, tol: float, dp: in
 
 @pytest.mark.slow
 def test_two_stages_equal_unsplit_model_and_overlap(tmp_path):
-    """Our planned schedule in fp64 (M=2) and fp32 (M=4, and breadth-first), torch's interleaved 1F1B
-    in fp32 (M=4):
-    10 steps of losses and gradients equal the unsplit model's; each rank holds exactly its stack;
-    micro-batches overlap."""
-    runs = [(2, "planned", 0, torch.float64), (4, "planned", 0, torch.float32),
-            (4, "interleaved_1f1b", 0, torch.float32), (4, "async_bfs", 0, torch.float32)]
+    """Our breadth-first schedule in fp64 (M=2) and fp32 (M=4), torch's interleaved 1F1B (the
+    benchmark's comparison) in fp32 (M=4): 10 steps of losses and gradients equal the unsplit model's; each rank holds exactly its
+    stack; micro-batches overlap."""
+    runs = [(2, "async_bfs", 0, torch.float64), (4, "async_bfs", 0, torch.float32),
+            (4, "interleaved_1f1b", 0, torch.float32)]
     got = _spawn(2, runs, tmp_path)
     _assert_same(got, 0, _cfg(2), torch.float64, 1e-12, dp=1)
     _assert_same(got, 1, _cfg(4), torch.float32, 1e-5, dp=1)
     _assert_same(got, 2, _cfg(4), torch.float32, 1e-5, dp=1)
-    # The planned order gives the breadth-first order's results bit for bit (gradients add up
-    # per micro-batch, in index order, whatever the interleaving).
-    assert got[1][1]["losses"] == got[1][3]["losses"]
-    for r in (0, 1):
-        for a, b in zip(got[r][1]["grads"], got[r][3]["grads"]):
-            assert all(torch.equal(a[n], b[n]) for n in a)
-    # The planned runs planned (after step 2), from one cost table both ranks agree on.
-    for run_i in (0, 1):
-        assert got[0][run_i]["plan"] is not None and got[0][run_i]["plan"] == got[1][run_i]["plan"]
-        assert all(c > 0 for c in got[0][run_i]["plan"])
 
     # Acceptance 2: the parameters present on each rank are exactly its own stack's, by name.
     from rcn_dist.model import RCN
@@ -253,26 +242,31 @@ def _le(world: int) -> LaunchEnv:
 
 
 def test_check_pipeline_config_refuses_each_case():
+    from rcn_dist.bench.pipeline import check_lockstep
     from rcn_dist.parallel.pipeline import check_pipeline_config
 
-    ok = _cfg(4, "interleaved_1f1b")
-    check_pipeline_config(ok, _le(4))
+    check_pipeline_config(_cfg(4), _le(4))
     cases = {
         "zero_stage=2": (lambda c: setattr(c.parallel, "zero_stage", 2), 2),
         "not divisible by parallel.micro_batches=3": (lambda c: setattr(c.parallel, "micro_batches", 3), 2),
-        "micro_batches=5 is not supported": (lambda c: setattr(c.parallel, "micro_batches", 5)
-                                             or setattr(c.train, "micro_batch", 10), 2),
+        "lock-step schedules are for comparison": (lambda c: setattr(c.parallel, "pipeline_schedule",
+                                                                     "looped_bfs"), 2),
         "world size 3": (lambda c: None, 3),
         "fp16": (lambda c: setattr(c.train, "precision", "fp16"), 2),
     }
     for needle, (change, world) in cases.items():
-        cfg = _cfg(4, "interleaved_1f1b")
+        cfg = _cfg(4)
         change(cfg)
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
             check_pipeline_config(cfg, _le(world))
-    looped = _cfg(4)
-    looped.parallel.micro_batches, looped.train.micro_batch = 5, 10
-    check_pipeline_config(looped, _le(2))  # async (and looped) BFS take any M that divides the batch
+    bfs = _cfg(4)
+    bfs.parallel.micro_batches, bfs.train.micro_batch = 5, 10
+    check_pipeline_config(bfs, _le(2))  # our schedule takes any M that divides the batch
+    # The benchmark's torch schedules: interleaved 1F1B needs M a multiple of max(1, M // 2).
+    check_lockstep(_cfg(4, "interleaved_1f1b"))
+    bfs.parallel.pipeline_schedule = "interleaved_1f1b"
+    with pytest.raises(ConfigError, match="micro_batches=5 is not supported"):
+        check_lockstep(bfs)
 
 
 @pytest.mark.slow
@@ -286,8 +280,7 @@ def test_refusals_before_start_up(fmnist_small, tmp_path):
     cases = {
         "ZeRO stage 0 or 1": ([*base, "--deepspeed", zero2], two),
         "not divisible by parallel.micro_batches=3": ([*base, "parallel.micro_batches=3"], two),
-        "micro_batches=5 is not supported": ([*base, "train.batch_size=10", "parallel.micro_batches=5",
-                                              "parallel.pipeline_schedule=interleaved_1f1b"], two),
+        "lock-step schedules are for comparison": ([*base, "parallel.pipeline_schedule=interleaved_1f1b"], two),
         "world size 3 is not divisible": (base, {**two, "WORLD_SIZE": "3"}),
     }
     for needle, (args, env) in cases.items():
@@ -296,61 +289,3 @@ def test_refusals_before_start_up(fmnist_small, tmp_path):
         lines = [ln for ln in p.stderr.strip().splitlines() if ln.startswith("rcn: error:")]
         assert len(lines) == 1 and needle in lines[0], (needle, p.stderr[-2000:])
     assert not (tmp_path / "r").exists()
-
-
-# ---------------------------------------------------------------- the planner
-def _replay(orders, cost, latency: float) -> float:
-    """Run both ranks' action lists against each other (each action waits for its inputs: the
-    previous stage's forward, the next stage's backward); the makespan, or an error on deadlock."""
-    n = 1 + max(a[1] for o in orders for a in o)
-    done: dict = {}
-    clock, idx = [0.0, 0.0], [0, 0]
-    while idx[0] < len(orders[0]) or idx[1] < len(orders[1]):
-        moved = False
-        for r in (0, 1):
-            if idx[r] == len(orders[r]):
-                continue
-            kind, s, mb = a = orders[r][idx[r]]
-            deps = ([("F", s - 1, mb)] if s else []) if kind == "F" else \
-                [("F", s, mb)] + ([("B", s + 1, mb)] if s < n - 1 else [])
-            if all(d in done for d in deps):
-                start = max([clock[r]] + [done[d] + (latency if d[1] % 2 != r else 0) for d in deps])
-                clock[r] = done[a] = start + cost(a)
-                idx[r] += 1
-                moved = True
-        assert moved, "deadlock"
-    return max(clock)
-
-
-def test_plan_orders_are_valid_deadlock_free_and_beat_breadth_first():
-    import random
-
-    from rcn_dist.parallel.async_schedule import plan_orders, stage_class
-
-    T, M = 8, 8
-    # Per micro-batch, ms, as measured for the `small` preset: stage 0 (encoder capsules) heavy,
-    # decoder steps heavier than encoder steps: breadth-first leaves the decoder rank waiting for
-    # the capsules and the encoder rank waiting in every later round.
-    table = {("F", "first"): 11.8, ("F", "enc"): 1.1, ("F", "dec"): 2.9, ("F", "last"): 2.7,
-             ("B", "first"): 17.8, ("B", "enc"): 2.0, ("B", "dec"): 3.9, ("B", "last"): 3.7}
-    orders = plan_orders(table, T, M, 0.2)
-    for r in (0, 1):
-        mine = {(k, s, mb) for k in "FB" for s in range(r, 2 * T, 2) for mb in range(M)}
-        assert len(orders[r]) == len(mine) and set(orders[r]) == mine
-    bfs = [[("F", s, mb) for s in range(r, 2 * T, 2) for mb in range(M)]
-           + [("B", s, mb) for s in reversed(range(r, 2 * T, 2)) for mb in range(M)] for r in (0, 1)]
-
-    def cost(a):
-        return table[(a[0], stage_class(a[1], 2 * T))]
-
-    planned, breadth = _replay(orders, cost, 0.2), _replay(bfs, cost, 0.2)
-    assert planned < 0.92 * breadth, (planned, breadth)
-    busiest = max(sum(cost(a) for a in o) for o in orders)
-    assert planned < 1.3 * busiest
-    # Real costs differ from the table: the orders still never deadlock.
-    rng = random.Random(0)
-    for _ in range(20):
-        noisy = {a: cost(a) * rng.uniform(0.2, 5) for o in orders for a in o}
-        _replay(orders, noisy.__getitem__, rng.uniform(0, 5))
-    # The same table gives the same orders (every rank plans alike, without talking).
-    assert plan_orders(table, T, M, 0.2) == orders

@@ -291,6 +291,7 @@ def _scaling_worker(rank: int, mode: str, world: int, port: int, batch: int, ste
 
     from rcn_dist.config import preset
     from rcn_dist.model import RCN
+    from rcn_dist.parallel.env import detect, init_process_group
 
     torch.set_num_threads(1)
     cfg = preset("small")
@@ -299,8 +300,8 @@ def _scaling_worker(rank: int, mode: str, world: int, port: int, batch: int, ste
     x, y, eps = rcn_inputs(cfg, batch, seed=rank)
     module: nn.Module = _LossOf(model)
     if mode == "ddp":
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-        dist.init_process_group("gloo")
+        init_process_group(detect({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port)}, cuda=False))
         module = nn.parallel.DistributedDataParallel(module)
     adam = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
 

@@ -27,9 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
+from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B, ScheduleLoopedBFS
 
 from rcn_dist.bench.base import load_average, rcn_inputs
-from rcn_dist.config import Config
+from rcn_dist.config import Config, ConfigError
+from rcn_dist.parallel.pipeline import PipelineRank
+
+SCHEDULES = {"looped_bfs": ScheduleLoopedBFS, "interleaved_1f1b": ScheduleInterleaved1F1B}
+"""torch.distributed.pipelining's lock-step looped schedules, for comparison with ours."""
 
 
 class _Unsplit:
@@ -54,6 +60,77 @@ class _Unsplit:
         self.opt.zero_grad(set_to_none=True)
 
 
+class LoggedStage(PipelineStage):
+    """A PipelineStage that records when it ran each micro-batch's forward and backward.
+
+    Events go to `events` (a list shared by a rank's stages) as (kind "F" | "B", virtual stage,
+    micro-batch, start, end) with time.time() stamps, while `events` is not None.
+    """
+
+    def __init__(self, *args, events: list | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.events = events
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+        t0 = time.time()
+        out = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+        if self.events is not None:
+            self.events.append(("F", self.stage_index, fwd_chunk_id, t0, time.time()))
+        return out
+
+    def backward_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
+        t0 = time.time()
+        out = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+        if self.events is not None:
+            self.events.append(("B", self.stage_index, bwd_chunk_id, t0, time.time()))
+        return out
+
+
+class LockStepRank(PipelineRank):
+    """A pipeline rank on one of torch.distributed.pipelining's lock-step looped schedules
+    (cfg.parallel.pipeline_schedule), in place of our asynchronous one: for comparison only."""
+
+    def __init__(self, cfg: Config, pp_rank: int, pp_group, dp_group=None, **kwargs) -> None:
+        super().__init__(cfg, pp_rank, pp_group, dp_group, **kwargs)
+        check_lockstep(cfg)
+        T = cfg.model.T
+        self.stages = [LoggedStage(st, 2 * t + pp_rank, 2 * T, self.device, group=pp_group)
+                       for t, st in enumerate(self.stage_modules)]
+        # scale_grads=False: the default divides a shared parameter's gradient by M once per
+        # stage that uses it (wrong by up to 90%); the loss is divided by the rank's batch instead.
+        self.lockstep = SCHEDULES[cfg.parallel.pipeline_schedule](
+            self.stages, cfg.parallel.micro_batches, loss_fn=self._loss, scale_grads=False)
+
+    def record_events(self, on: bool = True) -> list:
+        events = super().record_events(on)
+        for s in self.stages:
+            s.events = self.events
+        return events
+
+    def _run(self, kw: dict[str, Tensor], train: bool) -> list[Tensor] | None:
+        run = self.lockstep.step if train else self.lockstep.eval
+        if self.pp_rank == 0:
+            run(**kw)
+            return None
+        return [run(**kw, target=kw["x"])]  # the target is required, and unused
+
+
+def check_lockstep(cfg: Config) -> None:
+    """Refuse a micro-batch count torch's schedule cannot run on 2 ranks."""
+    m = cfg.parallel.micro_batches
+    rounds = max(1, m // 2)
+    if cfg.parallel.pipeline_schedule == "interleaved_1f1b" and m % rounds:
+        raise ConfigError(f"parallel.micro_batches={m} is not supported by parallel.pipeline_schedule="
+                          f"interleaved_1f1b on 2 ranks (needs a multiple of max(1, M // 2) = {rounds}; "
+                          "e.g. 1, 2, 3, 4, 6, 8) or use looped_bfs")
+
+
+def make_rank(cfg: Config, pp_rank: int, pp_group, dp_group=None, **kwargs) -> PipelineRank:
+    """The rank runner of cfg.parallel.pipeline_schedule: ours (async_bfs) or one of torch's."""
+    cls = PipelineRank if cfg.parallel.pipeline_schedule == "async_bfs" else LockStepRank
+    return cls(cfg, pp_rank, pp_group, dp_group, **kwargs)
+
+
 def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: Sequence[str], steps: int,
             warmup: int, out: str) -> None:
     """One of 2 processes, 1 thread each. Every round times each variant once, interleaved, so
@@ -62,11 +139,12 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
     import torch.distributed as dist
 
     from rcn_dist.config import from_dict
-    from rcn_dist.parallel.pipeline import PipelineRank, make_groups
+    from rcn_dist.parallel.env import detect, init_process_group
+    from rcn_dist.parallel.pipeline import make_groups
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    dist.init_process_group("gloo")
+    init_process_group(detect({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": str(port)}, cuda=False))
     pp_group, dp_group = make_groups(2)
     base = from_dict(json.loads(cfg_json))
     b = base.train.batch_size
@@ -78,7 +156,7 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
             cfg.parallel.pipeline_stages, cfg.parallel.micro_batches, cfg.parallel.zero_stage = 2, m, 0
             cfg.parallel.pipeline_schedule = sched
             cfg.train.micro_batch, cfg.train.precision = b, "fp32"
-            runners[(sched, m)] = PipelineRank(cfg, rank, pp_group, dp_group)
+            runners[(sched, m)] = make_rank(cfg, rank, pp_group, dp_group)
     unsplit, dp = _Unsplit(base), _Unsplit(base)
     half = slice(rank * b // 2, (rank + 1) * b // 2)
     t: dict[str, list[float]] = {}
@@ -105,7 +183,6 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
         r = runners[key]
         r.forward_backward(x, y, eps, b)
         r.optimizer_step(r.reduce_gradients())
-        r.maybe_plan()  # as the training loop: the "planned" schedule plans after its second step
 
     busy: dict[str, list[float]] = {}
     for _ in range(warmup + steps):
@@ -145,8 +222,6 @@ def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5
     b = cfg.train.batch_size
     bad = [m for m in ms if b % m]
     if bad:
-        from rcn_dist.config import ConfigError
-
         raise ConfigError(f"train.batch_size={b} is not divisible by micro-batch count(s) {bad}")
     with tempfile.TemporaryDirectory() as tmp:
         main = cfg.parallel.pipeline_schedule

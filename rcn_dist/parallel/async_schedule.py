@@ -8,9 +8,8 @@ dec_1 is light, and dec_t (decoder capsules every step) is heavier than enc_t fo
 lock-step slots add up to sum_t max(enc_t, dec_t) instead of max(sum enc_t, sum dec_t), and
 16 to 22 small gloo messages per stage call cost about as much as the stage's work on a CPU.
 
-This schedule runs a fixed order of work per rank (breadth-first by default: every micro-batch
-through stage s before stage s + 2, then the backward in reverse; or one planned by
-`plan_orders` from measured stage costs) and synchronises only on data:
+This schedule runs a fixed order of work per rank (breadth-first: every micro-batch through stage
+s before stage s + 2, then the backward in reverse) and synchronises only on data:
 
 * every receive of a step is posted up front (one `irecv` per stage boundary and micro-batch,
   with its own tag), so gloo's I/O thread moves each message in the background as soon as the
@@ -18,8 +17,6 @@ through stage s before stage s + 2, then the backward in reverse; or one planned
 * a stage's outputs travel as one flat buffer (cast to one transport dtype, cast back exactly on
   arrival), and so do the gradients coming back;
 * sends are asynchronous and waited for once, at the end of the step.
-* each micro-batch's parameter gradients accumulate apart and are summed in micro-batch order at
-  the end, so every order gives bit-identical results.
 
 The shapes and dtypes of what crosses each boundary are learned once by a probe: the two ranks
 run their stages in turn on a one-sample batch without gradients and exchange the (shape, dtype)
@@ -44,64 +41,6 @@ Spec = list[tuple[tuple[int, ...], torch.dtype]]
 """What crosses one stage boundary: per tensor, its shape without the batch dimension, and dtype."""
 Action = tuple[str, int, int]
 """("F" | "B", virtual stage, micro-batch)."""
-COST_KEYS = [(k, c) for k in ("F", "B") for c in ("first", "enc", "dec", "last")]
-"""The cost table's entries: forward/backward of stage 0 (enc_1, which starts from zero states),
-of the other encoder stages, of the decoder stages but the last, and of the last (dec_T + loss)."""
-
-
-def stage_class(s: int, n_stages: int) -> str:
-    if s == 0:
-        return "first"
-    if s == n_stages - 1:
-        return "last"
-    return "enc" if s % 2 == 0 else "dec"
-
-
-def plan_orders(costs: dict[tuple[str, str], float], T: int, M: int, latency: float) -> list[list[Action]]:
-    """Both ranks' action orders from a list-scheduling simulation of one step.
-
-    Each rank, when free, takes among its actions whose inputs have arrived (the other rank's
-    output plus `latency`) the one of the oldest micro-batch, backward before forward; when none
-    has arrived it waits for the next arrival. The result is a valid execution, so running the
-    orders with real (different) costs cannot deadlock; and it is a pure function of its inputs,
-    so every rank, and every run given the same table, gets the same orders.
-    """
-    n = 2 * T
-
-    def cost(a: Action) -> float:
-        return costs[(a[0], stage_class(a[1], n))]
-
-    def deps(a: Action) -> list[Action]:
-        kind, s, mb = a
-        if kind == "F":
-            return [("F", s - 1, mb)] if s > 0 else []
-        return [("F", s, mb)] + ([("B", s + 1, mb)] if s < n - 1 else [])
-
-    todo = [{(k, s, mb) for k in "FB" for s in range(r, n, 2) for mb in range(M)} for r in (0, 1)]
-    done: dict[Action, float] = {}
-    clock = [0.0, 0.0]
-    orders: list[list[Action]] = [[], []]
-    while todo[0] or todo[1]:
-        r = min((x for x in (0, 1) if todo[x]), key=lambda x: (clock[x], x))
-        arrivals = []
-        ready = []
-        for a in todo[r]:
-            ds = deps(a)
-            if all(d in done for d in ds):
-                at = max([0.0] + [done[d] + (latency if d[1] % 2 != r else 0.0) for d in ds])
-                (ready if at <= clock[r] else arrivals).append((at, a))
-        if ready:
-            a = min(ready, key=lambda x: (x[1][2], x[1][0] == "F", x[1][1]))[1]
-            clock[r] += cost(a)
-            done[a] = clock[r]
-            todo[r].remove(a)
-            orders[r].append(a)
-        else:
-            later = [t for t, _ in arrivals] + [t + latency for t in done.values() if t + latency > clock[r]]
-            clock[r] = min(later) if later else clock[1 - r] + 1e-9
-    return orders
-
-
 def _transport_dtype(spec: Spec) -> torch.dtype:
     # One dtype that holds every tensor of the boundary exactly (bf16 -> fp32 is exact).
     dt = torch.float32
@@ -142,8 +81,6 @@ class AsyncLoopedBFS:
         self.peer = dist.get_global_rank(group, 1 - pp_rank) if group is not None else 1 - pp_rank
         self.specs: dict[int, Spec] | None = None  # boundary s (stage s -> s + 1) -> its Spec
         self.events: list | None = None
-        self.order: list[Action] | None = None  # None: breadth-first (bfs_order)
-        self.durations: dict[Action, float] = {}  # seconds of each action's work, last training run
 
     # ------------------------------------------------------------------ helpers
     def _my_stages(self) -> range:
@@ -152,22 +89,13 @@ class AsyncLoopedBFS:
     def _tag(self, backward: bool, boundary: int, mb: int) -> int:
         return (2 * boundary + int(backward)) * self.m + mb
 
-    def _params(self) -> list[nn.Parameter]:
-        seen: dict[int, nn.Parameter] = {}
-        for step in self.steps:
-            for p in step.parameters():
-                seen.setdefault(id(p), p)
-        return [p for p in seen.values() if p.requires_grad]
-
     def _call(self, s: int, inputs: Sequence[Tensor], kwargs: dict[str, Any]) -> tuple[Tensor, ...]:
         out = self.steps[s // 2](*inputs, **kwargs)
         return out if isinstance(out, tuple) else (out,)
 
-    def _log(self, durations: dict[Action, float], action: Action, t0: float) -> None:
-        t1 = time.time()
-        durations[action] = t1 - t0
+    def _log(self, action: Action, t0: float) -> None:
         if self.events is not None:
-            self.events.append((*action, t0, t1))
+            self.events.append((*action, t0, time.time()))
 
     @torch.no_grad()
     def _probe(self, kwargs: dict[str, Tensor]) -> None:
@@ -200,7 +128,7 @@ class AsyncLoopedBFS:
         """One step over M micro-batches (each a dict of keyword tensors for this rank's stages).
 
         With `train`, gradients of sum over micro-batches of loss_fn(last output) accumulate in the
-        parameters, in the order of `self.order` (breadth-first unless a plan was set). Returns the
+        parameters, in breadth-first order. Returns the
         last stage's outputs per micro-batch on rank 1, None on rank 0.
         """
         if len(kwarg_mbs) != self.m:
@@ -213,7 +141,6 @@ class AsyncLoopedBFS:
         device = kwargs_device(kwarg_mbs[0])
         last = self.n_stages - 1
         sends: list[tuple[Any, Tensor]] = []
-        durations: dict[Action, float] = {}
 
         def post(backward: bool, boundary: int, mb: int) -> tuple[Any, Tensor]:
             spec = specs[boundary]
@@ -225,15 +152,7 @@ class AsyncLoopedBFS:
             sends.append((dist.isend(buf, dst=self.peer, group=self.group,
                                      tag=self._tag(backward, boundary, mb)), buf))
 
-        order = (self.order or self.bfs_order()) if train else [a for a in self.bfs_order() if a[0] == "F"]
-        # A planned order interleaves micro-batches differently from run to run (it comes from
-        # measured costs). Accumulating each micro-batch's parameter gradients apart (its own
-        # backward actions run in a fixed order: the chain through both ranks forces it) and
-        # summing them in index order at the end makes the result independent of the order, so
-        # a resumed run (which plans anew) repeats an uninterrupted one bit for bit.
-        params = self._params() if train else []
-        prior = [p.grad for p in params]
-        mb_grads: dict[int, list[Tensor | None]] = {mb: [None] * len(params) for mb in range(self.m)}
+        order = self.bfs_order() if train else [a for a in self.bfs_order() if a[0] == "F"]
         # Every receive of the step is posted now: forward inputs of stages s > 0, and (training)
         # the gradients for the outputs of stages s < last. A stage then waits only for its own.
         posted = {a: post(a[0] == "B", a[1] - 1 if a[0] == "F" else a[1], a[2]) for a in order
@@ -253,7 +172,7 @@ class AsyncLoopedBFS:
                 t0 = time.time()
                 with torch.set_grad_enabled(train):
                     outs = self._call(s, inputs, kwarg_mbs[mb])
-                self._log(durations, a, t0)
+                self._log(a, t0)
                 if s < last:
                     send(False, s, mb, outs)
                 else:
@@ -263,8 +182,6 @@ class AsyncLoopedBFS:
                 continue
             # Backward of stage s for micro-batch mb: gradients for its outputs come from s + 1.
             inputs, outs = saved.pop((s, mb))
-            for p, g in zip(params, mb_grads[mb]):
-                p.grad = g
             if s == last:
                 assert self.loss_fn is not None
                 t0 = time.time()
@@ -276,41 +193,12 @@ class AsyncLoopedBFS:
                 pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
                 t0 = time.time()
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            self._log(durations, a, t0)
-            mb_grads[mb] = [p.grad for p in params]
+            self._log(a, t0)
             if s > 0:
                 send(True, s - 1, mb, [i.grad if i.grad is not None else torch.zeros_like(i) for i in inputs])
-        if train:
-            for i, p in enumerate(params):
-                total = prior[i]
-                for mb in range(self.m):
-                    g = mb_grads[mb][i]
-                    if g is not None:
-                        total = g if total is None else total.add_(g)
-                p.grad = total
         for work, _ in sends:
             work.wait()
-        if train:
-            self.durations = durations
         return [results[mb] for mb in range(self.m)] if self.pp_rank == 1 else None
-
-    # ------------------------------------------------------------------ planning
-    def stage_costs(self) -> Tensor:
-        """This rank's mean seconds per (action kind, stage class) over the last training step,
-        as a vector indexed like COST_KEYS (zeros where the class is the other rank's)."""
-        sums = torch.zeros(len(COST_KEYS), dtype=torch.float64)
-        counts = torch.zeros(len(COST_KEYS), dtype=torch.float64)
-        for (kind, s, _), dt in self.durations.items():
-            i = COST_KEYS.index((kind, stage_class(s, self.n_stages)))
-            sums[i] += dt
-            counts[i] += 1
-        return sums / counts.clamp(min=1)
-
-    def set_plan(self, costs: Sequence[float], latency: float = 2e-4) -> None:
-        """Order this rank's actions by list-scheduling both ranks on `costs` (COST_KEYS order,
-        both ranks' classes filled in: the same vector on both ranks gives matching plans)."""
-        table = dict(zip(COST_KEYS, map(float, costs)))
-        self.order = plan_orders(table, self.n_stages // 2, self.m, latency)[self.pp_rank]
 
 
 def kwargs_device(kwargs: dict[str, Tensor]) -> torch.device:

@@ -1,8 +1,8 @@
 """Pipeline parallelism: the encoder stack on one rank, the decoder stack on the next.
 
 The recurrence is a cycle over time (enc_t needs h_dec_{t-1} and c_{t-1} from the decoder), not
-a chain, so the T steps are unrolled into 2T virtual stages enc_1, dec_1, ..., enc_T, dec_T that
-torch.distributed.pipelining places in a loop: virtual stage i on pipeline rank i % 2. Rank 0
+a chain, so the T steps are unrolled into 2T virtual stages enc_1, dec_1, ..., enc_T, dec_T placed
+in a loop (async_schedule.AsyncLoopedBFS): virtual stage i on pipeline rank i % 2. Rank 0
 runs every enc_t with its one Encoder, rank 1 every dec_t with its one Decoder. With M
 micro-batches in flight, rank 0 runs enc_t of micro-batch m while rank 1 runs dec_t of m - 1.
 docs/parallelism.md has the schedule, its arithmetic and its limits.
@@ -28,17 +28,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B, ScheduleLoopedBFS
 
 from rcn_dist.config import Config, ConfigError
 from rcn_dist.files import atomic_write
 from rcn_dist.model import RCN, RCNOutput, kl_standard_normal
 from rcn_dist.parallel.async_schedule import AsyncLoopedBFS
 
-SCHEDULES = {"looped_bfs": ScheduleLoopedBFS, "interleaved_1f1b": ScheduleInterleaved1F1B}
-"""torch.distributed.pipelining's lock-step looped schedules."""
-ASYNC = ("planned", "async_bfs")
-"""Ours (AsyncLoopedBFS): planned from the stage costs of the second step, or breadth-first throughout."""
 TERMS = ("loss", "margin", "recon", "kl", "elbo")
 """Columns of the last stage's output (B, 6): these, then `correct` as 0/1."""
 ZERO_STAGES = (0, 1)
@@ -65,12 +60,10 @@ def check_pipeline_config(cfg: Config, le, run_dir: Path | None = None) -> None:
     if t.micro_batch % m:
         raise ConfigError(f"the per-pipeline batch train.micro_batch={t.micro_batch} is not divisible by "
                           f"parallel.micro_batches={m}")
-    if p.pipeline_schedule == "interleaved_1f1b":
-        rounds = max(1, m // 2)
-        if m % rounds:
-            raise ConfigError(f"parallel.micro_batches={m} is not supported by parallel.pipeline_schedule="
-                              f"interleaved_1f1b on 2 ranks (needs a multiple of max(1, M // 2) = {rounds}; "
-                              "e.g. 1, 2, 3, 4, 6, 8) or use looped_bfs")
+    if p.pipeline_schedule != "async_bfs":
+        raise ConfigError(f"parallel.pipeline_schedule={p.pipeline_schedule}: torch's lock-step schedules are "
+                          "for comparison in the pipeline benchmark (rcn_dist.bench.pipeline) only; train with "
+                          "async_bfs")
     if run_dir is not None:
         from rcn_dist.parallel import checkpoint as ckpt
 
@@ -173,32 +166,6 @@ class DecoderStep(nn.Module):
         return torch.stack([terms[k].to(odt) for k in TERMS] + [terms["correct"].to(odt)], 1)
 
 
-class LoggedStage(PipelineStage):
-    """A PipelineStage that records when it ran each micro-batch's forward and backward.
-
-    Events go to `events` (a list shared by a rank's stages) as (kind "F" | "B", virtual stage,
-    micro-batch, start, end) with time.time() stamps, while `events` is not None.
-    """
-
-    def __init__(self, *args, events: list | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.events = events
-
-    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
-        t0 = time.time()
-        out = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
-        if self.events is not None:
-            self.events.append(("F", self.stage_index, fwd_chunk_id, t0, time.time()))
-        return out
-
-    def backward_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
-        t0 = time.time()
-        out = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
-        if self.events is not None:
-            self.events.append(("B", self.stage_index, bwd_chunk_id, t0, time.time()))
-        return out
-
-
 def adam_options(cfg: Config, device: torch.device) -> dict[str, Any]:
     """Adam's keyword arguments for a pipeline rank: the config's LR and weight decay, and torch's
     fused kernel where it has one (3x faster than the per-tensor loop on CPU for 4 M parameters)."""
@@ -249,20 +216,7 @@ class PipelineRank:
         self.stage_modules: list[nn.Module] = steps
         """The T virtual stages of this rank (EncoderStep or DecoderStep, t = 0 .. T-1)."""
         self.events: list | None = None
-        self.async_schedule: AsyncLoopedBFS | None = None
-        self.stages: list[LoggedStage] = []
-        name, m = cfg.parallel.pipeline_schedule, cfg.parallel.micro_batches
-        self.plan_costs: list[float] | None = None
-        """The stage cost table the "planned" schedule's order comes from."""
-        self._steps_run = 0
-        if name in ASYNC:
-            self.async_schedule = AsyncLoopedBFS(steps, pp_rank, pp_group, m, loss_fn=self._loss)
-        else:
-            self.stages = [LoggedStage(st, 2 * t + pp_rank, 2 * T, self.device, group=pp_group)
-                           for t, st in enumerate(steps)]
-            # scale_grads=False: the default divides a shared parameter's gradient by M once per
-            # stage that uses it (wrong by up to 90%); the loss is divided by the rank's batch instead.
-            self.schedule = SCHEDULES[name](self.stages, m, loss_fn=self._loss, scale_grads=False)
+        self.schedule = AsyncLoopedBFS(steps, pp_rank, pp_group, cfg.parallel.micro_batches, loss_fn=self._loss)
         self._denom = 1
         params = list(self.stack.parameters())
         if cfg.parallel.zero_stage == 1 and dp_group is not None:
@@ -274,31 +228,10 @@ class PipelineRank:
             self.optimizer = torch.optim.Adam(params, **adam_options(cfg, self.device))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
 
-    def plan(self) -> list[float]:
-        """Collective over the pipeline: measure the stage costs of the last training step on both
-        ranks and order the actions of every later step by them (the "planned" schedule)."""
-        assert self.async_schedule is not None
-        costs = self.async_schedule.stage_costs()
-        dist.all_reduce(costs, group=self.pp_group)  # each rank fills only its own stage classes
-        self.plan_costs = costs.tolist()
-        self.async_schedule.set_plan(self.plan_costs)
-        return self.plan_costs
-
-    def maybe_plan(self) -> None:
-        """Call after every training step: the "planned" schedule plans once, from the stage costs
-        of this process's second step (the first pays for warm-up). The order does not change the
-        results: our schedule sums gradients per micro-batch, in index order, whatever the order."""
-        self._steps_run += 1
-        if self.cfg.parallel.pipeline_schedule == "planned" and self.plan_costs is None and self._steps_run >= 2:
-            self.plan()
-
     def record_events(self, on: bool = True) -> list:
         """Start (or stop) logging stage forward/backward events; returns the (cleared) list."""
         self.events = [] if on else None
-        for s in self.stages:
-            s.events = self.events
-        if self.async_schedule is not None:
-            self.async_schedule.events = self.events
+        self.schedule.events = self.events
         return self.events if on else []
 
     def named_parameters(self) -> dict[str, Tensor]:
@@ -314,7 +247,7 @@ class PipelineRank:
         self.stack.load_state_dict(mine, strict=True)
 
     def _loss(self, out: Tensor, target: Tensor | None = None) -> Tensor:
-        # torch's schedules pass a target (unused: the last stage computed the loss terms), ours not.
+        # torch's schedules (in the benchmark) pass a target, unused: the last stage computed the loss terms.
         return out[:, 0].sum() / self._denom
 
     def _micro_kwargs(self, kw: dict[str, Tensor]) -> list[dict[str, Tensor]]:
@@ -322,12 +255,12 @@ class PipelineRank:
         parts = {k: v.chunk(m) for k, v in kw.items()}
         return [{k: v[i] for k, v in parts.items()} for i in range(m)]
 
-    def _run_async(self, kw: dict[str, Tensor], train: bool) -> list[Tensor] | None:
-        """Our schedule over M micro-batches. On the encoder rank the encoder capsules, which need
+    def _run(self, kw: dict[str, Tensor], train: bool) -> list[Tensor] | None:
+        """The schedule over M micro-batches: the last stage's outputs per micro-batch on the
+        decoder rank, None on the encoder rank. On the encoder rank the encoder capsules, which need
         only the image, run once over the rank's whole batch before the schedule (and their
         backward once after it): M small capsule passes cost a CPU thread 2-3x one big one, and
         as part of stage 0 they made the first round of every micro-batch the slowest."""
-        assert self.async_schedule is not None
         mbs = self._micro_kwargs(kw)
         caps = None
         if self.pp_rank == 0:
@@ -338,7 +271,7 @@ class PipelineRank:
             self._log_caps("F", t0)
             for d, part in zip(mbs, caps.detach().chunk(len(mbs))):
                 d["caps"] = part.requires_grad_(train)  # a leaf per micro-batch: stage 0's input
-        out = self.async_schedule.run(mbs, train=train)
+        out = self.schedule.run(mbs, train=train)
         if train and caps is not None:
             t0 = time.time()
             grads = [d["caps"].grad if d["caps"].grad is not None else torch.zeros_like(d["caps"]) for d in mbs]
@@ -361,26 +294,14 @@ class PipelineRank:
         """Run the schedule on one batch (B, ...) of this pipeline, accumulating gradients of
         sum(loss) / denom. Returns the per-sample terms (B, 6) on the decoder rank, else None."""
         self._denom = denom
-        kw = self._kwargs(x, y, eps)
-        if self.async_schedule is not None:
-            out = self._run_async(kw, train=True)
-            return None if out is None else torch.cat([o.detach() for o in out])
-        if self.pp_rank == 0:
-            self.schedule.step(**kw)
-            return None
-        return self.schedule.step(**kw, target=kw["x"]).detach()
+        out = self._run(self._kwargs(x, y, eps), train=True)
+        return None if out is None else torch.cat([o.detach() for o in out])
 
     @torch.no_grad()
     def forward_only(self, x: Tensor, y: Tensor, eps: Tensor) -> Tensor | None:
         """Forward through the pipeline without gradients: terms (B, 6) on the decoder rank."""
-        kw = self._kwargs(x, y, eps)
-        if self.async_schedule is not None:
-            out = self._run_async(kw, train=False)
-            return None if out is None else torch.cat(out)
-        if self.pp_rank == 0:
-            self.schedule.eval(**kw)
-            return None
-        return self.schedule.eval(**kw, target=kw["x"])
+        out = self._run(self._kwargs(x, y, eps), train=False)
+        return None if out is None else torch.cat(out)
 
     def reduce_gradients(self) -> Tensor:
         """Average gradients over the data-parallel replicas; returns the global gradient norm
