@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from rcn_dist.errors import CheckpointError
-from rcn_dist.loop import TERMS, Backend, LossModule, Run, evaluate, test_stream
+from rcn_dist.loop import TERMS, Backend, LossModule, Run, caps_input, evaluate, periodic_stream
 from rcn_dist.model import noise_for, step_noise_seed
 
 
@@ -72,7 +72,7 @@ def deepspeed_backend(run: Run, ds: dict[str, Any]) -> Backend:
             batch = next(batches)
             x, y = batch["image"].to(device), batch["label"].to(device)
             eps = noise_for(batch, step_noise_seed(t.seed, step), cfg).to(device)
-            terms = engine(x, y, eps)
+            terms = engine(x, y, eps, x_caps=caps_input(batch, cfg, device))
             engine.backward(terms["loss"].mean())
             parts += torch.stack([terms[k].detach().mean().double().cpu() for k in TERMS])
             if micro < t.grad_accum - 1:
@@ -88,7 +88,7 @@ def deepspeed_backend(run: Run, ds: dict[str, Any]) -> Backend:
 
     return Backend(
         forward_backward=forward_backward, update=engine.step, lr=lambda: scheduler.get_last_lr()[0],
-        evaluate=lambda at_end: evaluate(engine, test_stream(cfg, cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size),
+        evaluate=lambda at_end: evaluate(engine, periodic_stream(cfg, t.micro_batch, le.dp_rank, le.dp_size),
                                          cfg, device, max_batches=0 if at_end else t.eval_batches),
         save=lambda step, loop_state: ckpt.save(engine, run.run_dir, step, loop_state, cfg, le.rank, le.world_size,
                                                 t.keep_last),
@@ -115,7 +115,8 @@ def pipeline_backend(run: Run) -> Backend:
         for _ in range(t.grad_accum):
             batch = next(batches)
             eps = noise_for(batch, step_noise_seed(t.seed, step), cfg)
-            terms = runner.forward_backward(batch["image"], batch["label"], eps, t.micro_batch * t.grad_accum)
+            terms = runner.forward_backward(batch["image"], batch["label"], eps, t.micro_batch * t.grad_accum,
+                                            x_caps=caps_input(batch, cfg, le.device))
             if terms is not None:  # the decoder rank holds the loss terms
                 parts += terms[:, :len(TERMS)].double().mean(0).cpu()
         return parts
@@ -124,7 +125,7 @@ def pipeline_backend(run: Run) -> Backend:
         runner.optimizer_step(runner.reduce_gradients())
 
     def evaluate_pipeline(at_end: bool) -> dict:
-        ev_stream = test_stream(cfg, cfg.data.dir, t.micro_batch, le.dp_rank, le.dp_size)
+        ev_stream = periodic_stream(cfg, t.micro_batch, le.dp_rank, le.dp_size)
         return evaluate(pp.EvalAdapter(runner), pp.masked_on_encoder_rank(ev_stream, le.pp_rank), cfg, le.device,
                         max_batches=0 if at_end else t.eval_batches)
 

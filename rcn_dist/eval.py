@@ -13,6 +13,9 @@ Parts:
         training loop uses, with the same noise, so the numbers equal the loop's final test row
         for the same checkpoint. On MultiMNIST also the two-object accuracy (both top-2 capsules
         correct). Computed in the run's training precision (bf16 runs in bf16).
+  caps  capsule usage: the increase in test negative ELBO when the encoder's or the decoder's
+        capsule outputs are shuffled across the batch or zeroed, their spread across images and
+        their lengths (rcn_dist/model/usage.py), on eval.caps_examples test images.
   iw    the importance-weighted bound with K samples, in fp32 (the other parts too).
   nn    nearest-neighbour distances of generated samples and of test images to the training set.
   fd    a Frechet distance in the feature space of a small classifier trained on the run's
@@ -39,8 +42,8 @@ from rcn_dist.errors import CheckpointError, DataError
 from rcn_dist.files import atomic_write
 from rcn_dist.model import bits_per_dim, step_noise_seed
 
-PARTS = ("test", "iw", "nn", "fd")
-REDUCED = {"iw_samples": 10, "iw_examples": 500, "nn_samples": 128, "nn_train_images": 10000,
+PARTS = ("test", "caps", "iw", "nn", "fd")
+REDUCED = {"iw_samples": 10, "iw_examples": 500, "caps_examples": 1000, "nn_samples": 128, "nn_train_images": 10000,
            "classifier_steps": 200}
 """`--reduced` caps these eval.* settings (explicit eval.* overrides still win): the quickstart's
 evaluation, minutes on two CPU cores for the small preset."""
@@ -56,6 +59,17 @@ METRICS = {
     "test_kl": "sum over steps of KL(q(z_t | x) || N(0, I)), nats",
     "test_margin": "margin loss of the class capsules",
     "test_n": "test images evaluated",
+    "caps_n": "test images behind the capsule figures",
+    "caps_decoder_shuffle": "increase in test negative ELBO, nats, when the decoder capsules' outputs are shuffled across images",
+    "caps_decoder_zero": "the same when they are zeroed",
+    "caps_encoder_shuffle": "increase in test negative ELBO, nats, when the class capsules are shuffled across images",
+    "caps_encoder_zero": "the same when they are zeroed",
+    "caps_decoder_spread": "rms |o - mean o| / rms |o| of the decoder capsule outputs across images (0: a constant)",
+    "caps_decoder_length": "mean length of the decoder's routed capsules (near 1: squash saturated)",
+    "caps_decoder_primary_length": "mean length of the decoder's primary capsules",
+    "caps_encoder_spread": "the same spread for the class capsules",
+    "caps_encoder_length": "mean length of the class capsules",
+    "caps_encoder_primary_length": "mean length of the encoder's primary capsules",
     "iw_nll": "importance-weighted bound -log mean_k w_k (K = iw_k), nats: >= -log p(x), <= iw_elbo_mc",
     "iw_bits_per_dim": "iw_nll in bits per sub-pixel",
     "iw_elbo_mc": "mean over the same K samples of the one-sample negative ELBO -log w_k, nats",
@@ -95,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------- importance-weighted bound
-def log_weights(model, x: Tensor, eps: Tensor) -> Tensor:
+def log_weights(model, x: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> Tensor:
     """log w = log p(x | z) + log p(z) - log q(z | x) per image (B,), for the whole z_{1:T}.
 
     z_t = mu_t + sigma_t eps_t (the encoder's reparameterisation), so per dimension
     log q = -(log 2 pi + logvar + eps^2) / 2 and log p = -(log 2 pi + z^2) / 2; the 2 pi cancel.
-    x (B, C, H, W); eps (B, T, z_dim).
+    x (B, C, H, W); eps (B, T, z_dim); x_caps: what the encoder capsules see (RCN.forward).
     """
-    out = model(x, eps)
+    out = model(x, eps, x_caps)
     log_px = -model.recon_nll(out.canvas[:, -1], x)
     z = out.mu + torch.exp(0.5 * out.logvar) * eps
     return log_px + 0.5 * (eps.pow(2) + out.logvar - z.pow(2)).flatten(1).sum(1)
@@ -126,7 +140,7 @@ def importance_weighted(model, stream, cfg: Config, device: str, k: int, example
     """
     import torch.distributed as dist
 
-    from rcn_dist.loop import EVAL_NOISE_SEED
+    from rcn_dist.loop import EVAL_NOISE_SEED, caps_input
     from rcn_dist.model import sample_noise
 
     base = cfg.train.seed + EVAL_NOISE_SEED
@@ -137,7 +151,9 @@ def importance_weighted(model, stream, cfg: Config, device: str, k: int, example
         if not keep.any():
             continue
         x, idx = batch["image"][keep].to(device), batch["index"][keep]
-        lw = torch.stack([log_weights(model, x, sample_noise(idx, iw_seed(base, j), m.T, m.z_dim).to(device))
+        x_caps = caps_input(batch, cfg, device)
+        x_caps = None if x_caps is None else x_caps[keep.to(device)]
+        lw = torch.stack([log_weights(model, x, sample_noise(idx, iw_seed(base, j), m.T, m.z_dim).to(device), x_caps)
                           .double().cpu() for j in range(k)])  # (K, B)
         bound = torch.logsumexp(lw, dim=0) - math.log(k)
         sums += torch.stack([-bound.sum(), -lw.mean(0).sum(), torch.tensor(float(len(idx)), dtype=torch.float64)])
@@ -148,6 +164,47 @@ def importance_weighted(model, stream, cfg: Config, device: str, k: int, example
     if m.likelihood == "logistic":
         out["iw_bits_per_dim"] = bits_per_dim(out["iw_nll"], m.in_channels * m.height * m.width)
     return out
+
+
+# ---------------------------------------------------------------- capsule usage
+@torch.no_grad()
+def capsule_usage(model, stream, cfg: Config, device: str, examples: int = 0,
+                  progress: bool = False) -> dict[str, float]:
+    """How much the capsule networks carry: ELBO increases under ablation, spread and lengths.
+
+    Only images with split index < `examples` count (0: all); the noise is the evaluation noise,
+    so "caps_*" increases are against exactly the `test_elbo` images' terms. Every figure is a
+    mean over images (the statistics: over batches, weighted by their images), all-reduced.
+    """
+    import torch.distributed as dist
+
+    from rcn_dist.loop import EVAL_NOISE_SEED, caps_input
+    from rcn_dist.model import sample_noise
+    from rcn_dist.model.usage import ablation_elbos, capsule_stats
+
+    m = cfg.model
+    names: list[str] = []
+    sums: Tensor | None = None
+    for batch in console.track(stream, "capsule usage", enabled=progress):
+        keep = batch["mask"] & ((batch["index"] < examples) if examples else True)
+        if int(keep.sum()) < 2:  # a shuffle needs two images
+            continue
+        x, y, idx = batch["image"][keep].to(device), batch["label"][keep].to(device), batch["index"][keep]
+        x_caps = caps_input(batch, cfg, device)
+        x_caps = None if x_caps is None else x_caps[keep.to(device)]
+        eps = sample_noise(idx, cfg.train.seed + EVAL_NOISE_SEED, m.T, m.z_dim).to(device)
+        elbos = ablation_elbos(model, x, y, eps, x_caps)
+        figs = {k: (v - elbos["none"]).double().sum().item() for k, v in elbos.items() if k != "none"}
+        figs |= {k: v * len(idx) for k, v in capsule_stats(model, x, eps, x_caps).items()}
+        names = sorted(figs)
+        row = torch.tensor([figs[k] for k in names] + [float(len(idx))], dtype=torch.float64)
+        sums = row if sums is None else sums + row
+    if sums is None:
+        raise ConfigError("capsule usage needs at least two test images in one batch")
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    n = sums[-1].item()
+    return {f"caps_{k}": sums[i].item() / n for i, k in enumerate(names)} | {"caps_n": int(n)}
 
 
 # ---------------------------------------------------------------- sample quality (rank 0)
@@ -313,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                             cfg, le.device, progress=rank0)
         if manifest.multi_label:
             metrics["two_object_accuracy"] = 1.0 - metrics["test_error"]
+    if "caps" in parts:
+        metrics |= capsule_usage(model, test_stream(cfg, data_dir, batch, le.rank, le.world_size), cfg,
+                                 le.device, e.caps_examples, progress=rank0)
     if "iw" in parts:
         metrics |= importance_weighted(model, test_stream(cfg, data_dir, batch, le.rank, le.world_size), cfg,
                                        le.device, e.iw_samples, e.iw_examples, progress=rank0)
@@ -333,4 +393,5 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
 

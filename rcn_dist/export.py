@@ -61,7 +61,8 @@ def recorded_metrics(run_dir: Path, step: int) -> tuple[dict[str, Any], str]:
         for line in reversed(rows.read_text().splitlines()):
             r = json.loads(line)
             if r.get("kind") == "eval" and r.get("step") == step and r.get("full", True):
-                return {k: v for k, v in r.items() if k.startswith("test_")}, "the training loop's evaluation (metrics.jsonl)"
+                return ({k: v for k, v in r.items() if k.startswith(("test_", "val_"))},
+                        "the training loop's evaluation (metrics.jsonl)")
     return {}, ""
 
 

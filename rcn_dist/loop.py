@@ -53,22 +53,38 @@ class LossModule(nn.Module):
         super().__init__()
         self.rcn = rcn
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
+                x_caps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         dtype = next(self.rcn.parameters()).dtype
         y = y.to(dtype) if y.is_floating_point() else y
-        terms = self.rcn.loss_terms(x.to(dtype), y, eps=eps.to(dtype))
+        x_caps = None if x_caps is None else x_caps.to(dtype)
+        terms = self.rcn.loss_terms(x.to(dtype), y, eps=eps.to(dtype), x_caps=x_caps)
         return {k: v.float() if v.is_floating_point() else v for k, v in terms.items()}
+
+
+def caps_input(batch: dict[str, torch.Tensor], cfg: Config, device: str | torch.device) -> torch.Tensor | None:
+    """What the encoder capsules see for this batch (data.caps_input): the grey image, or None
+    (the binarised image itself)."""
+    if cfg.data.caps_input == "grey" and "grey" in batch:
+        return batch["grey"].to(device)
+    return None
 
 
 @torch.no_grad()
 def evaluate(engine_or_module, stream, cfg: Config, device: str, max_batches: int = 0,
              progress: bool = False) -> dict[str, float]:
-    """Test metrics summed over the valid (unpadded) samples of every rank.
+    """Metrics of the stream's split ("test_*", or "val_*" on the validation split) summed over
+    the valid (unpadded) samples of every rank.
 
     The same noise (seeded by train.seed and the sample index) is used for every evaluation of a
-    checkpoint, so the loop's test ELBO and `rcn eval`'s are the same number.
+    checkpoint, so the loop's test ELBO and `rcn eval`'s are the same number. Where the whole
+    model is on this rank, the capsule statistics of the first batch ride along ("caps_*":
+    spread across images and lengths, rcn_dist/model/usage.py), so that capsules that stop
+    carrying the image show while the run trains.
     """
     import torch.distributed as dist
+
+    from rcn_dist.model.usage import capsule_stats
 
     module = getattr(engine_or_module, "module", engine_or_module)
     was_training = module.training
@@ -76,10 +92,17 @@ def evaluate(engine_or_module, stream, cfg: Config, device: str, max_batches: in
     keys = ("correct", "elbo", "recon", "kl", "margin")
     sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
     n_batches = 0
+    caps: dict[str, float] = {}
     for batch in console.track(stream, "eval", enabled=progress):
         x, y = batch["image"].to(device), batch["label"].to(device)
         eps = noise_for(batch, cfg.train.seed + EVAL_NOISE_SEED, cfg).to(device)
-        terms = engine_or_module(x, y, eps)
+        x_caps = caps_input(batch, cfg, device)
+        terms = engine_or_module(x, y, eps, x_caps=x_caps)
+        rcn = getattr(module, "rcn", None)
+        if not caps and rcn is not None and int(batch["mask"].sum()) > 1:
+            keep, dtype = batch["mask"].to(device), next(rcn.parameters()).dtype
+            xc = None if x_caps is None else x_caps[keep].to(dtype)
+            caps = {f"caps_{k}": v for k, v in capsule_stats(rcn, x[keep].to(dtype), eps[keep].to(dtype), xc).items()}
         mask = batch["mask"].to(device).double()
         for i, k in enumerate(keys):
             sums[i] += (terms[k].double() * mask).sum().cpu()
@@ -91,13 +114,15 @@ def evaluate(engine_or_module, stream, cfg: Config, device: str, max_batches: in
         dist.all_reduce(sums)
     module.train(was_training)
     n = max(sums[-1].item(), 1.0)
-    out = {f"test_{k}": sums[i].item() / n for i, k in enumerate(keys) if k != "correct"}
-    out["test_error"] = 1.0 - sums[0].item() / n
-    out["test_n"] = int(sums[-1].item())
+    split = "val" if getattr(stream, "split", "test") == "val" else "test"
+    out = {f"{split}_{k}": sums[i].item() / n for i, k in enumerate(keys) if k != "correct"}
+    # No classifier (model.enc_capsules=False): the error is undefined, not 90%.
+    out[f"{split}_error"] = 1.0 - sums[0].item() / n if cfg.model.enc_capsules else float("nan")
+    out[f"{split}_n"] = int(sums[-1].item())
     if cfg.model.likelihood == "logistic":
         m = cfg.model
-        out["test_bits_per_dim"] = bits_per_dim(out["test_elbo"], m.in_channels * m.height * m.width)
-    return out
+        out[f"{split}_bits_per_dim"] = bits_per_dim(out[f"{split}_elbo"], m.in_channels * m.height * m.width)
+    return out | caps
 
 
 def position_from_samples(stream, samples: int, dp_size: int) -> dict[str, int]:
@@ -121,15 +146,25 @@ def train_stream(cfg: Config, dp_rank: int, dp_size: int):
                        shuffle=cfg.data.shuffle, cache_dir=cfg.data.cache_dir or None)
 
 
-def test_stream(cfg: Config, data_dir: str, batch_size: int, dp_rank: int, dp_size: int):
-    """The test split, each image once across ranks, binarised as the training data is, but
-    with one fixed draw: with data.binarize=dynamic every test image gets the same Bernoulli
-    sample at every evaluation (seeded by its index alone), the usual "fixed binarisation" of a
-    test set. A 0.5 threshold instead would show the model silhouettes it never saw in training."""
+def test_stream(cfg: Config, data_dir: str, batch_size: int, dp_rank: int, dp_size: int, split: str = "test"):
+    """The test split (or `split`), each image once across ranks, binarised as the training data
+    is, but with one fixed draw: with data.binarize=dynamic every test image gets the same
+    Bernoulli sample at every evaluation (seeded by its index alone), the usual "fixed
+    binarisation" of a test set. A 0.5 threshold instead would show the model silhouettes it
+    never saw in training."""
     from rcn_dist.data.loader import EvalStream
 
-    return EvalStream(data_dir, batch_size, dp_rank, dp_size, binarize=cfg.data.binarize, seed=0,
+    return EvalStream(data_dir, batch_size, dp_rank, dp_size, split=split, binarize=cfg.data.binarize, seed=0,
                       cache_dir=cfg.data.cache_dir or None)
+
+
+def periodic_stream(cfg: Config, batch_size: int, dp_rank: int, dp_size: int):
+    """What the training loop evaluates on: the validation split where `rcn prepare` made one
+    (hyper-parameters are chosen on it), else the test split."""
+    from rcn_dist.data.loader import Manifest
+
+    split = "val" if "val" in Manifest.load(cfg.data.dir, cfg.data.cache_dir or None).splits() else "test"
+    return test_stream(cfg, cfg.data.dir, batch_size, dp_rank, dp_size, split=split)
 
 
 class StopFlag:

@@ -30,6 +30,8 @@ PICTURES = (
     ("samples/samples_by_class.png", "Samples grouped by the class the encoder's capsules give them"),
     ("samples/nearest.png", "Generated samples (top) and their nearest training images (bottom)"),
 )
+CAPS_SUMMARY = ("caps_decoder_shuffle", "caps_encoder_shuffle", "caps_decoder_spread")
+"""Capsule usage columns of a comparison (`rcn eval`'s capsules part): what an ablation table needs."""
 SUMMARY = ("test_error", "two_object_accuracy", "test_elbo", "test_bits_per_dim", "iw_nll", "frechet",
            "frechet_ref", "nn_ratio", "memorised")
 
@@ -61,6 +63,11 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def eval_split(evals: list[dict]) -> str:
+    """"val" when the loop evaluated on the validation split (val_* keys), else "test"."""
+    return "val" if any("val_elbo" in r for r in evals) else "test"
+
+
 def plot_curves(train: list[dict], evals: list[dict], path: Path, title: str = "") -> None:
     """One panel per loss part (train line, test markers), the test error and the LR."""
     import matplotlib
@@ -78,13 +85,14 @@ def plot_curves(train: list[dict], evals: list[dict], path: Path, title: str = "
             pts = [(r["step"], r[part]) for r in train if part in r]
             if pts:
                 ax.plot(*zip(*pts), label="train", color="tab:blue", alpha=0.8)
-            tpts = [(r["step"], r[f"test_{part}"]) for r in evals if f"test_{part}" in r]
+            split = eval_split(evals)
+            tpts = [(r["step"], r[f"{split}_{part}"]) for r in evals if f"{split}_{part}" in r]
             if tpts:
-                ax.plot(*zip(*tpts), "o-", label="test", color="tab:red")
+                ax.plot(*zip(*tpts), "o-", label=split, color="tab:red")
             if pts or tpts:
                 ax.legend()
         ax.set_title({"elbo": "negative ELBO (nats)", "recon": "-log D(x|c_T) (nats)", "kl": "KL (nats)",
-                      "error": "test error", "img_per_s": "images / s"}.get(part, part))
+                      "error": f"{eval_split(evals)} error", "img_per_s": "images / s"}.get(part, part))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     if title:
@@ -144,7 +152,10 @@ def run_report(run_dir: Path) -> Path:
         plot_curves(train, evals, run_dir / "report" / "curves.png", name)
         out += ["![loss curves](report/curves.png)", ""]
         if evals:
-            keys = [k for k in ("test_error", "test_elbo", "test_recon", "test_kl", "test_margin") if k in evals[-1]]
+            split = eval_split(evals)
+            keys = [f"{split}_{k}" for k in ("error", "elbo", "recon", "kl", "margin") if f"{split}_{k}" in evals[-1]]
+            keys += [k for k in ("caps_decoder_spread", "caps_decoder_length", "caps_encoder_spread",
+                                 "caps_encoder_length") if k in evals[-1]]
             out += [md_table(["step", *keys], [[r["step"], *(r.get(k) for k in keys)] for r in evals]), ""]
     else:
         out += ["No metrics.jsonl yet.", ""]
@@ -180,9 +191,11 @@ def compare_report(runs: list[Path], out_dir: Path) -> Path:
         last_eval = evals[-1] if evals else {}
         cfgs[str(r)] = cfg
         curves[str(r)] = (train, evals)
+        speed = sorted(t["img_per_s"] for t in train if "img_per_s" in t)
         rows.append([str(r), cfg.get("name"), train[-1]["step"] if train else None,
                      train[-1]["loss"] if train else None,
-                     *(mets.get(k, last_eval.get(k)) for k in SUMMARY)])
+                     *(mets.get(k, last_eval.get(k)) for k in SUMMARY + CAPS_SUMMARY),
+                     speed[len(speed) // 2] if speed else None])
     # Config fields that differ between the runs: what the sweep changed.
     flat = {run: {f"{s}.{k}": v for s, sec in c.items() if isinstance(sec, dict) for k, v in sec.items()}
             for run, c in cfgs.items()}
@@ -194,13 +207,15 @@ def compare_report(runs: list[Path], out_dir: Path) -> Path:
         label = Path(run).name
         if train:
             axes[0].plot([t["step"] for t in train], [t["loss"] for t in train], label=label)
-        tp = [(e["step"], e["test_elbo"]) for e in evals if "test_elbo" in e]
+        split = eval_split(evals)
+        tp = [(e["step"], e[f"{split}_elbo"]) for e in evals if f"{split}_elbo" in e]
         if tp:
             axes[1].plot(*zip(*tp), "o-", label=label)
-        tp = [(e["step"], e["test_error"]) for e in evals if "test_error" in e]
+        tp = [(e["step"], e[f"{split}_error"]) for e in evals if f"{split}_error" in e]
         if tp:
             axes[2].plot(*zip(*tp), "o-", label=label)
-    for ax, t in zip(axes, ("train loss", "test negative ELBO (nats)", "test error")):
+    for ax, t in zip(axes, ("train loss", "negative ELBO (nats; validation split where there is one)",
+                            "error (validation split where there is one)")):
         ax.set_title(t)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -210,7 +225,7 @@ def compare_report(runs: list[Path], out_dir: Path) -> Path:
     fig.savefig(out_dir / "compare.png", dpi=80)
     plt.close(fig)
     text = ["# Comparison of runs", "",
-            md_table(["run", "preset", "steps", "train loss", *SUMMARY], rows), "",
+            md_table(["run", "preset", "steps", "train loss", *SUMMARY, *CAPS_SUMMARY, "img/s (median)"], rows), "",
             "Numbers come from each run's eval.json, else its last test row in metrics.jsonl.", "",
             "![curves](compare.png)", ""]
     if varying:

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     from rcn_dist.config import ConfigError
     from rcn_dist.data.loader import EvalStream, Manifest
     from rcn_dist.errors import DataError
-    from rcn_dist.loop import EVAL_NOISE_SEED
+    from rcn_dist.loop import EVAL_NOISE_SEED, caps_input
     from rcn_dist.model import sample_noise
     from rcn_dist.parallel.checkpoint import load_model
 
@@ -231,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             keep = batch["mask"]
             x, idx = batch["image"][keep], batch["index"][keep]
             eps = sample_noise(idx, cfg.train.seed + EVAL_NOISE_SEED, m.T, m.z_dim)
+            x_caps = caps_input(batch, cfg, device)
             with torch.no_grad():
-                rec = torch.sigmoid(model(x.to(device), eps.to(device)).canvas[:, -1]).float().cpu()
+                out = model(x.to(device), eps.to(device), None if x_caps is None else x_caps[keep.to(device)])
+                rec = torch.sigmoid(out.canvas[:, -1]).float().cpu()
             ncol = min(8, len(x))
             rows = []  # originals, then their reconstructions, ncol per row (blank-padded)
             for i in range(0, len(x), ncol):
@@ -242,14 +244,16 @@ def main(argv: list[str] | None = None) -> int:
             written.append(out_dir / "reconstructions.png")
 
             # The encoder's capsules classify the samples (binarised like the training inputs).
-            names = manifest.class_names
-            probe = (final > 0.5).float() if m.likelihood == "bernoulli" else final
-            with torch.no_grad():
-                lengths = model.encoder.capsules(probe.to(device)).norm(dim=-1).cpu()
-            cls = lengths.argmax(1)
-            labelled_rows([(names[k], final[cls == k]) for k in range(m.n_classes)], ncol=8).save(
-                out_dir / "samples_by_class.png")
-            written.append(out_dir / "samples_by_class.png")
+            if model.encoder.capsules is not None:
+                names = manifest.class_names
+                grey = m.likelihood != "bernoulli" or cfg.data.caps_input == "grey"
+                probe = final if grey else (final > 0.5).float()
+                with torch.no_grad():
+                    lengths = model.encoder.capsules(probe.to(device)).norm(dim=-1).cpu()
+                cls = lengths.argmax(1)
+                labelled_rows([(names[k], final[cls == k]) for k in range(m.n_classes)], ncol=8).save(
+                    out_dir / "samples_by_class.png")
+                written.append(out_dir / "samples_by_class.png")
 
     con.info(f"{where}: wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from rcn_dist.model.attention import Reader, Writer, filterbank, read_glimpse, window_params, write_patch
@@ -104,3 +105,28 @@ def test_reader_and_writer_modules_use_their_window_layer():
     writer = Writer(hid, C, H, W, n)
     out, win = writer(h)
     assert out.shape == (2, C, H, W) and win["cx"].shape == (2,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cx,cy,sigma2", [
+    (-40.0, 5.0, 1.0),      # wholly left of the image
+    (5.0, 80.0, 0.5),       # wholly below it
+    (-1e4, -1e4, 1e-3),     # far off, narrow
+    (0.2, 9.7, 1.0),        # partly off: the window hangs over the corner
+    (3.5, 4.0, 1e-12),      # between two pixels, a tiny variance
+    (3.0, 4.0, 1e-40),      # a variance that underflows to zero in fp32
+])
+def test_filterbank_stays_finite_and_normalised_off_the_image_and_at_tiny_sigma(cx, cy, sigma2, dtype):
+    H, W, n = 9, 7, 3
+    params = [torch.tensor([v], dtype=dtype, requires_grad=True) for v in (cx, cy, 1.0, sigma2)]
+    fx, fy = filterbank(*params, n=n, height=H, width=W)
+    assert torch.isfinite(fx).all() and torch.isfinite(fy).all()
+    ones = torch.ones(1, n, dtype=dtype)
+    torch.testing.assert_close(fx.sum(2), ones)
+    torch.testing.assert_close(fy.sum(2), ones)
+    img = torch.rand(1, 1, H, W, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    g = read_glimpse(img, fx, fy, torch.ones(1, dtype=dtype))
+    assert torch.isfinite(g).all()
+    g.sum().backward()
+    for p in params:
+        assert torch.isfinite(p.grad).all(), p.grad

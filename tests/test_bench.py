@@ -151,6 +151,8 @@ def test_quickstart_reads_a_run_against_its_targets(capsys, tmp_path):
     r = _bench(capsys, "--workload", "quickstart", "--run", str(_quickstart_dir(tmp_path, 0.12)))
     assert r["wall_s"] == pytest.approx(900) and r["test_error"] == 0.12 and r["test_elbo"] == 260.5
     assert r["wall_ok"] and r["error_ok"] and r["steps"] == 3 and r["img_per_s"] == 102.0
+    (tmp_path / "qs").rename(tmp_path / "qs_12")
+    assert not _bench(capsys, "--workload", "quickstart", "--run", str(_quickstart_dir(tmp_path, 0.135)))["error_ok"]
 
 
 def test_bad_input_is_one_error_line(tmp_path, capsys):

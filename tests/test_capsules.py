@@ -82,3 +82,32 @@ def test_primary_capsules_shape_and_order():
     raw = pc.conv(x)
     k, yy, xx = 2, 1, 3
     torch.testing.assert_close(u[:, k * 20 + yy * 5 + xx], squash(raw[:, k * 2:(k + 1) * 2, yy, xx]))
+
+
+def _procedure_1(u_hat: torch.Tensor, r: int) -> torch.Tensor:
+    """Sabour et al.'s Procedure 1, written as literally as possible: plain loops over one image.
+
+    u_hat[j][i] is the prediction of child i for parent j (n_parent, n_child, dim)."""
+    n_parent, n_child, _ = u_hat.shape
+    b = [[0.0] * n_parent for _ in range(n_child)]  # line 2: b_ij <- 0
+    for _ in range(r):  # line 3
+        c = [torch.softmax(torch.tensor(b[i], dtype=u_hat.dtype), 0) for i in range(n_child)]  # line 4
+        s = [sum(c[i][j] * u_hat[j, i] for i in range(n_child)) for j in range(n_parent)]  # line 5
+        v = [squash(s[j]) for j in range(n_parent)]  # line 6
+        for i in range(n_child):  # line 7: b_ij <- b_ij + u_hat(j|i) . v_j
+            for j in range(n_parent):
+                b[i][j] = b[i][j] + float(u_hat[j, i] @ v[j])
+    return torch.stack(v)
+
+
+def test_routing_matches_a_literal_loop_of_procedure_1():
+    """A sign flip in the agreement update, s_j in place of v_j, or a softmax over the children
+    changes these numbers: the batched routing must equal the paper's loop with r = 3."""
+    torch.manual_seed(0)
+    # Predictions with a shared direction per parent, so that agreements are large and routing matters.
+    u_hat = torch.randn(3, 4, 6, 5, dtype=torch.float64) * 0.7 + torch.randn(3, 4, 1, 5, dtype=torch.float64)
+    v, c = dynamic_routing(u_hat, 3)
+    ref = torch.stack([_procedure_1(u_hat[b], 3) for b in range(3)])
+    torch.testing.assert_close(v, ref, rtol=1e-12, atol=1e-12)
+    # ... and the routing moved the answer away from the uniform first guess.
+    assert (v - dynamic_routing(u_hat, 1)[0]).abs().max() > 1e-2

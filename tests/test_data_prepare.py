@@ -58,13 +58,42 @@ def test_fashion_mnist_round_trip(tmp_path):
 
 
 @needs_fashion
+def test_validation_split_is_a_fixed_disjoint_part_of_the_training_images(tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        assert run_prepare(["--dataset", "fashion-mnist", "--out", str(out), "--limit", "700", "--val", "60",
+                            "--shard-size", "256"])[0] == 0
+    m = Manifest.load(outs[0])
+    assert (m.num_samples("train"), m.num_samples("val"), m.num_samples("test")) == (640, 60, 700)
+    train_x, train_y, _ = load_arrays(outs[0], "train")
+    val_x, val_y, val_i = load_arrays(outs[0], "val")
+    np.testing.assert_array_equal(val_i, np.arange(60))  # indexed within its split, like every split
+    # Together they are exactly the first 700 source images, each once, order kept within each part.
+    src_x = read_idx(FASHION / "train-images-idx3-ubyte.gz")[:700]
+    src_y = read_idx(FASHION / "train-labels-idx1-ubyte.gz")[:700]
+    pos = {img.tobytes(): i for i, img in enumerate(src_x)}
+    val_pos = [pos[img.tobytes()] for img in val_x[:, 0]]
+    train_pos = [pos[img.tobytes()] for img in train_x[:, 0]]
+    assert sorted(val_pos + train_pos) == list(range(700)) and val_pos == sorted(val_pos)
+    np.testing.assert_array_equal(val_y, src_y[val_pos])
+    assert val_pos != list(range(60))  # a random choice, not the first images
+    # The same choice on every preparation.
+    np.testing.assert_array_equal(load_arrays(outs[1], "val")[0], val_x)
+    # --limit alone holds nothing out; a negative --val is refused.
+    assert run_prepare(["--dataset", "fashion-mnist", "--out", str(tmp_path / "c"), "--limit", "100"])[0] == 0
+    assert sorted(Manifest.load(tmp_path / "c").splits()) == ["test", "train"]
+    assert run_prepare(["--dataset", "fashion-mnist", "--out", str(tmp_path / "d"), "--val", "-1"])[0] == 2
+
+
+@needs_fashion
 @pytest.mark.slow
 def test_fashion_mnist_full_prepare_counts(tmp_path):
     out = tmp_path / "fm"
     assert run_prepare(["--dataset", "fashion-mnist", "--out", str(out)])[0] == 0
     m = Manifest.load(out)
-    assert m.num_samples("train") == 60000 and m.num_samples("test") == 10000
-    assert len(m.shards("train")) == 120 and len(m.shards("test")) == 20
+    # 5,000 training images are held out as the validation split.
+    assert m.num_samples("train") == 55000 and m.num_samples("val") == 5000 and m.num_samples("test") == 10000
+    assert len(m.shards("train")) == 110 and len(m.shards("val")) == 10 and len(m.shards("test")) == 20
     m.verify()
     images, labels, _ = load_arrays(out, "test")
     np.testing.assert_array_equal(images[:, 0], read_idx(FASHION / "t10k-images-idx3-ubyte.gz"))

@@ -72,7 +72,7 @@ def test_iw_bound_equals_the_elbo_for_one_sample_and_is_tighter_for_more(fmnist_
 
     eps = sample_noise(idx, cfg.train.seed + EVAL_NOISE_SEED, cfg.model.T, cfg.model.z_dim)
     with torch.no_grad():
-        direct = -log_weights(model, x, eps).double().mean().item()
+        direct = -log_weights(model, x, eps, first["grey"]).double().mean().item()  # data.caps_input=grey
     assert one["iw_nll"] == pytest.approx(direct, rel=1e-12)
 
     many = importance_weighted(model, EvalStream(fmnist_small, 16, 0, 1), cfg, "cpu", k=4, examples=16)
@@ -188,10 +188,13 @@ def test_eval_writes_every_metric_and_matches_the_loop(tiny_run, fmnist_small):
     assert ev["reduced"] is True and ev["step"] == 6 and ev["eval"]["iw_samples"] == 3
     expected = ("test_error", "test_elbo", "test_recon", "test_kl", "test_margin", "iw_nll", "iw_elbo_mc",
                 "nn_gen_median", "nn_test_median", "nn_ratio", "frechet", "frechet_ref",
-                "classifier_test_accuracy")
+                "classifier_test_accuracy", "caps_decoder_shuffle", "caps_decoder_zero", "caps_encoder_shuffle",
+                "caps_encoder_zero", "caps_decoder_spread", "caps_decoder_length", "caps_encoder_spread",
+                "caps_encoder_length")
     for k in expected:
         assert isinstance(m[k], float) and math.isfinite(m[k]), (k, m.get(k))
     assert m["memorised"] is False and m["iw_k"] == 3 and m["iw_n"] == 500 and m["test_n"] == 512
+    assert m["caps_n"] == 512 and m["caps_decoder_spread"] > 0.1
     assert m["iw_nll"] <= m["iw_elbo_mc"]
     loop = metrics(tiny_run, "eval")[-1]
     assert loop["step"] == 6 and loop["full"]

@@ -198,3 +198,28 @@ def test_tiny_model_overfits_16_real_images():
                 break
     assert loss.item() < 0.5 * first.item(), (first.item(), loss.item())
     assert correct.all(), correct
+
+
+def test_kl_is_summed_over_steps_and_the_likelihood_is_taken_on_the_last_canvas():
+    """L^z = sum_t KL(q(z_t) || p(z_t)) (not a mean over T) and L^x = -log D(x | c_T), written out
+    by hand from the forward pass's own mu, logvar and canvases; no dataset needed."""
+    cfg = tiny(T=5)
+    torch.manual_seed(0)
+    model = RCN(cfg)
+    with torch.no_grad():
+        model.encoder.latent.bias.normal_(0.0, 1.0)  # a posterior far from the prior: KL per step >> 0
+    x = torch.rand(4, 1, 28, 28).round()
+    eps = torch.randn(4, cfg.T, cfg.z_dim)
+    out = model(x, eps)
+    terms = model.loss_terms(x, torch.tensor([0, 1, 2, 3]), out=out)
+    mu, logvar = out.mu.double(), out.logvar.double()
+    kl_by_hand = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(dim=(1, 2))  # over z and over all T steps
+    torch.testing.assert_close(terms["kl"].double(), kl_by_hand, rtol=1e-5, atol=1e-5)
+    assert (terms["kl"] > 2 * out.kl.mean(1)).all()  # a mean over T would be T times smaller
+    p = torch.sigmoid(out.canvas[:, -1].double())
+    recon_by_hand = -(x * p.log() + (1 - x) * (1 - p).log()).flatten(1).sum(1)
+    torch.testing.assert_close(terms["recon"].double(), recon_by_hand, rtol=1e-5, atol=1e-4)
+    p_prev = torch.sigmoid(out.canvas[:, -2].double())
+    recon_prev = -(x * p_prev.log() + (1 - x) * (1 - p_prev).log()).flatten(1).sum(1)
+    assert ((terms["recon"].double() - recon_prev).abs() > 1e-3).all()  # c_{T-1} would be caught
+    torch.testing.assert_close(terms["elbo"], terms["recon"] + terms["kl"])

@@ -293,7 +293,10 @@ def binarize(images: np.ndarray, mode: str, seed: int = 0, epoch: int = 0,
 
 def _batch(samples: list[dict[str, bytes]], manifest: Manifest, mode: str, seed: int, epoch: int) -> dict:
     images, labels, index = _decode(samples, manifest)
-    out = {"image": binarize(images, mode, seed, epoch, index), "index": torch.from_numpy(index)}
+    image = binarize(images, mode, seed, epoch, index)
+    # "grey": the image before binarisation, for the encoder capsules (data.caps_input).
+    out = {"image": image, "grey": image if mode == "none" else binarize(images, "none"),
+           "index": torch.from_numpy(index)}
     if manifest.multi_label:
         hot = np.zeros((len(labels), manifest.n_classes), np.float32)
         np.put_along_axis(hot, labels, 1.0, axis=1)
@@ -519,7 +522,8 @@ class EvalStream:
         c, h, w = self.manifest.image_shape
         label = (torch.zeros(0, self.manifest.n_classes) if self.manifest.multi_label
                  else torch.zeros(0, dtype=torch.long))
-        return {"image": torch.zeros(0, c, h, w), "label": label, "index": torch.zeros(0, dtype=torch.long)}
+        return {"image": torch.zeros(0, c, h, w), "grey": torch.zeros(0, c, h, w), "label": label,
+                "index": torch.zeros(0, dtype=torch.long)}
 
     def __iter__(self) -> Iterator[dict]:
         chunk: list[dict[str, bytes]] = []

@@ -6,6 +6,11 @@
     rcn prepare --dataset cifar10 --source cifar-10-python.tar.gz --out data/cifar10
     rcn prepare --dataset multimnist --source ~/mnist --pairs 2 --out data/multimnist
 
+The training images are split once into "train" and a held-out "val" split (--val; default
+5,000 images where the training set holds at least 50,000, else none; at most a tenth of the
+training set; a fixed random choice, the same on every machine): the training loop's periodic evaluation and hyper-parameter choices use "val",
+`rcn eval` reports "test".
+
 Output is written under a temporary name beside --out and renamed into place only when complete,
 so a failure leaves nothing behind. An existing --out holding a different data set (or anything
 that is not a prepared data set) is refused unless --force.
@@ -33,6 +38,9 @@ from rcn_dist.data import shards, sources
 from rcn_dist.errors import DataError
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "multimnist")
+DEFAULT_VAL = 5000
+VAL_SEED = 20251129
+"""Seed of the validation choice: fixed, so every preparation of a data set holds out the same images."""
 
 MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 MNIST_MD5 = {
@@ -57,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base", choices=("mnist", "fashion-mnist"),
                    help="multimnist: class names of the IDX source (default: fashion-mnist without "
                    "--source, mnist with it)")
+    p.add_argument("--val", type=int, default=None,
+                   help=f"training images held out as the validation split (default {DEFAULT_VAL} where the "
+                   f"training set holds at least {10 * DEFAULT_VAL}, else none; at most a tenth; 0: none)")
     p.add_argument("--download", action="store_true", help="mnist: fetch the IDX files into --source first")
     p.add_argument("--force", action="store_true", help="replace --out even if it holds something else")
     return p
@@ -123,7 +134,31 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, tuple[np.ndarray, np.ndar
         raise DataError("--dataset mnist needs --source DIR (add --download to fetch it there)")
     if args.limit is not None:
         data = {s: (x[: args.limit], y[: args.limit]) for s, (x, y) in data.items()}
+    data = hold_out_val(data, args.val if args.val is not None else default_val(len(data["train"][0])))
     return {s: (shards.to_chw(x), y) for s, (x, y) in data.items()}, names, extra
+
+
+def default_val(n_train: int) -> int:
+    """--val's default: DEFAULT_VAL images where that is at most a tenth of the training set (the
+    real MNIST, Fashion-MNIST, CIFAR-10 and MultiMNIST), else none (small or --limit'ed sets)."""
+    return DEFAULT_VAL if n_train >= 10 * DEFAULT_VAL else 0
+
+
+def hold_out_val(data: dict[str, tuple[np.ndarray, np.ndarray]], n_val: int
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Move min(n_val, N // 10) training images, a fixed random choice, into a "val" split.
+
+    Both parts keep the images' original order; "test" is untouched.
+    """
+    x, y = data["train"]
+    n = min(max(n_val, 0), len(x) // 10)
+    if n == 0:
+        return data
+    chosen = np.zeros(len(x), dtype=bool)
+    chosen[np.random.default_rng(VAL_SEED).permutation(len(x))[:n]] = True
+    out = dict(data)
+    out["train"], out["val"] = (x[~chosen], y[~chosen]), (x[chosen], y[chosen])
+    return out
 
 
 def _progress():
@@ -144,6 +179,8 @@ def prepare(args: argparse.Namespace) -> Path:
         raise DataError(f"--shard-size must be positive, got {args.shard_size}")
     if args.limit is not None and args.limit < 1:
         raise DataError(f"--limit must be positive, got {args.limit}")
+    if args.val is not None and args.val < 0:
+        raise DataError(f"--val must be >= 0, got {args.val}")
     if args.pairs < 1:
         raise DataError(f"--pairs must be positive, got {args.pairs}")
     out = Path(args.out)

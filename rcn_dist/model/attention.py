@@ -32,21 +32,25 @@ def window_params(p: Tensor, height: int, width: int, n: int) -> dict[str, Tenso
 
 
 def filterbank(
-    cx: Tensor, cy: Tensor, delta: Tensor, sigma2: Tensor, n: int, height: int, width: int, eps: float = 1e-8
+    cx: Tensor, cy: Tensor, delta: Tensor, sigma2: Tensor, n: int, height: int, width: int, eps: float = 1e-6
 ) -> tuple[Tensor, Tensor]:
     """Fx (B, N, W) and Fy (B, N, H): row i is a Gaussian over pixel positions a = 1..A centred at
-    mu_i = g + (i - N/2 - 0.5) delta (i = 1..N), normalised to sum to 1 (a row whose Gaussian lies
-    entirely off the image has a sum below eps and stays near zero instead of 0/0)."""
+    mu_i = g + (i - N/2 - 0.5) delta (i = 1..N), normalised to sum to 1.
+
+    The normalisation is done in log space (a softmax of -(a - mu)^2 / (2 sigma2) over a): a row
+    whose Gaussian lies far off the image, or a sigma2 so small that every exp() underflows,
+    still sums to one (it concentrates on the nearest pixels) with finite values and gradients,
+    where exp() then a division would give 0/0. sigma2 is floored at `eps` (1e-6 pixel^2, already a
+    one-pixel window), so that the logits and their gradients stay finite in fp32 and bf16.
+    """
     i = torch.arange(1, n + 1, dtype=cx.dtype, device=cx.device)
     offs = (i - n / 2 - 0.5)[None, :] * delta[:, None]  # (B, N)
     mu_x, mu_y = cx[:, None] + offs, cy[:, None] + offs
     ax = torch.arange(1, width + 1, dtype=cx.dtype, device=cx.device)
     ay = torch.arange(1, height + 1, dtype=cx.dtype, device=cx.device)
-    s2 = 2 * sigma2[:, None, None]
-    fx = torch.exp(-((ax[None, None, :] - mu_x[:, :, None]) ** 2) / s2)
-    fy = torch.exp(-((ay[None, None, :] - mu_y[:, :, None]) ** 2) / s2)
-    fx = fx / fx.sum(dim=2, keepdim=True).clamp_min(eps)
-    fy = fy / fy.sum(dim=2, keepdim=True).clamp_min(eps)
+    s2 = 2 * sigma2.clamp_min(eps)[:, None, None]
+    fx = torch.softmax(-((ax[None, None, :] - mu_x[:, :, None]) ** 2) / s2, dim=2)
+    fy = torch.softmax(-((ay[None, None, :] - mu_y[:, :, None]) ** 2) / s2, dim=2)
     return fx, fy
 
 

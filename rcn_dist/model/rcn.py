@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from rcn_dist.config import ModelConfig
 from rcn_dist.model.attention import WINDOW_KEYS, Reader, Writer
-from rcn_dist.model.capsules import PrimaryCapsules, RoutedCapsules
+from rcn_dist.model.capsules import PrimaryCapsules, RoutedCapsules, scaled_init_
 from rcn_dist.model.losses import bernoulli_nll, discretized_logistic_nll, kl_standard_normal, margin_loss
 
 State = tuple[Tensor, ...]
@@ -59,6 +59,8 @@ class EncoderCapsules(nn.Module):
         self.n_primary = cfg.enc_primary_types * gh * gw
         self.classes = RoutedCapsules(self.n_primary, cfg.enc_primary_dim, cfg.n_classes,
                                       cfg.class_caps_dim, cfg.routing_iters)
+        if cfg.caps_init == "scaled":
+            scaled_init_(self.convs, self.primary)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classes(self.primary(self.convs(x)))
@@ -71,21 +73,25 @@ class DecoderCapsules(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.seed_shape = (cfg.dec_seed_channels, cfg.dec_seed_size, cfg.dec_seed_size)
-        self.seed = nn.Linear(cfg.z_dim, cfg.dec_seed_channels * cfg.dec_seed_size**2)
+        bias = not cfg.dec_caps_odd
+        self.act: nn.Module = nn.Tanh() if cfg.dec_caps_odd else nn.ReLU()
+        self.seed = nn.Linear(cfg.z_dim, cfg.dec_seed_channels * cfg.dec_seed_size**2, bias=bias)
         layers: list[nn.Module] = []
         ch = cfg.dec_seed_channels
         for out in cfg.dec_deconv_channels:
-            layers += [nn.ConvTranspose2d(ch, out, cfg.dec_deconv_kernel), nn.ReLU()]
+            layers += [nn.ConvTranspose2d(ch, out, cfg.dec_deconv_kernel, bias=bias), self.act]
             ch = out
         self.deconvs = nn.Sequential(*layers)
         self.primary = PrimaryCapsules(ch, cfg.dec_primary_types, cfg.dec_primary_dim,
-                                       cfg.dec_primary_kernel, cfg.dec_primary_stride)
+                                       cfg.dec_primary_kernel, cfg.dec_primary_stride, bias=bias)
         self.n_primary = cfg.dec_primary_types * cfg.dec_primary_grid() ** 2
         self.caps = RoutedCapsules(self.n_primary, cfg.dec_primary_dim, cfg.dec_caps,
                                    cfg.dec_caps_dim, cfg.routing_iters)
+        if cfg.caps_init == "scaled":
+            scaled_init_(nn.ModuleList([self.seed, self.deconvs]), self.primary)
 
     def forward(self, z: Tensor) -> Tensor:
-        m = torch.relu(self.seed(z)).view(-1, *self.seed_shape)
+        m = self.act(self.seed(z)).view(-1, *self.seed_shape)
         return self.caps(self.primary(self.deconvs(m)))
 
 
@@ -95,11 +101,11 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.capsules = EncoderCapsules(cfg)
+        self.capsules = EncoderCapsules(cfg) if cfg.enc_capsules else None
         c, h, w = cfg.in_channels, cfg.height, cfg.width
         self.reader = Reader(cfg.dec_hidden, c, h, w, cfg.read_n) if cfg.read_attn else None
         read_size = self.reader.out_size if self.reader is not None else 2 * c * h * w
-        n_in = cfg.n_classes * cfg.class_caps_dim + read_size + cfg.dec_hidden
+        n_in = cfg.n_classes * cfg.class_caps_dim * cfg.enc_capsules + read_size + cfg.dec_hidden
         self.rnn = _cell(cfg.rnn, n_in, cfg.enc_hidden)
         self.latent = nn.Linear(cfg.enc_hidden, 2 * cfg.z_dim)
 
@@ -134,9 +140,12 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.capsules = DecoderCapsules(cfg)
+        self.capsules = DecoderCapsules(cfg) if cfg.dec_capsules else None
         c, h, w = cfg.in_channels, cfg.height, cfg.width
-        n_in = cfg.dec_caps * cfg.dec_caps_dim + (cfg.z_dim if cfg.dec_z_skip else 0)
+        if cfg.dec_capsules:
+            n_in = cfg.dec_caps * cfg.dec_caps_dim + (cfg.z_dim if cfg.dec_z_skip else 0)
+        else:
+            n_in = cfg.z_dim
         self.rnn = _cell(cfg.rnn, n_in, cfg.dec_hidden)
         if cfg.write_attn:
             self.writer: nn.Module = Writer(cfg.dec_hidden, c, h, w, cfg.write_n)
@@ -152,9 +161,12 @@ class Decoder(nn.Module):
     def step(self, z: Tensor, state: State, canvas_prev: Tensor) -> tuple[State, Tensor, dict[str, Tensor] | None]:
         """One decoder step: z (B, z_dim), RNN_dec state, canvas_prev (B, C, H, W) logits ->
         (state, canvas (B, C, H, W) logits, write windows or None). h_dec_t is state[0]."""
-        inp = self.capsules(z).flatten(1)
-        if self.cfg.dec_z_skip:
-            inp = torch.cat([inp, z], 1)
+        if self.capsules is None:
+            inp = z
+        else:
+            inp = self.capsules(z).flatten(1)
+            if self.cfg.dec_z_skip:
+                inp = torch.cat([inp, z], 1)
         state = _run_cell(self.rnn, inp, state)
         if self.cfg.write_attn:
             delta, win = self.writer(state[0])
@@ -224,12 +236,18 @@ class RCN(nn.Module):
             raise ValueError(f"eps must have shape {shape}, got {tuple(eps.shape)}")
         return eps.to(device=like.device, dtype=like.dtype)
 
-    def forward(self, x: Tensor, eps: Tensor | None = None) -> RCNOutput:
-        """x (B, C, H, W) in [0, 1]; eps (B, T, z_dim) latent noise (None: torch.randn)."""
+    def forward(self, x: Tensor, eps: Tensor | None = None, x_caps: Tensor | None = None) -> RCNOutput:
+        """x (B, C, H, W) in [0, 1]; eps (B, T, z_dim) latent noise (None: torch.randn); x_caps
+        (B, C, H, W): what the encoder capsules see instead of x (the grey image where x is its
+        binarised draw, `data.caps_input`); the RNNs and the likelihood always see x."""
         b = x.shape[0]
         eps = self._noise(b, x, eps)
-        caps = self.encoder.capsules(x)
-        caps_flat = caps.flatten(1)
+        if self.encoder.capsules is not None:
+            caps = self.encoder.capsules(x if x_caps is None else x_caps)
+            caps_flat = caps.flatten(1)
+        else:  # no classifier: zero-length class capsules, nothing for RNN_enc
+            caps = x.new_zeros(b, self.cfg.n_classes, self.cfg.class_caps_dim)
+            caps_flat = x.new_zeros(b, 0)
         enc_state, dec_state = self.encoder.init_state(b, x), self.decoder.init_state(b, x)
         canvas = torch.zeros_like(x)
         canvases, mus, logvars, rwins, wwins = [], [], [], [], []
@@ -256,7 +274,8 @@ class RCN(nn.Module):
         return discretized_logistic_nll(canvas_logits, self.decoder.log_scale, x)
 
     def loss_terms(
-        self, x: Tensor, y: Tensor, eps: Tensor | None = None, out: RCNOutput | None = None
+        self, x: Tensor, y: Tensor, eps: Tensor | None = None, out: RCNOutput | None = None,
+        x_caps: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-image terms, each (B,): margin, recon, kl (summed over T), elbo (= recon + kl, the
         negative ELBO, an upper bound on -log p(x) in nats), loss (= elbo + margin_weight *
@@ -266,10 +285,13 @@ class RCN(nn.Module):
         correct when its k longest capsules are exactly its k labelled classes.
         """
         if out is None:
-            out = self(x, eps)
+            out = self(x, eps, x_caps)
         c = self.cfg
         lengths = out.class_lengths
-        margin = margin_loss(lengths, y, c.m_plus, c.m_minus, c.margin_lambda)
+        if c.enc_capsules:
+            margin = margin_loss(lengths, y, c.m_plus, c.m_minus, c.margin_lambda)
+        else:  # no classifier to train
+            margin = torch.zeros_like(lengths[:, 0])
         recon = self.recon_nll(out.canvas[:, -1], x)
         kl = out.kl.sum(dim=1)
         if y.dim() == 1:
@@ -282,10 +304,11 @@ class RCN(nn.Module):
         return {"margin": margin, "recon": recon, "kl": kl, "elbo": elbo,
                 "loss": elbo + c.margin_weight * margin, "correct": correct}
 
-    def loss(self, x: Tensor, y: Tensor, eps: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, x: Tensor, y: Tensor, eps: Tensor | None = None,
+             x_caps: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss = recon + kl + margin_weight * margin (batch means, nats) and its parts
         {"margin", "recon", "kl", "elbo", "loss"} as scalar tensors."""
-        terms = self.loss_terms(x, y, eps)
+        terms = self.loss_terms(x, y, eps, x_caps=x_caps)
         parts = {k: terms[k].mean() for k in ("margin", "recon", "kl", "elbo", "loss")}
         return parts["loss"], parts
 

@@ -261,10 +261,11 @@ class PipelineRank:
         only the image, run once over the rank's whole batch before the schedule (and their
         backward once after it): M small capsule passes cost a CPU thread 2-3x one big one, and
         as part of stage 0 they made the first round of every micro-batch the slowest."""
+        x_caps = kw.pop("x_caps", None)  # what the capsules see (data.caps_input), if not x itself
         mbs = self._micro_kwargs(kw)
         caps = None
         if self.pp_rank == 0:
-            x = kw["x"]
+            x = kw["x"] if x_caps is None else x_caps
             t0 = time.time()
             with torch.set_grad_enabled(train), _autocast(x.device, self.cfg.train.precision == "bf16"):
                 caps = self.stack.capsules(x.to(self.stack.latent.weight.dtype)).flatten(1)  # (B, K*D)
@@ -284,23 +285,26 @@ class PipelineRank:
         if self.events is not None:
             self.events.append((kind, 0, -1, t0, time.time()))
 
-    def _kwargs(self, x: Tensor, y: Tensor, eps: Tensor) -> dict[str, Tensor]:
+    def _kwargs(self, x: Tensor, y: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> dict[str, Tensor]:
         x = x.to(self.device)
         if self.pp_rank == 0:
-            return {"x": x, "eps": eps.to(self.device)}
+            kw = {"x": x, "eps": eps.to(self.device)}
+            return kw if x_caps is None else kw | {"x_caps": x_caps.to(self.device)}
         return {"x": x, "y": y.to(self.device)}
 
-    def forward_backward(self, x: Tensor, y: Tensor, eps: Tensor, denom: int) -> Tensor | None:
+    def forward_backward(self, x: Tensor, y: Tensor, eps: Tensor, denom: int,
+                         x_caps: Tensor | None = None) -> Tensor | None:
         """Run the schedule on one batch (B, ...) of this pipeline, accumulating gradients of
-        sum(loss) / denom. Returns the per-sample terms (B, 6) on the decoder rank, else None."""
+        sum(loss) / denom. Returns the per-sample terms (B, 6) on the decoder rank, else None.
+        x_caps: what the encoder capsules see instead of x (RCN.forward)."""
         self._denom = denom
-        out = self._run(self._kwargs(x, y, eps), train=True)
+        out = self._run(self._kwargs(x, y, eps, x_caps), train=True)
         return None if out is None else torch.cat([o.detach() for o in out])
 
     @torch.no_grad()
-    def forward_only(self, x: Tensor, y: Tensor, eps: Tensor) -> Tensor | None:
+    def forward_only(self, x: Tensor, y: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> Tensor | None:
         """Forward through the pipeline without gradients: terms (B, 6) on the decoder rank."""
-        out = self._run(self._kwargs(x, y, eps), train=False)
+        out = self._run(self._kwargs(x, y, eps, x_caps), train=False)
         return None if out is None else torch.cat(out)
 
     def reduce_gradients(self) -> Tensor:
@@ -361,8 +365,8 @@ class EvalAdapter(nn.Module):
         self.runner = runner
         self.stack = runner.stack
 
-    def forward(self, x: Tensor, y: Tensor, eps: Tensor) -> dict[str, Tensor]:
-        out = self.runner.forward_only(x, y, eps)
+    def forward(self, x: Tensor, y: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> dict[str, Tensor]:
+        out = self.runner.forward_only(x, y, eps, x_caps)
         if out is None:
             out = torch.zeros(x.shape[0], len(TERMS) + 1)
         terms = {k: out[:, i] for i, k in enumerate(TERMS)}

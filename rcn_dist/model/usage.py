@@ -1,0 +1,121 @@
+"""Capsule usage: how much of the image the two capsule networks carry, measured.
+
+A capsule network that the rest of the model ignores still trains and still runs; only a
+measurement tells. Two kinds, for `model.encoder.capsules` (the class capsules) and
+`model.decoder.capsules` (run on z_t at every step):
+
+- **Ablations** (`ablated`): a forward hook replaces the capsule outputs, and the negative ELBO
+  of the same images under the same noise is compared with the untouched model's.
+  "shuffle" gives every image another image's capsule outputs (a roll by one across the
+  batch, the same at every step): the increase is what the capsules say about *this* image.
+  "zero" removes them: the increase also counts what a constant output contributes.
+- **Statistics** (`capsule_stats`), cheap enough for every periodic evaluation: the spread of
+  the outputs across images relative to their size (0: a constant, whatever the image;
+  ``rms_b |o_b - mean o| / rms_b |o_b|``), the mean capsule length of the routed and of the
+  primary capsules (near 1: the squash is saturated; near 0: flat, little gradient).
+
+Single-device: the caller sums over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+WHICH = ("encoder", "decoder")
+MODES = ("shuffle", "zero")
+
+
+def capsule_module(model: nn.Module, which: str) -> nn.Module | None:
+    """`model.encoder.capsules` or `model.decoder.capsules` (None where an ablation removed it)."""
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    return getattr(model, which).capsules
+
+
+def _replace(out: Tensor, mode: str) -> Tensor:
+    if mode == "shuffle":
+        return torch.roll(out, 1, dims=0)  # image b gets image b-1's capsules: no fixed point for B > 1
+    if mode == "zero":
+        return torch.zeros_like(out)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+@contextlib.contextmanager
+def ablated(model: nn.Module, which: str, mode: str) -> Iterator[None]:
+    """Inside the block, the `which` capsule network's outputs are shuffled across the batch or zeroed."""
+    handle = capsule_module(model, which).register_forward_hook(lambda _m, _i, out: _replace(out, mode))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def spread(out: Tensor) -> Tensor:
+    """out (B, ...) -> rms_b |o_b - mean_b o| / rms_b |o_b| over the flattened outputs (a 0-d tensor)."""
+    o = out.flatten(1).double()
+    return (o - o.mean(0)).pow(2).sum(1).mean().sqrt() / o.pow(2).sum(1).mean().sqrt().clamp_min(1e-30)
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
+    """Record every call's routed and primary capsule outputs of both networks (detached)."""
+    seen: dict[str, list[Tensor]] = {f"{w}_{p}": [] for w in WHICH for p in ("caps", "primary")}
+    handles = []
+    for w in WHICH:
+        mod = capsule_module(model, w)
+        if mod is None:
+            continue
+        handles.append(mod.register_forward_hook(lambda _m, _i, out, w=w: seen[f"{w}_caps"].append(out.detach())))
+        handles.append(mod.primary.register_forward_hook(
+            lambda _m, _i, out, w=w: seen[f"{w}_primary"].append(out.detach())))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def summarize(seen: dict[str, list[Tensor]]) -> dict[str, float]:
+    """The recorded outputs of one batch -> {which}_spread, {which}_length, {which}_primary_length.
+
+    The decoder's figures are means over its T calls (one per step); spread is taken per call,
+    across the batch.
+    """
+    out = {}
+    for w in WHICH:
+        caps, prim = seen[f"{w}_caps"], seen[f"{w}_primary"]
+        if not caps:
+            continue
+        out[f"{w}_spread"] = torch.stack([spread(c) for c in caps]).mean().item()
+        out[f"{w}_length"] = torch.stack([c.float().norm(dim=-1).mean() for c in caps]).mean().item()
+        out[f"{w}_primary_length"] = torch.stack([p.float().norm(dim=-1).mean() for p in prim]).mean().item()
+    return out
+
+
+@torch.no_grad()
+def capsule_stats(model: nn.Module, x: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> dict[str, float]:
+    """Spread and lengths of both capsule networks on one batch x (B, C, H, W), noise eps (B, T, z)
+    (x_caps: what the encoder capsules see, RCN.forward)."""
+    with recording(model) as seen:
+        model(x, eps, x_caps)
+    return summarize(seen)
+
+
+@torch.no_grad()
+def ablation_elbos(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor,
+                   x_caps: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-image negative ELBO (B,) of the model as it is ("none") and with each capsule network's
+    outputs shuffled or zeroed ("decoder_shuffle", ...; only for the networks the model has).
+    Same images, same noise."""
+    out = {"none": model.loss_terms(x, y, eps, x_caps=x_caps)["elbo"]}
+    for w in WHICH:
+        if capsule_module(model, w) is None:
+            continue
+        for mode in MODES:
+            with ablated(model, w, mode):
+                out[f"{w}_{mode}"] = model.loss_terms(x, y, eps, x_caps=x_caps)["elbo"]
+    return out
