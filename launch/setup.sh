@@ -4,6 +4,7 @@
 #
 #   bash launch/setup.sh          what training needs (Fashion-MNIST from Debian)
 #   bash launch/setup.sh --test   plus what the tests need (Slurm, munge, MariaDB, OpenMPI)
+#   bash launch/setup.sh --dev    plus the Python packages of the tests only (the fast tier)
 #
 # RCN_VENV picks another environment directory; RCN_TORCH another torch requirement (the
 # default, torch==2.13.0, is the CPU build on these machines; on a GPU machine give your CUDA
@@ -11,7 +12,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
-[[ "${1:-}" == "--test" ]] && want_test=1
+want_dev=0
+case "${1:-}" in
+  --test) want_test=1; want_dev=1 ;;
+  --dev) want_dev=1 ;;
+esac
 venv="${RCN_VENV:-.venv}"
 torch_req="${RCN_TORCH:-torch==2.13.0}"
 
@@ -42,6 +47,6 @@ fi
 # torch first: installing deepspeed with no torch present pulls a multi-GB CUDA build.
 "$venv/bin/python" -c "import torch" 2>/dev/null || "$venv/bin/pip" install -q "$torch_req"
 extras="."
-(( want_test )) && extras=".[dev]"
+(( want_dev )) && extras=".[dev]"
 "$venv/bin/pip" install -q -e "$extras"
 echo "setup: ready ($("$venv/bin/python" -c 'from importlib.metadata import version as v; print("torch", v("torch"), "deepspeed", v("deepspeed"))'))"

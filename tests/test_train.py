@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import PY, REPO, cli_env, metrics, rcn, run
 
-pytestmark = pytest.mark.slow
+# Most tests here are the full tier (slow). Three are also the fast tier's end-to-end check: a few
+# steps of `rcn train`, and a SIGTERM stop with an exact resume on 1 rank and on 2 (gloo).
+slow = pytest.mark.slow
 
 TINY = ["--preset", "tiny", "train.eval_every=0", "train.ckpt_every=5", "train.batch_size=16"]
 
@@ -53,6 +55,7 @@ def test_single_process_trains_and_writes_everything(fmnist_small, tmp_path):
     assert (out / "checkpoints" / "step_00000006" / "model.safetensors").is_file()
 
 
+@slow
 def test_zero_stages_agree_under_torchrun_and_deepspeed(fmnist_small, tmp_path):
     """ZeRO 0-3 on 2 ranks give one loss curve (fp32); the deepspeed launcher gives it too."""
     curves = {}
@@ -72,6 +75,7 @@ def test_zero_stages_agree_under_torchrun_and_deepspeed(fmnist_small, tmp_path):
             assert c[s] == pytest.approx(ref[s], rel=1e-4), (name, s)
 
 
+@slow
 def test_bf16_trains_like_fp32(fmnist_small, tmp_path):
     """The default configs/ds.json (ZeRO-2, bf16) against the same run in fp32: each of 3 steps'
     losses within 1% (measured: 2e-5, 1e-4 and 1e-3 relative; bf16 keeps 8 significant bits)."""
@@ -117,6 +121,7 @@ def test_sigterm_then_resume_is_bit_identical(fmnist_small, tmp_path, nproc):
     assert [b[s] for s in range(6, 11)] == [a[s] for s in range(6, 11)]  # bit-identical
 
 
+@slow
 def test_kill9_during_checkpoint_resumes_from_previous(fmnist_small, tmp_path):
     out = tmp_path / "run"
     common = [*TINY, "--data", fmnist_small, "--steps", "10", "--out", out]
@@ -137,6 +142,7 @@ def _one_error_line(p) -> str:
     return lines[0]
 
 
+@slow
 def test_bad_configurations_are_refused_with_one_line(fmnist_small, tmp_path):
     base = ["train", "--data", fmnist_small, "--out", tmp_path / "r", "--preset", "tiny"]
     bad_json = tmp_path / "bad.json"
@@ -161,6 +167,7 @@ def test_bad_configurations_are_refused_with_one_line(fmnist_small, tmp_path):
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+@slow
 def test_nan_loss_stops_naming_step_and_checkpoint(fmnist_small, tmp_path):
     out = tmp_path / "run"
     # An absurd learning rate makes the loss non-finite within a few steps.
@@ -175,6 +182,7 @@ def test_nan_loss_stops_naming_step_and_checkpoint(fmnist_small, tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == f"step_{bad - 1:08d}"
 
 
+@slow
 def test_resume_on_a_different_world_size(fmnist_small, tmp_path):
     """2 ranks ZeRO-2, stopped after step 5, then 1 rank to step 7 gives the losses of 7 steps straight
     on 2 ranks: the weights (step 6's loss), the Adam moments and the LR schedule (step 7's loss,
@@ -202,6 +210,7 @@ def test_resume_on_a_different_world_size(fmnist_small, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
 
 
+@slow
 def test_the_loop_evaluates_on_the_validation_split_where_there_is_one(tmp_path):
     data = tmp_path / "fm"
     rcn("prepare", "--dataset", "fashion-mnist", "--out", data, "--limit", "700", "--val", "64",
