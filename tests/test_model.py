@@ -30,7 +30,7 @@ def test_model_code_imports_nothing_distributed():
     (1, 28, 28, {}),
     (3, 32, 32, {"likelihood": "logistic", "rnn": "gru"}),
     (1, 36, 36, {"read_attn": False, "write_attn": False}),
-    (3, 28, 32, {"dec_z_skip": False}),
+    (3, 28, 32, {"dec_z_skip": True}),
 ])
 def test_output_shapes(c, h, w, extra):
     cfg = tiny(in_channels=c, height=h, width=w, T=3, **extra)
