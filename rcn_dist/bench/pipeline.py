@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     """python -m rcn_dist.bench.pipeline --config configs/bench_pipeline_balanced.toml"""
     from rcn_dist.config import resolve
 
-    ap = argparse.ArgumentParser(prog="pipeline_bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m rcn_dist.bench.pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("--preset")
     ap.add_argument("--config")
     ap.add_argument("--ms", default="1,2,4,8", help="micro-batch counts, comma separated")

@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,40 +90,57 @@ def find_latest(run_dir: str | Path) -> tuple[Path | None, list[str]]:
     return best, notes
 
 
-def save(engine, run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Config,
-         rank: int, world_size: int, keep_last: int) -> Path:
-    """Collective: every rank calls it at the same step boundary."""
+def commit(run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Config, rank: int, world_size: int,
+           keep_last: int, write_state: Callable[[Path], None], weights: Callable[[Path], dict[str, torch.Tensor]],
+           layout: dict[str, Any] | None = None) -> Path:
+    """Collective, at one step boundary on every rank: the commit protocol of every layout.
+
+    `write_state(d)` writes this rank's engine and optimizer files into the checkpoint directory;
+    `weights(d)` (called on every rank after it) returns the full model's weights on rank 0.
+    Then every rank's loop state and RNG; rank 0 writes model.safetensors and config.json, and,
+    after every rank is done, COMPLETE (step, world size, ZeRO stage and `layout`), `latest`,
+    and prunes to the newest `keep_last` complete checkpoints.
+    """
     import torch.distributed as dist
 
     root = ckpt_root(run_dir)
-    tag = tag_for(step)
-    d = root / tag
+    d = root / tag_for(step)
     if rank == 0:
         if d.exists():  # a leftover of an interrupted save of this very step
             shutil.rmtree(d)
-        root.mkdir(parents=True, exist_ok=True)
+        d.mkdir(parents=True)
     dist.barrier()
-    # universal_checkpoint_info lets deepspeed.checkpoint.ds_to_universal convert this checkpoint
-    # for another world size (a resume on fewer or more ranks).
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False,
-                           client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+    write_state(d)
     fault_point("checkpoint", step, rank)
     atomic_write(d / f"loop_rank{rank}.json", json.dumps(loop_state, sort_keys=True))
     save_file({"cpu": torch.get_rng_state()}, str(d / f"rng_rank{rank}.safetensors"))
-    weights = consolidated_state_dict(engine)
+    full = weights(d)
     if rank == 0:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in weights.items()},
-                  str(d / "model.safetensors"))
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in full.items()}, str(d / "model.safetensors"))
         atomic_write(d / "config.json", cfg.to_json())
     dist.barrier()
     if rank == 0:
         summary = {"step": step, "world_size": world_size, "zero_stage": cfg.parallel.zero_stage,
-                   "time": time.time()}
+                   **(layout or {}), "time": time.time()}
         atomic_write(d / COMPLETE, json.dumps(summary))
-        atomic_write(root / LATEST, tag)
+        atomic_write(root / LATEST, d.name)
         _prune(root, keep_last)
     dist.barrier()
     return d
+
+
+def save(engine, run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Config,
+         rank: int, world_size: int, keep_last: int) -> Path:
+    """Collective: a DeepSpeed engine's checkpoint (commit() around DeepSpeed's own files)."""
+
+    def write_state(d: Path) -> None:
+        # universal_checkpoint_info lets deepspeed.checkpoint.ds_to_universal convert this checkpoint
+        # for another world size (a resume on fewer or more ranks).
+        engine.save_checkpoint(str(d.parent), tag=d.name, save_latest=False,
+                               client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+
+    return commit(run_dir, step, loop_state, cfg, rank, world_size, keep_last, write_state,
+                  lambda d: consolidated_state_dict(engine))
 
 
 def _prune(root: Path, keep_last: int) -> None:

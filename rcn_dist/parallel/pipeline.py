@@ -20,7 +20,6 @@ no encoder state after enc_T). dec_T computes the unsplit model's per-sample los
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rcn_dist.config import Config, ConfigError
-from rcn_dist.files import atomic_write
 from rcn_dist.model import RCN, RCNOutput, kl_standard_normal
 from rcn_dist.parallel.async_schedule import AsyncLoopedBFS
 
@@ -385,43 +383,32 @@ def masked_on_encoder_rank(stream, pp_rank: int):
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(runner: PipelineRank, run_dir: Path, step: int, loop_state: dict[str, Any], cfg: Config,
                     le, keep_last: int) -> Path:
-    """Collective. The layout of checkpoint.save, with model.safetensors holding the full RCN
-    (both stacks merged by rank 0) and optim_stage{s}.pt per stack in place of DeepSpeed's files."""
+    """Collective. checkpoint.commit with optim_stage{s}.pt per stack in place of DeepSpeed's files
+    and model.safetensors holding the full RCN (both stacks merged by rank 0)."""
     from safetensors.torch import load_file, save_file
 
     from rcn_dist.parallel import checkpoint as ckpt
 
-    root = ckpt.ckpt_root(run_dir)
-    d = root / ckpt.tag_for(step)
-    if le.rank == 0:
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-    dist.barrier()
-    opt = runner.optimizer_state()
-    ckpt.fault_point("checkpoint", step, le.rank)
-    if le.dp_rank == 0:
-        part = {k: v.detach().float().contiguous().cpu() for k, v in runner.state_dict().items()}
-        save_file(part, str(d / f"model_stage{le.pp_rank}.safetensors"))
-    if opt is not None:
-        torch.save(opt, d / f"optim_stage{le.pp_rank}.pt")
-    atomic_write(d / f"loop_rank{le.rank}.json", json.dumps(loop_state, sort_keys=True))
-    save_file({"cpu": torch.get_rng_state()}, str(d / f"rng_rank{le.rank}.safetensors"))
-    dist.barrier()
-    if le.rank == 0:
+    def write_state(d: Path) -> None:
+        opt = runner.optimizer_state()  # collective over the data-parallel group under ZeRO-1
+        if le.dp_rank == 0:  # this stack's weights, for rank 0 to merge
+            part = {k: v.detach().float().contiguous().cpu() for k, v in runner.state_dict().items()}
+            save_file(part, str(d / f"model_stage{le.pp_rank}.safetensors"))
+        if opt is not None:
+            torch.save(opt, d / f"optim_stage{le.pp_rank}.pt")
+
+    def weights(d: Path) -> dict[str, Tensor]:
+        dist.barrier()  # both stacks' parts written
+        if le.rank != 0:
+            return {}
         parts = [d / f"model_stage{s}.safetensors" for s in range(2)]
         merged = {k: v for p in parts for k, v in load_file(str(p)).items()}
-        save_file(merged, str(d / "model.safetensors"))
         for p in parts:
             p.unlink()
-        atomic_write(d / "config.json", cfg.to_json())
-        summary = {"step": step, "world_size": le.world_size, "zero_stage": cfg.parallel.zero_stage,
-                   "pipeline_stages": 2, "micro_batches": cfg.parallel.micro_batches, "time": time.time()}
-        atomic_write(d / ckpt.COMPLETE, json.dumps(summary))
-        atomic_write(root / ckpt.LATEST, d.name)
-        ckpt._prune(root, keep_last)
-    dist.barrier()
-    return d
+        return merged
+
+    return ckpt.commit(run_dir, step, loop_state, cfg, le.rank, le.world_size, keep_last, write_state, weights,
+                       layout={"pipeline_stages": 2, "micro_batches": cfg.parallel.micro_batches})
 
 
 def load_checkpoint(runner: PipelineRank, d: Path, le) -> dict[str, Any]:
