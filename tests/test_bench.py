@@ -57,7 +57,7 @@ def test_flops_of_tiny_match_a_hand_count():
     read = 2 * 1 * (2 * 3 * 28 * 28 + 2 * 3 * 28 * 3)  # x and x_hat, 3x3 window
     write = 1 * (2 * 28 * 3 * 3 + 2 * 28 * 3 * 28)
     lstm_enc = 2 * ((80 + 18 + 32) + 32) * 4 * 32  # input: class caps 10x8, glimpse 2x3x3, h_dec
-    lstm_dec = 2 * ((32 + 8) + 32) * 4 * 32  # input: 4x8 capsules + z
+    lstm_dec = 2 * (32 + 32) * 4 * 32  # input: the 4x8 capsules only (the strict reading), h_dec
     linear = (2 * 32 * 5 + 2 * 32 * 16) + (2 * 32 * 5 + 2 * 32 * 9) + 2 * 8 * 64  # latent, windows,
     # patch, seed map
     f = rcn_flops(c)
