@@ -141,7 +141,7 @@ def _quickstart_dir(tmp_path: Path, error: float) -> Path:
     rows = [{"step": s, "samples": 64 * s, "img_per_s": 100.0 + s, "loss": 500.0 - s} for s in (1, 2, 3)]
     rows.append({"step": 3, "kind": "eval", "test_error": error})
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "eval.json").write_text(json.dumps({"test_error": error, "test_elbo": 260.5}))
+    (d / "eval.json").write_text(json.dumps({"metrics": {"test_error": error, "test_elbo": 260.5}}))  # rcn eval's layout
     os.utime(d / "config.json", (1000, 1000))
     os.utime(d / "eval.json", (1000 + 900, 1000 + 900))
     return d

@@ -421,9 +421,9 @@ def bench_quickstart(run_dir: str, execute: bool) -> dict[str, Any]:
     if not ev_path.is_file():
         raise BenchError(f"{run}: no eval.json (run `bash launch/quickstart.sh {run}`, or pass --execute)")
     try:
-        ev = json.loads(ev_path.read_text())
+        ev = json.loads(ev_path.read_text()).get("metrics", {})  # `rcn eval`'s layout: {"metrics": {...}, ...}
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AttributeError) as e:
         raise BenchError(f"{run}: cannot read the run's eval.json / metrics.jsonl: {e}") from None
     if "test_error" not in ev or "test_elbo" not in ev:
         raise BenchError(f"{ev_path}: has no test_error / test_elbo")
