@@ -128,5 +128,10 @@ def test_one_gpu_per_task_is_cuda0_and_exported_as_local_rank_0(monkeypatch):
     assert (le.local_rank, le.device, le.backend) == (1, "cuda:0", "nccl")
     for k, v in second.items():
         monkeypatch.setenv(k, v)
+    # finish_rendezvous exports these; set them through monkeypatch first so that they are
+    # removed again after the test (a leaked RANK/WORLD_SIZE makes later in-process commands
+    # wait for a rendezvous that never comes).
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(k, second.get(k, ""))
     finish_rendezvous(le)
     assert (le.device, os.environ["LOCAL_RANK"], os.environ["RANK"]) == ("cuda:0", "0", "1")
