@@ -59,4 +59,14 @@ def exit_process(code: int) -> None:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe or stream: nothing more can go there
             pass
+    _finalize_mpi()
     os._exit(code)
+
+
+def _finalize_mpi() -> None:
+    """MPI_Finalize where mpi4py initialised MPI (rank discovery under mpirun/srun): os._exit
+    skips mpi4py's own exit hook, and mpirun reports a rank that leaves without finalizing as
+    "exiting improperly" and fails the job."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
