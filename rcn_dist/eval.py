@@ -151,8 +151,7 @@ def importance_weighted(model, stream, cfg: Config, device: str, k: int, example
         if not keep.any():
             continue
         x, idx = batch["image"][keep].to(device), batch["index"][keep]
-        x_caps = caps_input(batch, cfg, device)
-        x_caps = None if x_caps is None else x_caps[keep.to(device)]
+        x_caps = caps_input(batch, cfg, device, keep)
         lw = torch.stack([log_weights(model, x, sample_noise(idx, iw_seed(base, j), m.T, m.z_dim).to(device), x_caps)
                           .double().cpu() for j in range(k)])  # (K, B)
         bound = torch.logsumexp(lw, dim=0) - math.log(k)
@@ -190,8 +189,7 @@ def capsule_usage(model, stream, cfg: Config, device: str, examples: int = 0,
         if int(keep.sum()) < 2:  # a shuffle needs two images
             continue
         x, y, idx = batch["image"][keep].to(device), batch["label"][keep].to(device), batch["index"][keep]
-        x_caps = caps_input(batch, cfg, device)
-        x_caps = None if x_caps is None else x_caps[keep.to(device)]
+        x_caps = caps_input(batch, cfg, device, keep)
         eps = sample_noise(idx, cfg.train.seed + EVAL_NOISE_SEED, m.T, m.z_dim).to(device)
         elbos = ablation_elbos(model, x, y, eps, x_caps)
         figs = {k: (v - elbos["none"]).double().sum().item() for k, v in elbos.items() if k != "none"}
@@ -366,8 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         if t.precision in ("bf16", "fp16"):
             test_model = copy.deepcopy(model).to(torch.bfloat16 if t.precision == "bf16" else torch.float16)
         # Exactly the loop's call: the same stream, batch, noise and reduction.
-        metrics |= evaluate(LossModule(test_model), test_stream(cfg, data_dir, batch, le.rank, le.world_size),
-                            cfg, le.device, progress=rank0)
+        ev = evaluate(LossModule(test_model), test_stream(cfg, data_dir, batch, le.rank, le.world_size),
+                      cfg, le.device, progress=rank0)
+        # The loop's caps_* ride-alongs come from one batch; eval.json's caps_* are the caps part's,
+        # over eval.caps_examples images, and only when that part runs.
+        metrics |= {k: v for k, v in ev.items() if not k.startswith("caps_")}
         if manifest.multi_label:
             metrics["two_object_accuracy"] = 1.0 - metrics["test_error"]
     if "caps" in parts:

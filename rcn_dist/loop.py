@@ -62,12 +62,14 @@ class LossModule(nn.Module):
         return {k: v.float() if v.is_floating_point() else v for k, v in terms.items()}
 
 
-def caps_input(batch: dict[str, torch.Tensor], cfg: Config, device: str | torch.device) -> torch.Tensor | None:
-    """What the encoder capsules see for this batch (data.caps_input): the grey image, or None
-    (the binarised image itself)."""
-    if cfg.data.caps_input == "grey" and "grey" in batch:
-        return batch["grey"].to(device)
-    return None
+def caps_input(batch: dict[str, torch.Tensor], cfg: Config, device: str | torch.device,
+               keep: torch.Tensor | None = None) -> torch.Tensor | None:
+    """What the encoder capsules see for this batch (data.caps_input): the grey image (only the
+    rows `keep` selects, where given), or None (the binarised image itself)."""
+    if cfg.data.caps_input != "grey" or "grey" not in batch:
+        return None
+    grey = batch["grey"] if keep is None else batch["grey"][keep.cpu()]
+    return grey.to(device)
 
 
 @torch.no_grad()

@@ -231,9 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             keep = batch["mask"]
             x, idx = batch["image"][keep], batch["index"][keep]
             eps = sample_noise(idx, cfg.train.seed + EVAL_NOISE_SEED, m.T, m.z_dim)
-            x_caps = caps_input(batch, cfg, device)
             with torch.no_grad():
-                out = model(x.to(device), eps.to(device), None if x_caps is None else x_caps[keep.to(device)])
+                out = model(x.to(device), eps.to(device), caps_input(batch, cfg, device, keep))
                 rec = torch.sigmoid(out.canvas[:, -1]).float().cpu()
             ncol = min(8, len(x))
             rows = []  # originals, then their reconstructions, ncol per row (blank-padded)
