@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check for one H100/H200-class machine without network access: correctness of a bf16
 # step against fp32, fp16 with loss scaling, ZeRO-2/3 on NCCL (a 1-GPU DeepSpeed engine), then
-# the benchmark table (rcn_dist/gpu_check.py). A few minutes in all.
+# the benchmark table (rcn_dist/bench/gpu_check.py). A few minutes in all.
 #
 #   bash launch/gpu_check.sh [--wheels DIR] [--out DIR] [--device cuda|cpu]
 #
@@ -49,4 +49,4 @@ fi
 if [[ "$device" == cuda ]]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-"$py" -m rcn_dist.gpu_check --device "$device" --out "$out"
+"$py" -m rcn_dist.bench.gpu_check --device "$device" --out "$out"

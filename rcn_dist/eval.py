@@ -1,25 +1,13 @@
 """`rcn eval`: a trained run as numbers (docs/evaluation.md says what each one is).
 
-    rcn eval --run RUN_DIR [--data DIR] [--iw K] [--reduced] [--parts test,iw,nn,fd] [eval.x=v ...]
+    rcn eval --run RUN_DIR [--data DIR] [--iw K] [--reduced] [--parts test,caps,iw,nn,fd] [eval.x=v ...]
     torchrun --nproc_per_node N -m rcn_dist.cli eval --run RUN_DIR ...
 
 Writes RUN_DIR/eval.json (rank 0) and prints a table. On N ranks the test split is split by
-rank (EvalStream: every test image counted once) and the sums are all-reduced; the
-sample-quality figures (nearest neighbour, Frechet distance) are computed on rank 0 alone.
-
-Parts:
-  test  test error from capsule lengths, negative ELBO (nats; bits/dim for the logistic
-        likelihood), its recon/KL/margin parts: `rcn_dist.loop.evaluate`, the function the
-        training loop uses, with the same noise, so the numbers equal the loop's final test row
-        for the same checkpoint. On MultiMNIST also the two-object accuracy (both top-2 capsules
-        correct). Computed in the run's training precision (bf16 runs in bf16).
-  caps  capsule usage: the increase in test negative ELBO when the encoder's or the decoder's
-        capsule outputs are shuffled across the batch or zeroed, their spread across images and
-        their lengths (rcn_dist/model/usage.py), on eval.caps_examples test images.
-  iw    the importance-weighted bound with K samples, in fp32 (the other parts too).
-  nn    nearest-neighbour distances of generated samples and of test images to the training set.
-  fd    a Frechet distance in the feature space of a small classifier trained on the run's
-        training shards and cached in RUN_DIR/eval_classifier/.
+rank (every test image counted once) and the sums are all-reduced; the sample-quality figures
+(nn, fd) are computed on rank 0 alone. The test part is `rcn_dist.loop.evaluate`, the training
+loop's own function with the same noise, in the run's training precision; the other parts run
+in fp32.
 """
 
 from __future__ import annotations
@@ -37,10 +25,11 @@ import torch
 from torch import Tensor
 
 from rcn_dist import console
-from rcn_dist.config import Config, ConfigError, apply_overrides
+from rcn_dist.config import Config, ConfigError, apply_overrides, model_diff
 from rcn_dist.errors import CheckpointError, DataError
 from rcn_dist.files import atomic_write
 from rcn_dist.model import bits_per_dim, step_noise_seed
+from rcn_dist.model.losses import top_k_correct
 
 PARTS = ("test", "caps", "iw", "nn", "fd")
 REDUCED = {"iw_samples": 10, "iw_examples": 500, "caps_examples": 1000, "nn_samples": 128, "nn_train_images": 10000,
@@ -117,7 +106,7 @@ def log_weights(model, x: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> 
     x (B, C, H, W); eps (B, T, z_dim); x_caps: what the encoder capsules see (RCN.forward).
     """
     out = model(x, eps, x_caps)
-    log_px = -model.recon_nll(out.canvas[:, -1], x)
+    log_px = -model.decoder.recon_nll(out.canvas[:, -1], x)
     z = out.mu + torch.exp(0.5 * out.logvar) * eps
     return log_px + 0.5 * (eps.pow(2) + out.logvar - z.pow(2)).flatten(1).sum(1)
 
@@ -264,7 +253,7 @@ def sample_quality(model, cfg: Config, data_dir: str, run_dir: Path, device: str
             logits = torch.cat([net(test_x[i:i + 256].to(device)).cpu() for i in range(0, len(test_x), 256)])
         out |= {"frechet": quality.frechet_distance(f_gen, f_test),
                 "frechet_ref": quality.frechet_distance(f_train, f_test),
-                "classifier_test_accuracy": quality.classifier_correct(logits, test_y).double().mean().item()}
+                "classifier_test_accuracy": top_k_correct(logits, test_y).double().mean().item()}
     return out
 
 
@@ -277,8 +266,9 @@ def _checkpoint_step(where: Path) -> int | None:
 
 
 def load_for_eval(run: str, data: str | None, device: str):
-    """(cfg, fp32 model, checkpoint dir, data dir), or one clear error: no checkpoint, a checkpoint
-    whose model config differs from the run's config.json, or data that does not fit the model."""
+    """(cfg, fp32 model, checkpoint dir, data dir, manifest): checkpoint.load_model, then one clear
+    error for a checkpoint whose model config differs from the run's config.json or data that does
+    not fit the model."""
     from rcn_dist.data.loader import Manifest
     from rcn_dist.parallel.checkpoint import load_model
 
@@ -286,17 +276,10 @@ def load_for_eval(run: str, data: str | None, device: str):
     if not run_path.is_dir():
         raise CheckpointError(f"{run_path}: no such run directory")
     cfg, model, where = load_model(run_path, device)
-    top = run_path / "config.json"
-    if where != run_path and top.is_file():
-        try:
-            run_model = json.loads(top.read_text()).get("model", {})
-        except ValueError:
-            raise CheckpointError(f"{top}: not valid JSON") from None
-        ckpt_model = json.loads(cfg.to_json())["model"]
-        diff = sorted(k for k in ckpt_model if run_model.get(k) != ckpt_model[k])
-        if diff:
-            raise CheckpointError(f"{where} was saved with a different model config than {top} "
-                                  f"(model.{', model.'.join(diff[:4])} differ)")
+    diff = model_diff(run_path / "config.json", cfg) if where != run_path else []
+    if diff:
+        raise CheckpointError(f"{where} was saved with a different model config than {run_path / 'config.json'} "
+                              f"(model.{', model.'.join(diff[:4])} differ)")
     data_dir = data or cfg.data.dir
     try:
         manifest = Manifest.load(data_dir)

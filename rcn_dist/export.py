@@ -4,7 +4,8 @@
 
 DIR gets model.safetensors (consolidated float32 weights, whatever ZeRO stage or rank layout
 trained them), config.json (the full resolved config) and README.md (a short model card). Load it
-with ``RCN.from_pretrained(DIR)``, or give it to ``rcn eval --run DIR`` / ``rcn sample --run DIR``.
+with ``rcn_dist.parallel.checkpoint.load_model(DIR)``, as a run or checkpoint is loaded, or give it
+to ``rcn eval --run DIR`` / ``rcn sample --run DIR``.
 Nothing in DIR is a pickle: safetensors is a JSON header plus raw tensor bytes.
 """
 
@@ -84,8 +85,8 @@ def _card(cfg, name: str, step: int, n_params: int, sha: str, metrics: dict[str,
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
     else:
         lines.append("No test metrics were recorded for this step (run `rcn eval --run` on it).")
-    lines += ["", "## Loading", "", "```python", "from rcn_dist.model import RCN",
-              f'model = RCN.from_pretrained("{name}")  # safetensors + JSON, no pickle', "```", ""]
+    lines += ["", "## Loading", "", "```python", "from rcn_dist.parallel.checkpoint import load_model",
+              f'cfg, model, _ = load_model("{name}")  # safetensors + JSON, no pickle; eval mode', "```", ""]
     return "\n".join(lines)
 
 

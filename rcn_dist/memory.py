@@ -2,23 +2,10 @@
 
     estimate(cfg, micro_batch, zero_stage, dp_size, precision) -> bytes per rank, by part
 
-Parts (Psi = parameters held by the rank: the whole model, or one stack under a 2-stage pipeline):
-- params, grads: 4 Psi each in fp32; 2 Psi each in bf16/fp16.
-- optimizer: Adam's two fp32 moments (8 Psi), plus the fp32 master weights (4 Psi) under
-  bf16/fp16. ZeRO divides by the data-parallel size as DeepSpeed does: stage 1 the optimizer
-  state, stage 2 also the gradients, stage 3 also the parameters (the ZeRO paper's model).
-- activations: the tensors forward saves for backward, counted per layer from the config's
-  derived sizes: the encoder capsules once per image, the decoder capsules, RNN cells, attention
-  and latent at each of the T steps (all T steps are alive at once until backward).
-- workspace: what lives only inside one operation but stays claimed (the CPU allocator and the
-  CUDA caching allocator keep freed blocks): the im2col columns of the largest convolution; u_hat
-  of the largest routed capsule layer and its gradient, one step at a time (routing detaches
-  u_hat, so backward keeps only the couplings, never the T copies); Adam's fp32 temporaries.
-- u_hat_all_steps (information, not in the total): the decoder's routing predictions over all T
-  steps, what a routing implementation that kept u_hat for backward would add.
-
-Measured against the peak RSS of a real step on CPU in tests/test_memory.py; the framework's own
-memory (the CUDA context, the Python process itself) is not in the estimate.
+Parts (docs/cluster.md, "Memory estimate"): params, grads and Adam's state (ZeRO divides them by
+the data-parallel size as DeepSpeed does), activations saved for backward counted per layer from
+the config's derived sizes, and workspace (the largest im2col buffer and routing prediction, Adam's
+temporaries). Checked against the peak RSS of a real step on CPU in tests/test_memory.py.
 """
 
 from __future__ import annotations
@@ -27,6 +14,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from rcn_dist.config import Config, ConfigError, ModelConfig
+from rcn_dist.model import describe
 
 if TYPE_CHECKING:
     from rcn_dist.parallel.env import LaunchEnv
@@ -61,10 +49,6 @@ def _attention(c: int, h: int, w: int, n: int, read: bool) -> int:
     return full * c * h * w + 3 * n * (h + w) + k * c * n * (w + n) + 16
 
 
-def _conv_out(size: int, kernel: int, stride: int = 1) -> int:
-    return (size - kernel) // stride + 1
-
-
 def activation_elements(m: ModelConfig) -> dict[str, int]:
     """Elements saved for backward per image: {"encoder": ..., "decoder": ..., "loop": ...}.
 
@@ -74,41 +58,33 @@ def activation_elements(m: ModelConfig) -> dict[str, int]:
     """
     c, h, w = m.in_channels, m.height, m.width
     # Encoder capsules, once per image: input, each ReLU output, primary capsules, class capsules.
-    enc_once = c * h * w
-    columns = 0
-    size_h, size_w, ch = h, w, c
-    for out in m.enc_conv_channels:
-        size_h, size_w = _conv_out(size_h, m.enc_conv_kernel), _conv_out(size_w, m.enc_conv_kernel)
-        columns = max(columns, ch * m.enc_conv_kernel**2 * size_h * size_w)
-        enc_once += out * size_h * size_w
+    enc_once, columns, ch = c * h * w, 0, c
+    for out, (mh, mw) in zip(m.enc_conv_channels, m.enc_conv_maps()):
+        columns = max(columns, ch * m.enc_conv_kernel**2 * mh * mw)
+        enc_once += out * mh * mw
         ch = out
     gh, gw = m.enc_primary_grid()
     columns = max(columns, ch * m.enc_primary_kernel**2 * gh * gw)
-    enc_n = m.enc_primary_types * gh * gw
+    enc_n = m.enc_primary_caps()
     enc_once += _primary(enc_n, m.enc_primary_dim)
     enc_once += _routed(enc_n, m.enc_primary_dim, m.n_classes, m.class_caps_dim)
-    caps_out = m.n_classes * m.class_caps_dim
-    # Encoder, per step: read, RNN_enc on [capsules, glimpse, h_dec], the latent head's input.
-    read_size = 2 * c * m.read_n**2 if m.read_attn else 2 * c * h * w
-    enc_step = _rnn(caps_out + read_size + m.dec_hidden, m.enc_hidden) + m.enc_hidden
+    # Encoder, per step: read, RNN_enc, the latent head's input.
+    enc_step = _rnn(m.enc_rnn_in(), m.enc_hidden) + m.enc_hidden
     if m.read_attn:
         enc_step += _attention(c, h, w, m.read_n, read=True)
     # Decoder, per step: seed map, transposed convs, primary capsules, routing, RNN_dec, write.
-    seed = m.dec_seed_channels * m.dec_seed_size**2
-    dec_step = m.z_dim + seed
+    dec_step = m.z_dim + m.dec_seed_channels * m.dec_seed_size**2
     size, ch = m.dec_seed_size, m.dec_seed_channels
-    for out in m.dec_deconv_channels:
+    for out, grown in zip(m.dec_deconv_channels, m.dec_deconv_maps()):
         columns = max(columns, out * m.dec_deconv_kernel**2 * size * size)
-        size += m.dec_deconv_kernel - 1
-        dec_step += out * size * size
-        ch = out
+        dec_step += out * grown * grown
+        size, ch = grown, out
     g = m.dec_primary_grid()
     columns = max(columns, ch * m.dec_primary_kernel**2 * g * g)
-    dec_n = m.dec_primary_types * g * g
+    dec_n = m.dec_primary_caps()
     dec_step += _primary(dec_n, m.dec_primary_dim)
     dec_step += _routed(dec_n, m.dec_primary_dim, m.dec_caps, m.dec_caps_dim)
-    dec_in = m.dec_caps * m.dec_caps_dim + (m.z_dim if m.dec_z_skip else 0)
-    dec_step += _rnn(dec_in, m.dec_hidden) + m.dec_hidden
+    dec_step += _rnn(m.dec_rnn_in(), m.dec_hidden) + m.dec_hidden
     if m.write_attn:
         dec_step += _attention(c, h, w, m.write_n, read=False)
     # Between the stacks, per step: sigmoid(c_{t-1}) for the error image; z = mu + sigma * eps
@@ -122,18 +98,6 @@ def activation_elements(m: ModelConfig) -> dict[str, int]:
             "dec_u_hat_all_steps": m.T * dec_n * m.dec_caps * m.dec_caps_dim}
 
 
-def parameter_counts(m: ModelConfig) -> dict[str, int]:
-    """{"total", "encoder", "decoder"} parameter counts, from the model built on the meta device."""
-    import torch
-
-    from rcn_dist.model import RCN
-
-    with torch.device("meta"):
-        model = RCN(m)
-    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
-    return {"total": count(model), "encoder": count(model.encoder), "decoder": count(model.decoder)}
-
-
 def estimate(cfg: Config, micro_batch: int, zero_stage: int, dp_size: int, precision: str) -> dict[str, Any]:
     """Bytes per rank of one training step, by part, and their total (see the module docstring).
 
@@ -145,14 +109,14 @@ def estimate(cfg: Config, micro_batch: int, zero_stage: int, dp_size: int, preci
     half = precision != "fp32"
     act_b = 2 if half else 4
     n = activation_elements(cfg.model)
-    counts = parameter_counts(cfg.model)
+    counts = describe(cfg.model)
     if cfg.parallel.pipeline_stages > 1:
         # Each rank holds one stack; the loop's tensors are split between them about evenly.
-        stages = [(counts["encoder"], n["encoder"] + n["loop"] // 2),
-                  (counts["decoder"], n["decoder"] + n["loop"] - n["loop"] // 2)]
+        stages = [(counts["encoder_params"], n["encoder"] + n["loop"] // 2),
+                  (counts["decoder_params"], n["decoder"] + n["loop"] - n["loop"] // 2)]
         psi, act = max(stages, key=lambda s: 16 * s[0] + act_b * micro_batch * s[1])
     else:
-        psi, act = counts["total"], n["encoder"] + n["decoder"] + n["loop"]
+        psi, act = counts["params"], n["encoder"] + n["decoder"] + n["loop"]
     shard = max(dp_size, 1)
     params = (2 if half else 4) * psi / (shard if zero_stage >= 3 else 1)
     grads = (2 if half else 4) * psi / (shard if zero_stage >= 2 else 1)

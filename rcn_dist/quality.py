@@ -1,25 +1,8 @@
 """Sample-quality figures of `rcn eval`: nearest-neighbour distances and a Frechet distance.
 
-Both compare images as grey levels in [0, 1]: generated samples are the decoder's Bernoulli (or
-logistic) means sigmoid(c_T), data images are x / 255 (not binarised), flattened to C*H*W.
-
-Nearest neighbour (the paper's Figures 5 and 6, as a number): the L2 distance from each generated
-sample to its nearest training image, beside the same figure for held-out test images. A model
-that draws "new images, close to the data" has generated distances of the same order as the test
-images'; one that copies its training set has distances near 0. `memorised` is set when
-
-    median(generated) / median(test) < NN_RATIO_FLAG          (samples sit much closer than real
-                                                               unseen images do), or
-    more than NN_COPY_SHARE of the samples lie within NN_COPY_FRAC x median(test) of a training
-    image                                                     (near-copies).
-
-Frechet distance: the Frechet (2-Wasserstein) distance between Gaussians fitted to features of
-generated samples and of test images, FD = |mu_g - mu_t|^2 + Tr(S_g + S_t - 2 (S_g S_t)^(1/2)),
-as in FID, but in the FEATURE_DIM-dimensional penultimate layer of `FeatureNet`, a small conv net
-trained here on the run's own training shards (pretrained Inception weights cannot be downloaded
-on these machines). Its scale is not FID's: compare it only with `frechet_ref`, the same distance
-between as many training images and the test images (what a perfect sampler would score, up to
-sampling noise), and between runs evaluated with the same data and eval settings.
+Both compare grey levels in [0, 1] (samples: sigmoid(c_T); data: x / 255), flattened to C*H*W.
+docs/evaluation.md says what each figure measures, the memorisation flag and why the Frechet
+distance is taken in the feature space of `FeatureNet`, trained here on the run's own shards.
 """
 
 from __future__ import annotations
@@ -158,15 +141,6 @@ def classifier_loss(logits: Tensor, y: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))
 
 
-def classifier_correct(logits: Tensor, y: Tensor) -> Tensor:
-    """(B,) bool: argmax right, or for multi-hot the top-k classes are exactly the k labelled."""
-    if y.dim() == 1:
-        return logits.argmax(1) == y
-    target = y > 0.5
-    rank = logits.argsort(dim=1, descending=True).argsort(dim=1)
-    return ((rank < target.sum(1, keepdim=True)) == target).all(1)
-
-
 def feature_classifier(data_dir: str | Path, cache_dir: Path, steps: int, seed: int = 0,
                        batch_size: int = 64, progress: bool = False, device: str = "cpu") -> FeatureNet:
     """The FeatureNet for a data set: loaded from `cache_dir` when it was trained there for the
@@ -176,6 +150,7 @@ def feature_classifier(data_dir: str | Path, cache_dir: Path, steps: int, seed: 
 
     from rcn_dist import console
     from rcn_dist.data.loader import Manifest, TrainStream
+    from rcn_dist.parallel.engine import build_adam
 
     manifest = Manifest.load(data_dir)
     c, _, _ = manifest.image_shape
@@ -196,7 +171,7 @@ def feature_classifier(data_dir: str | Path, cache_dir: Path, steps: int, seed: 
             net.load_state_dict(load_file(str(weights)))
             return net.to(device).eval()
     net = net.to(device).train()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt = build_adam(net.parameters(), 1e-3)
     stream = TrainStream(data_dir, batch_size, 0, 1, seed, binarize="none")
     batches = iter(stream)
     for _ in console.track(range(steps), "feature classifier", enabled=progress):

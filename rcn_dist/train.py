@@ -14,11 +14,10 @@ same RUN_DIR); 2 bad input or configuration; 4 the loss became NaN/inf.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from rcn_dist.config import Config, ConfigError, resolve
+from rcn_dist.config import Config, ConfigError, model_diff, resolve
 from rcn_dist.errors import CheckpointError
 
 
@@ -51,14 +50,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def _check_run_dir(run_dir: Path, cfg: Config) -> None:
     """A run dir that holds another model's checkpoints is refused, not overwritten."""
-    saved = run_dir / "config.json"
-    if saved.is_file():
-        old = json.loads(saved.read_text()).get("model", {})
-        new = json.loads(cfg.to_json())["model"]
-        diff = sorted(k for k in new if old.get(k) != new[k])
-        if diff:
-            raise CheckpointError(f"{run_dir} holds a run with a different model config "
-                                  f"(model.{', model.'.join(diff[:4])} differ): use another --out")
+    diff = model_diff(run_dir / "config.json", cfg)
+    if diff:
+        raise CheckpointError(f"{run_dir} holds a run with a different model config "
+                              f"(model.{', model.'.join(diff[:4])} differ): use another --out")
 
 
 def _check_resume_layout(run_dir: Path, cfg: Config, le) -> None:

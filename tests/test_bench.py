@@ -185,6 +185,6 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 def test_gpu_check_refuses_cuda_without_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    p = subprocess.run([PY, "-m", "rcn_dist.gpu_check", "--device", "cuda", "--out", str(tmp_path)],
+    p = subprocess.run([PY, "-m", "rcn_dist.bench.gpu_check", "--device", "cuda", "--out", str(tmp_path)],
                        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "no CUDA device" in p.stderr

@@ -1,4 +1,4 @@
-"""`rcn export`: safetensors + JSON that RCN.from_pretrained loads with no pickle."""
+"""`rcn export`: safetensors + JSON that checkpoint.load_model loads with no pickle."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 from conftest import rcn
 
 from rcn_dist.cli import main as cli_main
-from rcn_dist.model import RCN
 from rcn_dist.parallel.checkpoint import load_model
 
 
@@ -41,9 +40,10 @@ def test_export_round_trip(fmnist_small, tmp_path, capsys):
     card = (out / "README.md").read_text()
     assert "tiny preset" in card and "steps trained: 4" in card and "test_elbo" in card
 
+    # One loader for a run and its export (what eval and sample take too).
     cfg, ref, _ = load_model(run_dir)
-    model = RCN.from_pretrained(out, device="cpu")
-    assert not model.training
+    _, model, where = load_model(out, device="cpu")
+    assert where == out and not model.training
     assert set(header) == set(model.state_dict())
     torch.manual_seed(0)
     x = torch.rand(3, 1, 28, 28).round()
@@ -51,9 +51,6 @@ def test_export_round_trip(fmnist_small, tmp_path, capsys):
     with torch.no_grad():
         a, b = ref(x, eps), model(x, eps)
     assert torch.equal(a.canvas, b.canvas) and torch.equal(a.class_lengths, b.class_lengths)
-    # The export is also what eval / sample take: load_model reads it as it reads a run.
-    _, again, where = load_model(out)
-    assert where == out and torch.equal(again(x, eps).canvas, a.canvas)
 
     # An older step can be exported; a missing one is refused, naming what exists.
     assert cli_main(["export", "--run", str(run_dir), "--out", str(tmp_path / "step2"), "--step", "2"]) == 0

@@ -9,8 +9,8 @@ import torch
 from conftest import PY, cli_env, rcn, run
 
 from rcn_dist.config import ConfigError, apply_overrides, preset
-from rcn_dist.memory import activation_elements, check_fits, estimate, parameter_counts
-from rcn_dist.model import RCN
+from rcn_dist.memory import activation_elements, check_fits, estimate
+from rcn_dist.model import RCN, describe
 from rcn_dist.parallel.env import detect
 
 # A fresh process: load every kernel once on the tiny model (library start-up is not training
@@ -81,7 +81,7 @@ def test_activation_count_matches_autograd(name, overrides):
 
 def test_parts_follow_zero_and_precision():
     cfg = preset("mnist")
-    psi = parameter_counts(cfg.model)["total"]
+    psi = describe(cfg.model)["params"]
     assert psi == sum(p.numel() for p in RCN(cfg.model).parameters())
     z0 = estimate(cfg, 4, 0, 4, "fp32")
     assert (z0["params"], z0["grads"], z0["optimizer"]) == (4 * psi, 4 * psi, 8 * psi)

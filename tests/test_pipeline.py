@@ -81,13 +81,11 @@ def _spawn(world: int, runs: list, tmp_path: Path) -> list[list[dict]]:
 def _reference(cfg, dtype: torch.dtype, dp: int):
     """The unsplit model on one process over the same global batches (= plain data parallelism)."""
     from rcn_dist.model import RCN
-    from rcn_dist.parallel.engine import lr_lambda
+    from rcn_dist.parallel.engine import build_adam, lr_lambda
 
     torch.manual_seed(cfg.train.seed)
     model = RCN(cfg.model).to(dtype)
-    from rcn_dist.parallel.pipeline import adam_options
-
-    opt = torch.optim.Adam(model.parameters(), **adam_options(cfg, torch.device("cpu")))  # the ranks' Adam
+    opt = build_adam(model.parameters(), cfg.train.lr, cfg.train.weight_decay, fused=True)  # the ranks' Adam
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     losses, grads = [], []
     for step in range(STEPS):

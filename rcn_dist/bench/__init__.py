@@ -41,6 +41,7 @@ from rcn_dist.bench.base import load_average, rcn_inputs
 from rcn_dist.errors import RcnError
 from rcn_dist.flops import count_forward, rcn_flops, train_flops_per_image
 from rcn_dist.model import PrimaryCapsules, RoutedCapsules, margin_loss
+from rcn_dist.parallel.engine import build_adam
 
 WORKLOADS = ("capsnet-sabour", "rcn-small", "rcn-mnist", "rcn-cifar10", "loader", "pipeline", "quickstart")
 RCN_PRESETS = {"rcn-small": "small", "rcn-mnist": "mnist", "rcn-cifar10": "cifar10"}
@@ -105,9 +106,7 @@ def train_step(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: tuple[T
         inputs = tuple(t.to(dev, memory_format=torch.channels_last) if t.dim() == 4 else t.to(dev) for t in inputs)
     else:
         inputs = tuple(t.to(dev) for t in inputs)
-    # fused Adam: one kernel over all parameters instead of a loop of small ops per tensor.
-    adam = torch.optim.Adam(model.parameters(), lr=lr, fused=True) if opt.fast else \
-        torch.optim.Adam(model.parameters(), lr=lr, foreach=False)
+    adam = build_adam(model.parameters(), lr, fused=opt.fast)
     fn = torch.compile(loss_fn) if opt.compile else loss_fn
 
     def step() -> Tensor:
@@ -273,23 +272,13 @@ def bench_rcn(workload: str, batch: int, steps: int, warmup: int, opt: Options,
 
 
 # ------------------------------------------------------------------ data-parallel scaling
-class _LossOf(nn.Module):
-    """The RCN's training loss as a module's forward, so DDP sees the whole step."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor, y: Tensor, eps: Tensor) -> Tensor:
-        return self.model.loss(x, y, eps)[0]
-
-
 def _scaling_worker(rank: int, mode: str, world: int, port: int, batch: int, steps: int, warmup: int,
                     out_dir: str) -> None:
     """One process of a scaling phase, 1 thread. mode "ddp": DDP over gloo; "solo": no process group."""
     import torch.distributed as dist
 
     from rcn_dist.config import preset
+    from rcn_dist.loop import LossModule
     from rcn_dist.model import RCN
     from rcn_dist.parallel.env import detect, init_process_group
 
@@ -298,16 +287,16 @@ def _scaling_worker(rank: int, mode: str, world: int, port: int, batch: int, ste
     torch.manual_seed(0)
     model = RCN(cfg.model)
     x, y, eps = rcn_inputs(cfg, batch, seed=rank)
-    module: nn.Module = _LossOf(model)
+    module: nn.Module = LossModule(model)  # a module's forward, so that DDP sees the whole step
     if mode == "ddp":
         init_process_group(detect({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                                    "MASTER_PORT": str(port)}, cuda=False))
         module = nn.parallel.DistributedDataParallel(module)
-    adam = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    adam = build_adam(model.parameters(), 1e-3, fused=True)
 
     def step() -> None:
         adam.zero_grad(set_to_none=True)
-        module(x, y, eps).backward()
+        module(x, y, eps)["loss"].mean().backward()
         adam.step()
 
     times = time_alternating({"s": step}, steps, warmup, torch.device("cpu"))["s"]

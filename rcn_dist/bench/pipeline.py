@@ -43,12 +43,12 @@ class _Unsplit:
 
     def __init__(self, cfg: Config) -> None:
         from rcn_dist.model import RCN
-        from rcn_dist.parallel.pipeline import adam_options
+        from rcn_dist.parallel.engine import build_adam
 
         torch.manual_seed(cfg.train.seed)
         self.model = RCN(cfg.model)
         # The pipeline ranks' Adam, so that the rows differ only in how the work is split.
-        self.opt = torch.optim.Adam(self.model.parameters(), **adam_options(cfg, torch.device("cpu")))
+        self.opt = build_adam(self.model.parameters(), cfg.train.lr, cfg.train.weight_decay, fused=True)
 
     def grads(self, x, y, eps, m: int) -> None:
         for xs, ys, es in zip(x.chunk(m), y.chunk(m), eps.chunk(m)):
@@ -71,19 +71,18 @@ class LoggedStage(PipelineStage):
         super().__init__(*args, **kwargs)
         self.events = events
 
-    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+    def _logged(self, kind: str, run: Callable, chunk: int, *args, **kwargs):
         t0 = time.time()
-        out = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+        out = run(chunk, *args, **kwargs)
         if self.events is not None:
-            self.events.append(("F", self.stage_index, fwd_chunk_id, t0, time.time()))
+            self.events.append((kind, self.stage_index, chunk, t0, time.time()))
         return out
 
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+        return self._logged("F", super().forward_one_chunk, fwd_chunk_id, *args, **kwargs)
+
     def backward_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
-        t0 = time.time()
-        out = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
-        if self.events is not None:
-            self.events.append(("B", self.stage_index, bwd_chunk_id, t0, time.time()))
-        return out
+        return self._logged("B", super().backward_one_chunk, bwd_chunk_id, *args, **kwargs)
 
 
 class LockStepRank(PipelineRank):

@@ -22,9 +22,7 @@ import copy
 import hashlib
 import io
 import json
-import os
 import random
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from rcn_dist.data import safetar
 from rcn_dist.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, npy_header
 from rcn_dist.data.urls import Source
 from rcn_dist.errors import DataError, RcnError, UnsafeFileError
+from rcn_dist.files import atomic_write
 
 BINARIZE = ("dynamic", "fixed", "none")
 _ERROR = "__rcn_error__"
@@ -164,7 +163,11 @@ class Manifest:
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise DataError(f"{where}: shard checksum does not match the manifest (corrupt or changed)")
         if cache is not None:
-            _write_atomic(cache, data)
+            try:  # readers on the node (other ranks, workers) see the whole file or none
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(cache, data)
+            except OSError as e:
+                raise DataError(f"{cache.parent}: cannot write the shard cache ({e.strerror or e})") from None
         return data
 
     def verify(self) -> None:
@@ -187,19 +190,6 @@ def _select(m: dict[str, Any], files: list[str], path: Path | str) -> dict[str, 
         if not entry["shards"]:
             del m["splits"][split]
     return m
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a name of this process's own, then rename: readers on the node (other ranks,
-    workers) see the whole file or none, and two writers of the same shard write the same bytes."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"{path.parent}: cannot write the shard cache ({e.strerror or e})") from None
 
 
 # ---------------------------------------------------------------- reading one shard

@@ -73,7 +73,6 @@ class Reader(nn.Module):
     def __init__(self, hidden: int, channels: int, height: int, width: int, n: int) -> None:
         super().__init__()
         self.h, self.w, self.n = height, width, n
-        self.out_size = 2 * channels * n * n
         self.window = nn.Linear(hidden, 5)
 
     def forward(self, x: Tensor, x_hat: Tensor, h_dec: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -26,6 +26,16 @@ def margin_loss(
     return (present + absent).sum(dim=1)
 
 
+def top_k_correct(scores: Tensor, labels: Tensor) -> Tensor:
+    """(B,) bool: the highest score is the label (B,), or for multi-hot labels (B, K) the k highest
+    scores are exactly the k labelled classes."""
+    if labels.dim() == 1:
+        return scores.argmax(dim=1) == labels
+    target = labels > 0.5
+    rank = scores.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = highest
+    return ((rank < target.sum(dim=1, keepdim=True)) == target).all(dim=1)
+
+
 def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) = 0.5 sum_d (mu^2 + sigma^2 - log sigma^2 - 1), summed over
     the last axis: (..., z_dim) -> (...)."""

@@ -21,7 +21,13 @@ from torch import Tensor, nn
 from rcn_dist.config import ModelConfig
 from rcn_dist.model.attention import WINDOW_KEYS, Reader, Writer
 from rcn_dist.model.capsules import PrimaryCapsules, RoutedCapsules, scaled_init_
-from rcn_dist.model.losses import bernoulli_nll, discretized_logistic_nll, kl_standard_normal, margin_loss
+from rcn_dist.model.losses import (
+    bernoulli_nll,
+    discretized_logistic_nll,
+    kl_standard_normal,
+    margin_loss,
+    top_k_correct,
+)
 
 State = tuple[Tensor, ...]
 """RNN state: (h, c) for an LSTM, (h,) for a GRU; h is always state[0]."""
@@ -55,9 +61,7 @@ class EncoderCapsules(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.primary = PrimaryCapsules(ch, cfg.enc_primary_types, cfg.enc_primary_dim,
                                        cfg.enc_primary_kernel, cfg.enc_primary_stride)
-        gh, gw = cfg.enc_primary_grid()
-        self.n_primary = cfg.enc_primary_types * gh * gw
-        self.classes = RoutedCapsules(self.n_primary, cfg.enc_primary_dim, cfg.n_classes,
+        self.classes = RoutedCapsules(cfg.enc_primary_caps(), cfg.enc_primary_dim, cfg.n_classes,
                                       cfg.class_caps_dim, cfg.routing_iters)
         if cfg.caps_init == "scaled":
             scaled_init_(self.convs, self.primary)
@@ -84,8 +88,7 @@ class DecoderCapsules(nn.Module):
         self.deconvs = nn.Sequential(*layers)
         self.primary = PrimaryCapsules(ch, cfg.dec_primary_types, cfg.dec_primary_dim,
                                        cfg.dec_primary_kernel, cfg.dec_primary_stride, bias=bias)
-        self.n_primary = cfg.dec_primary_types * cfg.dec_primary_grid() ** 2
-        self.caps = RoutedCapsules(self.n_primary, cfg.dec_primary_dim, cfg.dec_caps,
+        self.caps = RoutedCapsules(cfg.dec_primary_caps(), cfg.dec_primary_dim, cfg.dec_caps,
                                    cfg.dec_caps_dim, cfg.routing_iters)
         if cfg.caps_init == "scaled":
             scaled_init_(nn.ModuleList([self.seed, self.deconvs]), self.primary)
@@ -104,9 +107,7 @@ class Encoder(nn.Module):
         self.capsules = EncoderCapsules(cfg) if cfg.enc_capsules else None
         c, h, w = cfg.in_channels, cfg.height, cfg.width
         self.reader = Reader(cfg.dec_hidden, c, h, w, cfg.read_n) if cfg.read_attn else None
-        read_size = self.reader.out_size if self.reader is not None else 2 * c * h * w
-        n_in = cfg.n_classes * cfg.class_caps_dim * cfg.enc_capsules + read_size + cfg.dec_hidden
-        self.rnn = _cell(cfg.rnn, n_in, cfg.enc_hidden)
+        self.rnn = _cell(cfg.rnn, cfg.enc_rnn_in(), cfg.enc_hidden)
         self.latent = nn.Linear(cfg.enc_hidden, 2 * cfg.z_dim)
 
     def init_state(self, batch: int, like: Tensor) -> State:
@@ -141,12 +142,12 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.capsules = DecoderCapsules(cfg) if cfg.dec_capsules else None
+        # After the capsules, not inside them: RCN.decoder.capsules stays the capsule network
+        # whose squashed lengths and spread the usage figures report.
+        n_caps = cfg.dec_caps * cfg.dec_caps_dim
+        self.caps_norm = nn.LayerNorm(n_caps, bias=False) if cfg.dec_capsules and cfg.dec_caps_norm else None
         c, h, w = cfg.in_channels, cfg.height, cfg.width
-        if cfg.dec_capsules:
-            n_in = cfg.dec_caps * cfg.dec_caps_dim + (cfg.z_dim if cfg.dec_z_skip else 0)
-        else:
-            n_in = cfg.z_dim
-        self.rnn = _cell(cfg.rnn, n_in, cfg.dec_hidden)
+        self.rnn = _cell(cfg.rnn, cfg.dec_rnn_in(), cfg.dec_hidden)
         if cfg.write_attn:
             self.writer: nn.Module = Writer(cfg.dec_hidden, c, h, w, cfg.write_n)
         else:
@@ -164,7 +165,9 @@ class Decoder(nn.Module):
         if self.capsules is None:
             inp = z
         else:
-            inp = self.capsules(z).flatten(1)
+            inp = self.capsules(z).flatten(1)  # (B, dec_caps * dec_caps_dim)
+            if self.caps_norm is not None:
+                inp = self.caps_norm(inp)
             if self.cfg.dec_z_skip:
                 inp = torch.cat([inp, z], 1)
         state = _run_cell(self.rnn, inp, state)
@@ -173,6 +176,28 @@ class Decoder(nn.Module):
         else:
             delta, win = self.writer(state[0]).view_as(canvas_prev), None
         return state, canvas_prev + delta, win
+
+    def recon_nll(self, canvas_logits: Tensor, x: Tensor) -> Tensor:
+        """-log D(x | c_T) per image (B,), nats: canvas_logits, x (B, C, H, W)."""
+        if self.cfg.likelihood == "bernoulli":
+            return bernoulli_nll(canvas_logits, x)
+        return discretized_logistic_nll(canvas_logits, self.log_scale, x)
+
+    def loss_terms(self, out: RCNOutput, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Per-image terms of a forward pass's output, each (B,) (see RCN.loss_terms). Here, on
+        the decoder, because the logistic likelihood's scale lives here: the pipeline's last stage
+        calls it with the class capsules and KL its encoder rank sent."""
+        c = self.cfg
+        lengths = out.class_lengths
+        if c.enc_capsules:
+            margin = margin_loss(lengths, y, c.m_plus, c.m_minus, c.margin_lambda)
+        else:  # no classifier to train
+            margin = torch.zeros_like(lengths[:, 0])
+        recon = self.recon_nll(out.canvas[:, -1], x)
+        kl = out.kl.sum(dim=1)
+        elbo = recon + kl
+        return {"margin": margin, "recon": recon, "kl": kl, "elbo": elbo,
+                "loss": elbo + c.margin_weight * margin, "correct": top_k_correct(lengths, y)}
 
 
 @dataclass
@@ -211,22 +236,6 @@ class RCN(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-
-    @classmethod
-    def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> RCN:
-        """Load an `rcn export` directory (model.safetensors + config.json), in eval mode.
-
-        Reads only JSON and safetensors: nothing is unpickled and no code is run from the files.
-        """
-        import json
-        import os
-
-        from safetensors.torch import load_file
-
-        with open(os.path.join(path, "config.json")) as f:
-            model = cls(ModelConfig(**json.load(f)["model"]))
-        model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
-        return model.to(device).eval()
 
     def _noise(self, batch: int, like: Tensor, eps: Tensor | None) -> Tensor:
         shape = (batch, self.cfg.T, self.cfg.z_dim)
@@ -267,12 +276,6 @@ class RCN(nn.Module):
             read_windows=_stack_windows(rwins), write_windows=_stack_windows(wwins),
         )
 
-    def recon_nll(self, canvas_logits: Tensor, x: Tensor) -> Tensor:
-        """-log D(x | c_T) per image (B,), nats: canvas_logits, x (B, C, H, W)."""
-        if self.cfg.likelihood == "bernoulli":
-            return bernoulli_nll(canvas_logits, x)
-        return discretized_logistic_nll(canvas_logits, self.decoder.log_scale, x)
-
     def loss_terms(
         self, x: Tensor, y: Tensor, eps: Tensor | None = None, out: RCNOutput | None = None,
         x_caps: Tensor | None = None,
@@ -284,25 +287,7 @@ class RCN(nn.Module):
         y: (B,) integer classes, or (B, n_classes) multi-hot; with multi-hot labels an image is
         correct when its k longest capsules are exactly its k labelled classes.
         """
-        if out is None:
-            out = self(x, eps, x_caps)
-        c = self.cfg
-        lengths = out.class_lengths
-        if c.enc_capsules:
-            margin = margin_loss(lengths, y, c.m_plus, c.m_minus, c.margin_lambda)
-        else:  # no classifier to train
-            margin = torch.zeros_like(lengths[:, 0])
-        recon = self.recon_nll(out.canvas[:, -1], x)
-        kl = out.kl.sum(dim=1)
-        if y.dim() == 1:
-            correct = lengths.argmax(dim=1) == y
-        else:
-            target = y > 0.5
-            rank = lengths.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = longest
-            correct = ((rank < target.sum(dim=1, keepdim=True)) == target).all(dim=1)
-        elbo = recon + kl
-        return {"margin": margin, "recon": recon, "kl": kl, "elbo": elbo,
-                "loss": elbo + c.margin_weight * margin, "correct": correct}
+        return self.decoder.loss_terms(self(x, eps, x_caps) if out is None else out, x, y)
 
     def loss(self, x: Tensor, y: Tensor, eps: Tensor | None = None,
              x_caps: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -380,19 +365,19 @@ def _n_params(mod: nn.Module) -> int:
 
 
 def describe(cfg: ModelConfig, batch: int = 128) -> dict[str, int]:
-    """Sizes for docs/model.md: parameter counts and the routing predictions u_hat.
+    """Sizes for docs/model.md and memory.py: parameter counts (the model built on the meta device)
+    and the routing predictions u_hat.
 
     u_hat elements are per image (the encoder's once, the decoder's per step); the *_bytes entries
     are fp32 bytes at `batch`, the decoder's for all T steps (all kept for the backward pass).
     """
     with torch.device("meta"):
         m = RCN(cfg)
-    enc_uhat = m.encoder.capsules.n_primary * cfg.n_classes * cfg.class_caps_dim
-    dec_uhat = m.decoder.capsules.n_primary * cfg.dec_caps * cfg.dec_caps_dim
+    enc_uhat = cfg.enc_primary_caps() * cfg.n_classes * cfg.class_caps_dim
+    dec_uhat = cfg.dec_primary_caps() * cfg.dec_caps * cfg.dec_caps_dim
     return {
         "params": _n_params(m), "encoder_params": _n_params(m.encoder), "decoder_params": _n_params(m.decoder),
-        "enc_primary_caps": m.encoder.capsules.n_primary, "dec_primary_caps": m.decoder.capsules.n_primary,
+        "enc_primary_caps": cfg.enc_primary_caps(), "dec_primary_caps": cfg.dec_primary_caps(),
         "enc_u_hat_per_image": enc_uhat, "dec_u_hat_per_image_step": dec_uhat,
         "enc_u_hat_bytes": 4 * batch * enc_uhat, "dec_u_hat_bytes_all_steps": 4 * batch * dec_uhat * cfg.T,
     }
-

@@ -119,16 +119,6 @@ class EncoderStep(nn.Module):
         return (*head, *dec_rest, canvas, z)
 
 
-class _LossHead:
-    """The unsplit model's loss code, run on the decoder rank (the logistic scale lives there)."""
-
-    recon_nll = RCN.recon_nll
-    loss_terms = RCN.loss_terms
-
-    def __init__(self, cfg, decoder: nn.Module) -> None:
-        self.cfg, self.decoder = cfg, decoder
-
-
 class DecoderStep(nn.Module):
     """Virtual stage dec_t around the rank's one Decoder; dec_T returns the loss terms (B, 6)."""
 
@@ -136,7 +126,6 @@ class DecoderStep(nn.Module):
         super().__init__()
         self.decoder, self.t, self.T, self.bf16 = decoder, t, T, bf16
         self.n = 2 if decoder.cfg.rnn == "lstm" else 1
-        self.head = _LossHead(decoder.cfg, decoder)
 
     def forward(self, *carry: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, ...] | Tensor:
         dec, n, last = self.decoder, self.n, self.t == self.T - 1
@@ -158,16 +147,10 @@ class DecoderStep(nn.Module):
         out = RCNOutput(canvas=canvas.unsqueeze(1), class_caps=class_caps, class_lengths=class_caps.norm(dim=-1),
                         kl=kl.unsqueeze(1), mu=None, logvar=None, read_windows=None, write_windows=None)
         with _autocast(x.device, self.bf16):
-            terms = self.head.loss_terms(x, y.to(dtype) if y.is_floating_point() else y, out=out)
+            terms = dec.loss_terms(out, x, y.to(dtype) if y.is_floating_point() else y)
         # fp32 at least (as the unsplit loop's LossModule), fp64 when the stack is fp64.
         odt = torch.promote_types(dtype, torch.float32)
         return torch.stack([terms[k].to(odt) for k in TERMS] + [terms["correct"].to(odt)], 1)
-
-
-def adam_options(cfg: Config, device: torch.device) -> dict[str, Any]:
-    """Adam's keyword arguments for a pipeline rank: the config's LR and weight decay, and torch's
-    fused kernel where it has one (3x faster than the per-tensor loop on CPU for 4 M parameters)."""
-    return {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "fused": device.type in ("cpu", "cuda")}
 
 
 def make_groups(world_size: int) -> tuple[Any, Any]:
@@ -198,7 +181,7 @@ class PipelineRank:
 
     def __init__(self, cfg: Config, pp_rank: int, pp_group, dp_group=None,
                  dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
-        from rcn_dist.parallel.engine import lr_lambda
+        from rcn_dist.parallel.engine import build_adam, lr_lambda
 
         self.cfg, self.pp_rank, self.pp_group, self.dp_group = cfg, pp_rank, pp_group, dp_group
         self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
@@ -216,14 +199,8 @@ class PipelineRank:
         self.events: list | None = None
         self.schedule = AsyncLoopedBFS(steps, pp_rank, pp_group, cfg.parallel.micro_batches, loss_fn=self._loss)
         self._denom = 1
-        params = list(self.stack.parameters())
-        if cfg.parallel.zero_stage == 1 and dp_group is not None:
-            from torch.distributed.optim import ZeroRedundancyOptimizer
-
-            self.optimizer: torch.optim.Optimizer = ZeroRedundancyOptimizer(
-                params, optimizer_class=torch.optim.Adam, process_group=dp_group, **adam_options(cfg, self.device))
-        else:
-            self.optimizer = torch.optim.Adam(params, **adam_options(cfg, self.device))
+        self.optimizer = build_adam(self.stack.parameters(), cfg.train.lr, cfg.train.weight_decay, fused=True,
+                                    zero_group=dp_group if cfg.parallel.zero_stage == 1 else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
 
     def record_events(self, on: bool = True) -> list:

@@ -1,7 +1,7 @@
 """The GPU check (launch/gpu_check.sh): correctness first, then the benchmark table, in minutes.
 
-    python -m rcn_dist.gpu_check --device cuda --out DIR      # an H100/H200 machine
-    python -m rcn_dist.gpu_check --device cpu --out DIR       # the dry run (tiny sizes, gloo)
+    python -m rcn_dist.bench.gpu_check --device cuda --out DIR   # an H100/H200 machine
+    python -m rcn_dist.bench.gpu_check --device cpu --out DIR    # the dry run (tiny sizes, gloo)
 
 Checks, each a JSON line in DIR/checks.jsonl (and a line on stdout):
   fast_fp32     the fast training step equals the eager one (fp32, TF32 off): loss within 1e-5
@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from rcn_dist import bench
-from rcn_dist.bench import CapsNetSabour, Options, rcn_inputs, rcn_step, train_step
+from rcn_dist.bench import CapsNetSabour, Options, bench_capsnet, bench_rcn, rcn_inputs, rcn_step, train_step
 
 
 def _rel(a: float, b: float) -> float:
@@ -77,12 +76,13 @@ def check_fp16_scaled(dev: torch.device, batch: int, preset_name: str, steps: in
         return {"check": "fp16_scaled", "ok": True, "skipped": "fp16 needs a GPU"}
     from rcn_dist.config import preset
     from rcn_dist.model import RCN
+    from rcn_dist.parallel.engine import build_adam
 
     cfg = preset(preset_name)
     x, y, eps = (t.to(dev) for t in rcn_inputs(cfg, batch))
     torch.manual_seed(0)
     model = RCN(cfg.model).to(dev)
-    adam = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    adam = build_adam(model.parameters(), cfg.train.lr)
     scaler = torch.amp.GradScaler("cuda")
     losses = []
     for _ in range(steps):
@@ -140,11 +140,11 @@ def bench_rows(dev: torch.device, dry_run: bool) -> list[dict[str, Any]]:
     rows = []
     for batch in ((2,) if dry_run else (128, 512)):
         for precision in ("fp32", "bf16"):
-            rows.append(bench.bench_capsnet(batch, steps, warmup, Options(dev, precision)))
+            rows.append(bench_capsnet(batch, steps, warmup, Options(dev, precision)))
     # The dry run leaves out rcn-mnist (84 GFLOP per training image: a minute on a CPU).
     for workload, batch in (("rcn-small", 2),) if dry_run else (("rcn-small", 256), ("rcn-mnist", 64)):
         for precision in ("fp32", "bf16"):
-            rows.append(bench.bench_rcn(workload, batch, steps if dry_run else 5, warmup if dry_run else 2,
+            rows.append(bench_rcn(workload, batch, steps if dry_run else 5, warmup if dry_run else 2,
                                         Options(dev, precision)))
     return rows
 
