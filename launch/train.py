@@ -7,9 +7,16 @@ The same as `rcn train`; everything lives in rcn_dist.train (and rcn_dist.loop).
 
 import sys
 
-from rcn_dist.cli import run_main
-from rcn_dist.parallel.teardown import exit_process
-from rcn_dist.train import main
-
 if __name__ == "__main__":
+    from rcn_dist import signals
+
+    # First, before torch and DeepSpeed are imported: a stop signal from now on is recorded and
+    # honoured by the training loop, not fatal (rcn_dist.signals).
+    signals.catch()
+    signals.pause_for_test("start")
+
+    from rcn_dist.cli import run_main
+    from rcn_dist.parallel.teardown import exit_process
+    from rcn_dist.train import main
+
     exit_process(run_main(main, sys.argv[1:]))  # no abort at exit after a distributed run

@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
 
+from rcn_dist import signals
 from rcn_dist.errors import RcnError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,6 +37,10 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["train"]:
+        # Only training has a stop protocol; for the other commands (and help, or a bad command)
+        # the signals that entry() caught mean what they usually do again.
+        signals.release_and_deliver()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else 2
@@ -51,19 +57,27 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(module.main, rest)
 
 
-def run_main(fn, argv: list[str]) -> int:
-    """Run a sub-command; an RcnError becomes one line on stderr and its exit code."""
+def run_main(fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """Run a sub-command; an RcnError becomes one line on stderr and its exit code, a stop before
+    the first step (signals.Stopped, its line already printed) exit 3."""
     from rcn_dist.parallel.safety import restrict_umask
 
     restrict_umask()  # nothing we (or DeepSpeed) write may be world-writable, whatever the umask
     try:
         return int(fn(argv) or 0)
+    except signals.Stopped as e:
+        return e.exit_code
     except RcnError as e:
         print(f"rcn: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
 
 
 def entry() -> None:
+    """The `rcn` program (also `python -m rcn_dist` and `python -m rcn_dist.cli`)."""
+    # First, before anything heavy is imported: a stop signal from now on is recorded, not fatal
+    # (rcn_dist.signals); main() gives the signals back to the commands that do not train.
+    signals.catch()
+    signals.pause_for_test("start")
     try:
         code = main()
         sys.stdout.flush()  # inside the try: a reader that left must not fail the exit's flush

@@ -7,8 +7,9 @@ forward and backward, the optimizer step, the LR, evaluation, saving and loading
 `run_loop` (agreement on the losses, logging, eval and checkpoint cadence, stop signals),
 `evaluate` (the test metrics, also `rcn eval`'s) and the exit codes.
 
-Exit codes: 0 finished; 3 stopped on a signal after a checkpoint (resumable: run again on the
-same RUN_DIR); 2 bad input or configuration; 4 the loss became NaN/inf.
+Exit codes: 0 finished; 3 stopped on a signal (resumable: run again on the same RUN_DIR), after a
+checkpoint at the step boundary, or before the first step with nothing to save; 2 bad input or
+configuration; 4 the loss became NaN/inf.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcn_dist import console
-from rcn_dist.config import Config
+from rcn_dist import console, signals
+from rcn_dist.config import Config, ConfigError
 from rcn_dist.errors import RcnError
 from rcn_dist.files import atomic_write
 from rcn_dist.model import bits_per_dim, noise_for
 
-EXIT_STOPPED = 3
+EXIT_STOPPED = signals.EXIT_STOPPED
 EXIT_DIVERGED = 4
 EVAL_NOISE_SEED = 2**31 - 1  # offset of the eval noise stream from the training one
 TERMS = ("loss", "margin", "recon", "kl", "elbo")
@@ -170,43 +171,97 @@ def periodic_stream(cfg: Config, batch_size: int, dp_rank: int, dp_size: int):
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 / SIGUSR2 set a flag; the loop acts on it at the next step boundary.
+    """SIGTERM / SIGUSR1 / SIGUSR2 stop the run: the loop acts on them at the next step boundary
+    (or, for one that came before the first step, before it: setup_run).
+
+    The signals are caught by rcn_dist.signals, from the entry point's first line (so that one
+    that lands while torch is imported is kept, not fatal) to the end of the process (so that one
+    during the teardown changes nothing); this flag reads what it recorded. `install()` catches
+    them itself where no entry point did (an in-process call), and `restore()` then gives them
+    back.
 
     Under submitit, its own SIGUSR2 handler (installed before ours) would requeue at once from
     task 0 alone. We hold it back: every rank first checkpoints at the step boundary, then
     `hand_over()` calls it, and it requeues the job (task 0) or returns (the other tasks).
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    SIGNALS = signals.STOP_SIGNALS
+    HAND_OVER_WAIT_S = 10.0
+    """How long hand_over() waits for submitit's SIGUSR2 after a SIGTERM (see there)."""
 
     def __init__(self) -> None:
-        self.signum = 0
-        self.received: set[int] = set()
-        self._previous: dict[int, Any] = {}
+        self._owner = False
 
     def install(self) -> StopFlag:
-        for s in self.SIGNALS:
-            self._previous[s] = signal.signal(s, self._handle)
+        self._owner = signals.catch()
         return self
 
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        self.received.add(signum)
+    @property
+    def received(self) -> set[int]:
+        """The stop signals this process received so far."""
+        return set(signals.received())
+
+    @property
+    def signum(self) -> int:
+        """The first stop signal received, 0 before any."""
+        got = signals.received()
+        return got[0] if got else 0
+
+    def any_rank(self, device: str | torch.device = "cpu") -> bool:
+        """Whether any rank received a stop signal (a collective: every rank calls it)."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(self.signum != 0)], dtype=torch.float64, device=device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
 
     def restore(self) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        """Give the signals back where install() caught them (an in-process run); an entry point
+        keeps them caught to the process's end."""
+        if self._owner:
+            signals.release()
+            self._owner = False
 
     def hand_over(self) -> None:
         """After the checkpoint: pass the signal on to submitit's handler, if it installed one.
 
-        SIGUSR2 wins over SIGTERM: submitit's preemption sends both (in either order), and only its
-        SIGUSR2 handler requeues (its SIGTERM handler just logs).
+        SIGUSR2 wins over SIGTERM: submitit's preemption sends both, SIGTERM first
+        (Job._interrupt: `scancel --signal SIGTERM`, then `--signal USR2`), and only its SIGUSR2
+        handler requeues (its SIGTERM handler just logs). A stop that came from a SIGTERM alone
+        therefore waits up to HAND_OVER_WAIT_S for the SIGUSR2 that may follow, which a fast
+        checkpoint could otherwise outrun.
         """
+        if not _is_submitit(signals.previous_handler(signal.SIGUSR2)):
+            return
+        deadline = time.monotonic() + self.HAND_OVER_WAIT_S
+        while signal.SIGUSR2 not in self.received and signal.SIGTERM in self.received \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
         signum = signal.SIGUSR2 if signal.SIGUSR2 in self.received else self.signum
-        prev = self._previous.get(signum)
-        if callable(prev) and getattr(prev, "__module__", "").startswith("submitit"):
+        prev = signals.previous_handler(signum)
+        if _is_submitit(prev):
             prev(signum, None)
+
+
+def _is_submitit(handler: Any) -> bool:
+    return callable(handler) and getattr(handler, "__module__", "").startswith("submitit")
+
+
+def min_step_seconds() -> float:
+    """TEST-ONLY knob: RCN_TEST_MIN_STEP_S=<seconds> makes every optimizer step last at least that
+    long (the loop sleeps the rest of it), so that a test knows how many steps fit into a time
+    limit whatever the machine's speed (tests/test_slurm_train.py, tests/test_submitit.py).
+    Unset (0): no effect. Not for training: it only wastes time."""
+    value = os.environ.get("RCN_TEST_MIN_STEP_S", "")
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 3600:
+        raise ConfigError(f"RCN_TEST_MIN_STEP_S={value!r} is not a number of seconds in [0, 3600)")
+    return seconds
 
 
 @dataclass
@@ -260,10 +315,23 @@ def setup_run(cfg: Config, le, run_dir: Path, deepspeed: bool) -> Run:
         # per core: oversubscribed OpenMP threads spin while their partners wait, and a step gets
         # many times slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // le.local_world_size))
+    min_step_seconds()  # a bad test knob stops every rank with one line, before the process group
     logger = make_loggers(cfg, run_dir, le.rank)  # before the process group: a missing package stops all ranks
     stop = StopFlag().install()
     init_process_group(le, deepspeed=deepspeed)
     out = console.Console(le.rank == 0)
+    if stop.any_rank(le.device):
+        # A signal before the first step (e.g. while torch was imported), on any rank: stop now,
+        # all ranks alike, before the model is built. Nothing was trained, so nothing is saved;
+        # the next attempt starts (or resumes) from what the run directory already holds.
+        out.info(f"stop signal ({signals.names(signals.received()) or 'on another rank'}) before the first "
+                 f"step: nothing to checkpoint; exit {EXIT_STOPPED} (run again on {run_dir} to resume)")
+        logger.close()
+        try:
+            _end_run(True, cfg.train.steps, out, run_dir, stop)
+        finally:
+            stop.restore()
+        raise signals.Stopped()
     if le.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.json", cfg.to_json())
@@ -288,12 +356,14 @@ def run_loop(run: Run, backend: Backend) -> int:
         out.info(f"resumed from {run.latest} (step {step})")
     progress = out.progress(total=cfg.train.steps, start=step, label=f"train {cfg.name}")
     try:
-        stopped = _steps(run, backend, stream, step, samples, progress)
+        try:
+            stopped = _steps(run, backend, stream, step, samples, progress)
+        finally:
+            progress.close()
+            run.logger.close()
+        return _end_run(stopped, cfg.train.steps, out, run.run_dir, run.stop)
     finally:
-        progress.close()
-        run.logger.close()
-        run.stop.restore()
-    return _end_run(stopped, cfg.train.steps, out, run.run_dir, run.stop)
+        run.stop.restore()  # after the teardown: a signal during it must not kill the rank
 
 
 def _steps(run: Run, backend: Backend, stream, step: int, samples: int, progress) -> bool:
@@ -304,11 +374,14 @@ def _steps(run: Run, backend: Backend, stream, step: int, samples: int, progress
 
     t, rank, stop, logger = run.cfg.train, run.le.rank, run.stop, run.logger
     last_good = str(run.latest) if run.latest else "none"
+    min_step_s = min_step_seconds()
     batches = iter(stream)
     while step < t.steps:
         ckpt.fault_point("step", step, rank)
         tic = time.perf_counter()
         parts = backend.forward_backward(batches, step)
+        if min_step_s:  # test-only: before the collective, so a signal during the sleep stops this step
+            time.sleep(max(0.0, min_step_s - (time.perf_counter() - tic)))
         # One collective per step: the loss parts, any rank's stop signal, any non-finite loss,
         # agreed before the update so that a NaN never reaches the weights.
         flag = torch.cat([parts / t.grad_accum, torch.tensor(
@@ -346,15 +419,21 @@ def _steps(run: Run, backend: Backend, stream, step: int, samples: int, progress
 
 def _end_run(stopped: bool, steps: int, out, run_dir: Path, stop: StopFlag) -> int:
     """After the loop, on every rank: the last line, the process group's teardown and, under
-    submitit after a stop, the requeue. Returns the exit code."""
+    submitit after a stop, the requeue. Returns the exit code. The stop signals stay caught
+    throughout: one that comes now is recorded, and a finished run still ends with 0."""
     import torch.distributed as dist
 
     if not stopped:
         out.info(f"done: {steps} steps; run directory {run_dir}")
+    signals.pause_for_test("teardown")
     # Without this barrier, 2 of 6 gloo runs ended with SIGABRT ("terminate called without an
     # active exception") at teardown; with it, 0 of 30.
     dist.barrier()
     dist.destroy_process_group()
     if stopped:
         stop.hand_over()  # under submitit: task 0 requeues the job and exits here
-    return EXIT_STOPPED if stopped else 0
+        return EXIT_STOPPED
+    if stop.received:
+        out.info(f"stop signal ({signals.names(signals.received())}) after the last step: "
+                 "the run is complete; exit 0")
+    return 0

@@ -2,7 +2,9 @@
 
 The job is a Checkpointable callable that always resumes from its RUN_DIR, so a requeue after a
 timeout or a preemption continues where the last checkpoint left off. On SIGUSR2 every rank
-checkpoints at the next step boundary first (rcn_dist.loop.StopFlag), then submitit requeues.
+checkpoints at the next step boundary first (rcn_dist.loop.StopFlag), then submitit requeues; one
+that comes before the first step stops the attempt with nothing to save, and the requeued job
+starts over from the last checkpoint (or from scratch).
 
     from rcn_dist.submit import submit
     job = submit(["--preset", "tiny", "--data", "data/fashion-mnist", "--out", "runs/x"],
@@ -26,8 +28,10 @@ from typing import Any
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from rcn_dist import signals
 from rcn_dist.config import ConfigError
 from rcn_dist.errors import RcnError
+from rcn_dist.signals import EXIT_STOPPED
 
 
 class TrainJob(Checkpointable):
@@ -37,14 +41,15 @@ class TrainJob(Checkpointable):
         self.argv = list(argv)
 
     def __call__(self) -> dict[str, Any]:
-        # Threads per task: the CPUs Slurm gave it (torch would otherwise take every core). Set
-        # before torch is imported, which reads it once.
-        os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
-        from rcn_dist.cli import run_main
-        from rcn_dist.loop import EXIT_STOPPED
-        from rcn_dist.train import main
-
-        rc = run_main(main, self.argv)
+        # First, before torch is imported: from now on a stop signal is recorded for the training
+        # loop, which checkpoints and then hands it to submitit's handler (rcn_dist.signals,
+        # loop.StopFlag); submitit's handlers are given back when the run is over.
+        owner = signals.catch()
+        try:
+            rc = self._train()
+        finally:
+            if owner:
+                signals.release()
         if rc == EXIT_STOPPED and submitit.JobEnvironment().global_rank != 0:
             # Task 0 decides what a stop means: submitit's handler there requeued the job (and
             # exited), or it reports the stop below. A result file from this task would outlive
@@ -52,11 +57,21 @@ class TrainJob(Checkpointable):
             sys.exit(EXIT_STOPPED)
         if rc == EXIT_STOPPED:
             # Stopped by a signal that was not submitit's (SIGTERM, SIGUSR1): the checkpoint is
-            # written; resubmitting the same job resumes it.
-            raise RcnError(f"training stopped by a signal after a checkpoint (exit {rc}); resubmit to resume")
+            # written (or, before the first step, there was none to write); resubmitting the same
+            # job resumes it.
+            raise RcnError(f"training stopped by a signal (exit {rc}); resubmit to resume")
         if rc != 0:
             raise RcnError(f"training exited with code {rc}")
         return {"run_dir": _out_of(self.argv), "exit": rc}
+
+    def _train(self) -> int:
+        # Threads per task: the CPUs Slurm gave it (torch would otherwise take every core). Set
+        # before torch is imported, which reads it once.
+        os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+        from rcn_dist.cli import run_main
+        from rcn_dist.train import main
+
+        return run_main(main, self.argv)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         # The state is on disk already (written by every rank at the step boundary).

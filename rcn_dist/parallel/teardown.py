@@ -18,12 +18,18 @@ of the interpreter: a 2-rank ZeRO-3 run under torchrun in CI. What is known:
 So a process whose process-group threads are still alive at its end does not finalize the
 interpreter: it flushes its output and leaves with `os._exit(code)`. The run has closed every
 file it writes (metrics, loggers, complete checkpoints) before its teardown, so nothing is lost.
+
+The stop signals stay caught (rcn_dist.signals) through all of this, to the process's last call:
+one that arrives after the last step is recorded and changes nothing, so a finished run still
+exits 0 instead of dying on it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+from rcn_dist.signals import pause_for_test
 
 # Name prefixes of the native threads torch.distributed starts for a process group.
 _GROUP_THREAD_PREFIXES = ("pt_gloo", "gloo_", "pt_nccl")
@@ -52,6 +58,7 @@ def exit_process(code: int) -> None:
     flush stdout/stderr and os._exit(code), so that no such thread can meet a finalizing
     interpreter. Call it only at the very end of a program (a launcher's entry point), never from
     inside a function another program calls (submitit's job runner, tests)."""
+    pause_for_test("exit")
     if not process_group_threads():
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):

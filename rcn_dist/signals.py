@@ -1,0 +1,113 @@
+"""Stop signals (SIGTERM, SIGUSR1, SIGUSR2), caught from a training process's first line to its end.
+
+Slurm (a time limit's `--signal`, a preemption, `scancel --signal`), torchrun and users stop a run
+with these signals. Their default action kills the process, so a signal that lands before the
+training loop could install a handler (while torch and DeepSpeed are imported, which takes seconds)
+or after the loop gave its handler back (during the teardown) killed a rank: the job failed, a
+finished run's last attempt with it. So the entry points (rcn_dist.cli.entry for `rcn` and
+`python -m rcn_dist`, launch/train.py, rcn_dist.submit.TrainJob) call `catch()` first, before any
+heavy import; the signals are only recorded, and the training loop (rcn_dist.loop.StopFlag) reads
+the record: a stop at the first step boundary, or before the first step. The handlers stay in
+place to the end of the process, teardown included.
+
+This module imports nothing heavy: it runs before torch is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+EXIT_STOPPED = 3
+"""Exit code of a run stopped by one of STOP_SIGNALS: resumable (run again on the same RUN_DIR)."""
+
+_received: list[int] = []
+# The handlers in place before catch() replaced them: SIG_DFL, or submitit's (its job runner installs
+# them before it calls the job), which StopFlag.hand_over calls once the checkpoint is written.
+_before: dict[int, Any] = {}
+
+
+class Stopped(Exception):
+    """A stop signal ended the run before its first step: there was nothing to checkpoint. The
+    entry point (rcn_dist.cli.run_main) turns it into exit EXIT_STOPPED without a traceback."""
+
+    exit_code = EXIT_STOPPED
+
+
+def _record(signum: int, frame: Any) -> None:
+    _received.append(signum)
+
+
+def catch() -> bool:
+    """Record STOP_SIGNALS from now on instead of dying on them. Returns True where this call
+    installed the handlers (it then owns them: `release()` gives them back), False where they were
+    already in place (an entry point caught them earlier: the record so far is kept)."""
+    if signal.getsignal(signal.SIGTERM) is _record:
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("stop signals can only be caught from the main thread")
+    _received.clear()  # a new owner: what an earlier in-process run recorded is not this run's
+    for s in STOP_SIGNALS:
+        _before[s] = signal.signal(s, _record)
+    return True
+
+
+def release() -> None:
+    """Put back the handlers that catch() replaced (for callers that run on after the run: a
+    submitit job runner, tests). An entry point that exits after the run never calls it."""
+    for s, handler in _before.items():
+        signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    _before.clear()
+
+
+def release_and_deliver() -> None:
+    """For commands that have no stop protocol (`rcn eval`, `rcn prepare`, ...): give the signals
+    their usual meaning again; one that arrived meanwhile is delivered now, as if never caught."""
+    if not _before:  # not caught (an in-process call): nothing to give back
+        return
+    pending = list(dict.fromkeys(_received))
+    release()
+    _received.clear()
+    for s in pending:
+        os.kill(os.getpid(), s)
+
+
+def received() -> list[int]:
+    """The stop signals recorded so far, in order of arrival."""
+    return list(_received)
+
+
+def previous_handler(signum: int) -> Any:
+    """The handler that catch() replaced for `signum` (None where the signals are not caught)."""
+    return _before.get(signum)
+
+
+def names(signums: list[int]) -> str:
+    """"SIGTERM, SIGUSR2" for a list of signal numbers (each once, in order)."""
+    return ", ".join(signal.Signals(s).name for s in dict.fromkeys(signums))
+
+
+def pause_for_test(point: str) -> None:
+    """TEST-ONLY hook: RCN_TEST_PAUSE=<point>[,<point>...][@<rank>] holds the process at each
+    `point` named (on rank 0, or the rank named; the rank is read from RANK, which torchrun sets)
+    until a stop signal arrives (at most 120 s), so that a test can send one exactly there: "start"
+    (the entry point, before torch is imported), "teardown" (after the last step, before the
+    process group's teardown), "exit" (the process's last call). Each pause announces itself with
+    one line on stderr, `rcn-test: paused at <point> (pid <pid>)`. Unset, as outside the tests,
+    it does nothing."""
+    spec = os.environ.get("RCN_TEST_PAUSE", "")
+    if not spec:
+        return
+    points, _, rank = spec.partition("@")
+    if point not in points.split(",") or (rank or "0") != os.environ.get("RANK", "0"):
+        return
+    print(f"rcn-test: paused at {point} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    count = len(_received)
+    deadline = time.monotonic() + 120
+    while len(_received) == count and time.monotonic() < deadline:
+        time.sleep(0.02)
