@@ -80,6 +80,7 @@ def deepspeed_backend(run: Run, ds: dict[str, Any]) -> Backend:
         return parts
 
     def load(d: Path) -> dict[str, Any]:
+        ckpt.set_aside_damaged(run.run_dir, d, le.rank)  # newer ones find_latest found damaged
         state = ckpt.load(engine, d, le.rank, universal=universal)
         if universal:
             _verify_loaded_weights(engine, d, rank0, out)
@@ -129,9 +130,15 @@ def pipeline_backend(run: Run) -> Backend:
         return evaluate(pp.EvalAdapter(runner), pp.masked_on_encoder_rank(ev_stream, le.pp_rank), cfg, le.device,
                         max_batches=0 if at_end else t.eval_batches)
 
+    def load(d: Path) -> dict[str, Any]:
+        from rcn_dist.parallel import checkpoint as ckpt
+
+        ckpt.set_aside_damaged(run.run_dir, d, le.rank)  # newer ones find_latest found damaged
+        return pp.load_checkpoint(runner, d, le)
+
     return Backend(
         forward_backward=forward_backward, update=update, lr=lambda: runner.scheduler.get_last_lr()[0],
         evaluate=evaluate_pipeline,
         save=lambda step, loop_state: pp.save_checkpoint(runner, run.run_dir, step, loop_state, cfg, le,
                                                          t.keep_last),
-        load=lambda d: pp.load_checkpoint(runner, d, le), loss_ranks=le.dp_size)
+        load=load, loss_ranks=le.dp_size)

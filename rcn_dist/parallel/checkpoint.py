@@ -10,11 +10,16 @@ Layout of RUN_DIR/checkpoints/:
         model.safetensors      consolidated weights (rank 0): eval, sample and export read this,
                                in one process, whatever the rank layout, with no pickle
         config.json            the resolved config
-        COMPLETE               written by rank 0 after every rank finished (JSON summary)
+        COMPLETE               written by rank 0 after every rank finished (JSON summary, with
+                               the size and CRC32 of every other file of the checkpoint)
     latest                     the newest COMPLETE tag, replaced atomically, written last
+    damaged_step_00000100/     a checkpoint found damaged at resume, moved aside (never deleted)
 
-A kill at any moment leaves `latest` pointing at a complete checkpoint: a directory without
-COMPLETE is never resumed from, and is removed by the next successful save.
+COMPLETE is the commit point. A directory without it (a kill in the middle of a save) is never
+resumed from and is removed by the next successful save; pruning removes a checkpoint's COMPLETE
+before its files. A resume takes the newest checkpoint whose files all still have the size and
+CRC32 its COMPLETE records (`find_latest`; `latest` may lag one save behind after a kill between
+the two writes); a damaged newer one is reported in one line and moved aside (`set_aside_damaged`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,8 @@ from rcn_dist.files import atomic_write
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+DAMAGED = "damaged_"
+"""Prefix of a damaged checkpoint moved aside: damaged_step_00000100 (not matched by step_*)."""
 
 
 def tag_for(step: int) -> str:
@@ -49,9 +58,14 @@ def fault_point(point: str, step: int, rank: int = 0) -> None:
     """Fault injection for tests, so that a kill lands exactly where a test needs it (not by timing).
 
     RCN_FAULT=<point>:<step>[:<SIGNAL>][@<rank>] sends this process SIGNAL (default SIGKILL)
-    when it reaches `point` at `step`, on rank 0 unless another is named. Points: "checkpoint"
-    (after DeepSpeed wrote its files, before our COMPLETE marker) and "step" (the start of an
-    optimizer step).
+    when it reaches `point` at `step`, on rank 0 unless another is named. Points:
+      "step"        the start of an optimizer step (`step` = the steps done so far);
+      "ds_save"     inside DeepSpeed's engine.save_checkpoint, right after it wrote its first file
+                    on this rank (its other files, its commit and its closing barrier not done);
+      "checkpoint"  after the engine's files, before this rank's loop state and RNG;
+      "complete"    rank 0, after COMPLETE was written, before `latest` is replaced;
+      "prune"       rank 0, pruning: after the oldest pruned checkpoint lost its COMPLETE,
+                    before its files are deleted.
     """
     spec = os.environ.get("RCN_FAULT", "")
     if not spec:
@@ -67,27 +81,137 @@ def ckpt_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _manifest(d: Path) -> dict[str, list[int]]:
+    """{relative path: [size, CRC32]} of every file of a checkpoint but COMPLETE (rank 0, at
+    commit: one more read of what was just written, ~2.5 GB/s)."""
+    files = {}
+    for f in sorted(d.rglob("*")):
+        rel = f.relative_to(d).as_posix()
+        if f.is_file() and rel != COMPLETE and not f.name.startswith("."):
+            files[rel] = [f.stat().st_size, _crc32(f)]
+    return files
+
+
+def damage(d: Path) -> str | None:
+    """What is wrong with a checkpoint that has COMPLETE, or None if every file it records is
+    there with its recorded size and CRC32. A checkpoint written before COMPLETE recorded its
+    files (no "files" key) is taken as it is."""
+    try:
+        summary = json.loads((d / COMPLETE).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"{COMPLETE}: not readable JSON"
+    if not isinstance(summary, dict):
+        return f"{COMPLETE}: not a JSON object"
+    files = summary.get("files")
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        return f"{COMPLETE}: malformed file list"
+    for name, rec in sorted(files.items()):
+        if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)*", name) or ".." in name.split("/"):
+            return f"{COMPLETE}: names {name[:80]!r}, not a file of this checkpoint"
+        f = d / name
+        try:
+            size = f.stat().st_size
+            if size != rec[0]:
+                return f"{name}: {size} bytes, {rec[0]} when saved"
+            if _crc32(f) != rec[1]:
+                return f"{name}: contents changed since it was saved (CRC32 mismatch)"
+        except FileNotFoundError:
+            return f"{name}: missing"
+        except OSError as e:
+            return f"{name}: not readable ({e.strerror or e})"
+    return None
+
+
+_verdicts: dict[Path, tuple[tuple[int, int, int], str | None]] = {}
+"""damage() per checkpoint dir in this process, keyed by its COMPLETE's inode, mtime and size:
+train's checks and the run's set-up look up the same checkpoint, and verify it once."""
+
+
+def _damage_cached(d: Path) -> str | None:
+    try:
+        st = (d / COMPLETE).stat()
+    except OSError:
+        return f"{COMPLETE}: missing"
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    hit = _verdicts.get(d)
+    if hit is None or hit[0] != key:
+        hit = _verdicts[d] = (key, damage(d))
+    return hit[1]
+
+
+def aside_path(d: Path) -> Path:
+    """Where a damaged checkpoint goes: damaged_<tag> beside it (.1, .2, ... if taken)."""
+    out, n = d.with_name(DAMAGED + d.name), 0
+    while out.exists():
+        n += 1
+        out = d.with_name(f"{DAMAGED}{d.name}.{n}")
+    return out
+
+
 def find_latest(run_dir: str | Path) -> tuple[Path | None, list[str]]:
-    """The newest complete checkpoint of a run and notes about incomplete ones it passed over."""
+    """The newest intact complete checkpoint of a run, and one note per checkpoint passed over
+    (incomplete ones newer than it; damaged ones, each with its first bad file).
+
+    Deterministic over the files, so every rank of a run picks the same one (each reads the
+    candidates itself; no collective). Raises CheckpointError when complete checkpoints exist
+    but every one is damaged: starting afresh over them would lose them.
+    """
     root = ckpt_root(run_dir)
     notes: list[str] = []
     if not root.is_dir():
         return None, notes
-    complete = sorted(d for d in root.glob("step_*") if (d / COMPLETE).is_file())
-    incomplete = sorted(d for d in root.glob("step_*") if not (d / COMPLETE).is_file())
-    pointed = None
     if (root / LATEST).is_file():
         tag = (root / LATEST).read_text().strip()
         if not re.fullmatch(r"step_\d+", tag):  # a path would lead the resume outside this run
             raise CheckpointError(f"{root / LATEST} names {tag[:80]!r}, not a checkpoint of this run (step_N)")
-        cand = root / tag
-        if (cand / COMPLETE).is_file():
-            pointed = cand
-    best = pointed or (complete[-1] if complete else None)
-    for d in incomplete:
-        if best is None or d.name > best.name:
+    tags = sorted(d for d in root.glob("step_*") if re.fullmatch(r"step_\d+", d.name) and d.is_dir())
+    complete = [d for d in tags if (d / COMPLETE).is_file()]
+    best, damaged = None, []
+    for d in reversed(complete):
+        why = _damage_cached(d)
+        if why is None:
+            best = d
+            break
+        damaged.append((d, why))
+    if damaged and best is None:
+        listed = "; ".join(f"{d.name}: {why}" for d, why in damaged)
+        raise CheckpointError(f"no intact checkpoint to resume in {root} ({listed}); move the damaged "
+                              "ones aside to start afresh, or use another --out")
+    for d in tags:
+        if not (d / COMPLETE).is_file() and (best is None or d.name > best.name):
             notes.append(f"{d} is incomplete (interrupted while saving): ignored")
+    for d, why in damaged:
+        notes.append(f"checkpoint {d} is damaged ({why}): resuming from {best.name}, the newest intact one; "
+                     f"{d.name} is kept, moved aside to {aside_path(d).name}")
     return best, notes
+
+
+def set_aside_damaged(run_dir: str | Path, resumed: Path, rank: int) -> list[Path]:
+    """Collective, when a run resumes from `resumed`: rank 0 moves every complete checkpoint
+    newer than it (find_latest passed over them as damaged) to damaged_<tag>, where neither a
+    save of the same step nor pruning touches it. Returns the new paths (rank 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank is done reading them (find_latest)
+    moved = []
+    if rank == 0:
+        for d in sorted(ckpt_root(run_dir).glob("step_*")):
+            if d.name > resumed.name and (d / COMPLETE).is_file() and _damage_cached(d) is not None:
+                dst = aside_path(d)
+                os.replace(d, dst)
+                moved.append(dst)
+    return moved
 
 
 def commit(run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Config, rank: int, world_size: int,
@@ -106,7 +230,9 @@ def commit(run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Conf
     root = ckpt_root(run_dir)
     d = root / tag_for(step)
     if rank == 0:
-        if d.exists():  # a leftover of an interrupted save of this very step
+        if (d / COMPLETE).is_file():  # passed over at resume (damaged): kept, never deleted
+            os.replace(d, aside_path(d))
+        elif d.exists():  # a leftover of an interrupted save of this very step
             shutil.rmtree(d)
         d.mkdir(parents=True)
     dist.barrier()
@@ -121,10 +247,11 @@ def commit(run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Conf
     dist.barrier()
     if rank == 0:
         summary = {"step": step, "world_size": world_size, "zero_stage": cfg.parallel.zero_stage,
-                   **(layout or {}), "time": time.time()}
+                   **(layout or {}), "time": time.time(), "files": _manifest(d)}
         atomic_write(d / COMPLETE, json.dumps(summary))
+        fault_point("complete", step, rank)
         atomic_write(root / LATEST, d.name)
-        _prune(root, keep_last)
+        _prune(root, keep_last, step)
     dist.barrier()
     return d
 
@@ -136,19 +263,50 @@ def save(engine, run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg
     def write_state(d: Path) -> None:
         # universal_checkpoint_info lets deepspeed.checkpoint.ds_to_universal convert this checkpoint
         # for another world size (a resume on fewer or more ranks).
-        engine.save_checkpoint(str(d.parent), tag=d.name, save_latest=False,
-                               client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+        with _fault_inside_engine_save(engine, step, rank):
+            engine.save_checkpoint(str(d.parent), tag=d.name, save_latest=False,
+                                   client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
 
     return commit(run_dir, step, loop_state, cfg, rank, world_size, keep_last, write_state,
                   lambda d: consolidated_state_dict(engine))
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    tags = sorted(root.glob("step_*"))
+@contextmanager
+def _fault_inside_engine_save(engine, step: int, rank: int) -> Iterator[None]:
+    """Fault point "ds_save": every file DeepSpeed's save_checkpoint writes goes through
+    engine.checkpoint_engine.save; only while a test asks for this point is that wrapped."""
+    if not os.environ.get("RCN_FAULT", "").startswith("ds_save:"):
+        yield
+        return
+    ce = engine.checkpoint_engine
+    original, own = ce.save, vars(ce).get("save")
+
+    def save(*args, **kwargs):
+        out = original(*args, **kwargs)
+        fault_point("ds_save", step, rank)
+        return out
+
+    ce.save = save
+    try:
+        yield
+    finally:
+        if own is None:
+            del ce.save  # the class's method again
+        else:
+            ce.save = own
+
+
+def _prune(root: Path, keep_last: int, step: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints. A pruned checkpoint loses its COMPLETE
+    first, so a kill while its files go leaves an incomplete directory, never resumed from."""
+    tags = sorted(d for d in root.glob("step_*") if d.is_dir())
     complete = [d for d in tags if (d / COMPLETE).is_file()]
     keep = set(complete[-keep_last:])
     for d in tags:
         if d not in keep:
+            if (d / COMPLETE).is_file():
+                (d / COMPLETE).unlink()
+                fault_point("prune", step)
             shutil.rmtree(d, ignore_errors=True)
 
 
