@@ -411,7 +411,8 @@ def _steps(run: Run, backend: Backend, stream, step: int, samples: int, progress
             loop_state = {"step": step, "samples": samples, "loader": stream.state_dict()}
             last_good = str(backend.save(step, loop_state))
         if stopping and not at_end:
-            run.out.info(f"stop signal: checkpointed at step {step} in {last_good}; "
+            run.out.info(f"stop signal ({signals.names(signals.received()) or 'on another rank'}): "
+                         f"checkpointed at step {step} in {last_good}; "
                          f"exit {EXIT_STOPPED} (run again on {run.run_dir} to resume)")
             return True
     return False

@@ -17,7 +17,8 @@
 #   RCN_ENV_CHECK    1: before training, every rank prints what `rcn env --json` detects (one line each)
 # Relative paths are relative to the directory sbatch was called from.
 
-EXIT_STOPPED=3 # `rcn train` after a stop signal: checkpointed at a step boundary, resumable
+EXIT_STOPPED=3 # `rcn train` after a stop signal: checkpointed at a step boundary (or stopped before
+# the first step, with nothing new to save), resumable
 
 rcn_log() { echo "rcn-slurm: $*"; }
 

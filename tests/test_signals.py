@@ -175,6 +175,7 @@ def test_signal_on_one_rank_during_teardown_still_exits_0(fmnist_small, tmp_path
     assert (out / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
 
 
+@pytest.mark.slow
 def test_min_step_time_knob(fmnist_small, tmp_path):
     """RCN_TEST_MIN_STEP_S (test-only) makes each step last at least that long, which the Slurm
     and submitit time-limit tests count on; a bad value is one line and exit 2."""

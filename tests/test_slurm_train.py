@@ -1,5 +1,6 @@
 """The shipped sbatch scripts on the real local Slurm: two ranks, preemption and a real time limit
-with requeue and exact resume, two nodes, and a killed task followed by a resubmission.
+with requeue and exact resume (steps of a fixed minimum time, so that the number of attempts does
+not depend on the machine's speed), two nodes, and a killed task followed by a resubmission.
 
 Every job runs slurm/train_*.sh unchanged; the sbatch options and RCN_* variables a user would
 set fit them onto the CPU-only local cluster.
@@ -17,14 +18,17 @@ import pytest
 from _datautil import make_cifar_dir
 from slurm_util import (
     CPU_JOB,
+    LIMIT_STEPS,
     REPO,
+    SIGNAL_AHEAD_S,
+    STEP_S,
+    TIME_LIMIT_MIN,
     TRAIN,
     finish_job,
     job_state,
     losses,
     sbatch,
     scancel_signal,
-    seconds_per_step,
     steps_logged,
     task_pids,
     train_env,
@@ -44,26 +48,30 @@ def reference(reference_dir: Path) -> dict[int, float]:
 
 
 def fmnist_job(tmp_path: Path, data: Path, steps: int, *sbatch_args: str, run_dir: Path | None = None,
-               **rcn: str) -> tuple[str, Path, Path]:
-    """Submit slurm/train_fmnist.sh (tiny preset); return (job id, run dir, log)."""
+               overrides: str = "", **rcn: str) -> tuple[str, Path, Path]:
+    """Submit slurm/train_fmnist.sh (tiny preset, TRAIN's overrides and then `overrides`); return
+    (job id, run dir, log)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     run_dir, log = run_dir or tmp_path / "run", tmp_path / "job.out"
     env = train_env(RCN_PRESET="tiny", RCN_DATA=data, RCN_RUN_DIR=run_dir, RCN_STEPS=str(steps),
-                    RCN_OVERRIDES=OVERRIDES, **rcn)
+                    RCN_OVERRIDES=f"{OVERRIDES} {overrides}".strip(), **rcn)
     job = sbatch(SLURM / "train_fmnist.sh", *CPU_JOB, f"--output={log}", *sbatch_args, env=env)
     return job, run_dir, log
 
 
 def attempts(log_text: str) -> list[dict]:
-    """Per attempt of a job (as its log shows them): restart count, resumed-from step, stop step."""
+    """Per attempt of a job (as its log shows them): restart count, resumed-from step, stop step
+    (0 for a stop before the first step) and the signal(s) rank 0 received."""
     out: list[dict] = []
     for line in log_text.splitlines():
         if m := re.search(r"rcn-slurm: job \d+ restart (\d+):", line):
-            out.append({"restart": int(m[1]), "resumed": None, "stopped": None})
+            out.append({"restart": int(m[1]), "resumed": None, "stopped": None, "signal": None})
         elif out and (m := re.search(r"resumed from .* \(step (\d+)\)", line)):
             out[-1]["resumed"] = int(m[1])
-        elif out and (m := re.search(r"stop signal: checkpointed at step (\d+)", line)):
-            out[-1]["stopped"] = int(m[1])
+        elif out and (m := re.search(r"stop signal \((.*?)\): checkpointed at step (\d+)", line)):
+            out[-1] |= {"stopped": int(m[2]), "signal": m[1]}
+        elif out and (m := re.search(r"stop signal \((.*?)\) before the first step", line)):
+            out[-1] |= {"stopped": 0, "signal": m[1]}
     return out
 
 
@@ -107,7 +115,7 @@ def test_usr2_preemption_requeues_and_resumes_exactly(slurm_env, fmnist_small, r
     text = finish_job(job, log, env=slurm_env, during=during)
     first, second = attempts(text)
     assert (first["restart"], second["restart"]) == (0, 1), text
-    assert first["stopped"] is not None and first["stopped"] < steps, text
+    assert first["signal"] == "SIGUSR2" and 3 <= first["stopped"] < steps, text
     assert second["resumed"] == first["stopped"], text
     assert "requeueing job" in text and "finished:" in text
     got = losses(run_dir)
@@ -115,25 +123,28 @@ def test_usr2_preemption_requeues_and_resumes_exactly(slurm_env, fmnist_small, r
     assert got == {s: reference[s] for s in range(1, steps + 1)}
 
 
-@pytest.mark.timeout(1800)  # waits up to 20 minutes for the requeued attempts
-def test_time_limit_requeues_until_done(slurm_env, fmnist_small, reference_dir, tmp_path):
-    """A real 2-minute limit with `--signal=USR2@60`: each attempt is signalled ahead of the
-    limit, checkpoints and requeues; the checkpoint step grows from attempt to attempt and the
-    run finishes. Steps: ~160 s of training at the speed the reference run measured, more than
-    one attempt can hold (the signal comes 30-60 s after the start); a slower machine takes more
-    attempts, up to RCN_MAX_RESTARTS."""
-    # ~160 s at the reference's speed: even twice as fast, more than the first attempt's share.
-    steps = max(200, min(4000, int(160 / seconds_per_step(reference_dir))))
-    job, run_dir, log = fmnist_job(tmp_path, fmnist_small, steps, "--nodes=1", "--ntasks-per-node=2",
-                                   "--time=00:02:00", "--signal=USR2@60", RCN_MAX_RESTARTS="12")
-    text = finish_job(job, log, timeout=1200, env=slurm_env)
-    tries = attempts(text)
-    assert len(tries) >= 2 and [t["restart"] for t in tries] == list(range(len(tries))), text
-    stops = [t["stopped"] for t in tries[:-1]]
-    assert None not in stops and stops == sorted(set(stops)), text  # progress in every attempt
-    assert [t["resumed"] for t in tries[1:]] == stops, text
-    assert tries[-1]["stopped"] is None and "finished:" in text
-    assert sorted(losses(run_dir)) == list(range(1, steps + 1))
+@pytest.mark.timeout(1200)
+def test_time_limit_requeues_once_and_resumes_exactly(slurm_env, fmnist_small, reference, tmp_path):
+    """A real 3-minute limit with `--signal=USR2@30` and steps of at least STEP_S each
+    (RCN_TEST_MIN_STEP_S): the first attempt is signalled ahead of the limit, checkpoints and
+    requeues; the second resumes there and finishes; exactly two attempts, whatever the machine's
+    speed (slurm_util.LIMIT_STEPS says why). The losses of all steps are the uninterrupted
+    reference run's, bit for bit. Checkpoints only at the stop and the end (train.ckpt_every
+    off the cadence), so that their cost does not blur the step time."""
+    job, run_dir, log = fmnist_job(tmp_path, fmnist_small, LIMIT_STEPS, "--nodes=1", "--ntasks-per-node=2",
+                                   f"--time={TIME_LIMIT_MIN}", f"--signal=USR2@{SIGNAL_AHEAD_S}",
+                                   overrides="train.ckpt_every=100000", RCN_MAX_RESTARTS="4",
+                                   RCN_TEST_MIN_STEP_S=str(STEP_S))
+    text = finish_job(job, log, timeout=900, env=slurm_env)
+    first, second, *more = attempts(text)
+    assert not more and (first["restart"], second["restart"]) == (0, 1), text
+    assert first["signal"] == "SIGUSR2" and 0 < first["stopped"] < LIMIT_STEPS, text
+    # The signal came 120-150 s after the attempt's start; at most one step a STEP_S.
+    assert first["stopped"] <= (TIME_LIMIT_MIN * 60 - SIGNAL_AHEAD_S) / STEP_S, text
+    assert second["resumed"] == first["stopped"] and second["stopped"] is None, text
+    assert "requeueing job" in text and "finished:" in text
+    assert steps_logged(run_dir) == list(range(1, LIMIT_STEPS + 1))  # no step lost or repeated
+    assert losses(run_dir) == {s: reference[s] for s in range(1, LIMIT_STEPS + 1)}
 
 
 def test_two_nodes_match_one_node(slurm_env, fmnist_small, reference, tmp_path):

@@ -1,6 +1,7 @@
 """Training submitted from Python with submitit (rcn_dist.submit) on the real local Slurm: a
-preemption through submitit's API and a real timeout both checkpoint, requeue, resume and finish
-with the uninterrupted run's losses; `rcn submit --sweep` runs a job array and compares the runs.
+preemption that takes submitit's preempted branch and a real timeout both checkpoint, requeue,
+resume and finish with the uninterrupted run's losses; `rcn submit --sweep` runs a job array and
+compares the runs.
 
 Each test uses a fresh submitit folder: job ids restart at 1 on a new cluster state, and an old
 result file would be returned for a new job.
@@ -14,14 +15,17 @@ import re
 import subprocess
 
 import pytest
-from _proc import run_group
 from slurm_util import (
+    LIMIT_STEPS,
     PY,
     REPO,
+    SIGNAL_AHEAD_S,
+    STEP_S,
+    TIME_LIMIT_MIN,
     TRAIN,
     losses,
     scancel,
-    seconds_per_step,
+    scancel_signal,
     steps_logged,
     train_env,
     wait_for_step,
@@ -55,78 +59,76 @@ def requeues(err: str) -> list[str]:
 
 
 def stops_and_resumes(log_text: str) -> tuple[list[int], list[int]]:
-    """Steps of the "stop signal: checkpointed at step N" and "resumed from ... (step N)" lines."""
-    stops = [int(s) for s in re.findall(r"stop signal: checkpointed at step (\d+)", log_text)]
+    """Steps of the "stop signal (SIGNAL): checkpointed at step N" and "resumed from ... (step N)" lines."""
+    stops = [int(s) for s in re.findall(r"stop signal \(.*?\): checkpointed at step (\d+)", log_text)]
     resumes = [int(s) for s in re.findall(r"resumed from .* \(step (\d+)\)", log_text)]
     return stops, resumes
 
 
 @on_slurm
-def test_preemption_through_submitit_requeues_and_resumes_exactly(job_env, fmnist_small, reference_dir,
-                                                                   tmp_path):
-    """`job._interrupt()` (scancel SIGTERM, then SIGUSR2: submitit's preemption): both ranks
-    checkpoint at one step, task 0 hands over to submitit, which requeues; the job resumes and
-    returns both tasks' results, with the uninterrupted run's losses."""
+def test_preemption_takes_submitits_preempted_branch_and_resumes_exactly(job_env, fmnist_small, reference_dir,
+                                                                         tmp_path):
+    """A preemption the way submitit's own Job._interrupt sends it (`scancel --signal=TERM`, then
+    `--signal=USR2`) to a job with a 15-minute limit: submitit tells a preemption from a timeout
+    only for a signal within min(0.8 T, T - 10 min) of run time (5 minutes here; under 10 minutes
+    every signal reads as a timeout). Both ranks checkpoint at one step, task 0 hands the USR2 to
+    submitit, which reads a preemption and requeues. With no timeout allowed (max_requeues=0) a
+    timeout reading would end the job unrequeued instead. The job resumes and returns both tasks'
+    results, with the uninterrupted run's losses."""
     steps, run_dir = 40, tmp_path / "run"
     job = submit([*TRAIN, "--data", str(fmnist_small), "--out", str(run_dir), "--steps", str(steps)],
-                 folder=tmp_path / "submitit", cluster="slurm", nodes=1, tasks_per_node=2, timeout_min=10)
+                 folder=tmp_path / "submitit", cluster="slurm", nodes=1, tasks_per_node=2, timeout_min=15,
+                 max_requeues=0)
     try:
         wait_for_step(run_dir, 3, job.job_id, env=job_env)
-        job._interrupt()
+        scancel_signal(job.job_id, "TERM", env=job_env)
+        scancel_signal(job.job_id, "USR2", env=job_env)
         state = wait_job(job.job_id, timeout=300, env=job_env)
         out, err = job.task(0).stdout() or "", job.task(0).stderr() or ""  # task 0: the one that requeues
         assert state == "COMPLETED", out[-3000:] + err[-3000:]
         assert job.results() == [{"run_dir": str(run_dir), "exit": 0}] * 2
     finally:
         scancel(job.job_id, env=job_env)
-    # submitit's handler ran on the signal (once), and its requeue ended the first attempt.
-    assert err.count("Caught signal SIGUSR2") == 1 and len(requeues(err)) == 1, err[-3000:]
+    # submitit's handler ran on the USR2 (once), read it as a preemption, and its requeue ended the
+    # first attempt.
+    assert len(re.findall(r"Caught signal SIGUSR2 on \S+: this job is preempted\.", err)) == 1, err[-3000:]
+    assert "timed-out" not in err and len(requeues(err)) == 1, err[-3000:]
     stops, resumes = stops_and_resumes(out)
-    assert len(stops) == 1 and resumes == stops and stops[0] < steps, out[-3000:]
+    assert len(stops) == 1 and resumes == stops and 3 <= stops[0] < steps, out[-3000:]
     assert steps_logged(run_dir) == list(range(1, steps + 1))
     ref = losses(reference_dir)
     assert losses(run_dir) == {s: ref[s] for s in range(1, steps + 1)}
 
 
 @on_slurm
-@pytest.mark.timeout(2700)  # a calibration run, then up to 20 minutes of requeued attempts
-def test_timeout_requeues_and_resumes_exactly(job_env, fmnist_small, tmp_path):
-    """A real 2-minute limit (signal 60 s ahead): the job is signalled, checkpoints, requeues
-    itself through submitit and resumes, as often as it takes, and ends with the losses of an
-    uninterrupted run of the same job (a plain `rcn train`, run meanwhile on the other core).
-
-    One task each, so the two runs fit the 2 cores side by side. Steps: ~150 s of training at the
-    speed a short single-process run measures first, more than one attempt holds (the signal
-    comes 30-60 s in, after ~10 s of start-up); a slower machine takes more attempts."""
-    args = [*TRAIN, "--data", str(fmnist_small)]
-    calib = run_group([PY, "-m", "rcn_dist.cli", "train", *args, "--out", str(tmp_path / "calib"),
-                       "--steps", "30", "train.keep_last=1000"], 600, cwd=REPO, env=job_env)
-    assert calib.returncode == 0, calib.stderr[-3000:]
-    # ~150 s at the measured speed: even twice as fast as measured (a calibration taken while
-    # the machine was busier), the work outlasts the first signal, ~60 s into the 2-minute limit.
-    steps = max(200, min(4000, int(150 / seconds_per_step(tmp_path / "calib"))))
-    args += ["--steps", str(steps)]
-    run_dir, straight = tmp_path / "run", tmp_path / "straight"
-    job = submit([*args, "--out", str(run_dir)], folder=tmp_path / "submitit", cluster="slurm", nodes=1,
-                 tasks_per_node=1, timeout_min=2, signal_delay_s=60, max_requeues=15)
+@pytest.mark.timeout(1200)
+def test_timeout_requeues_once_and_resumes_exactly(job_env, fmnist_small, reference_dir, tmp_path, monkeypatch):
+    """A real 3-minute limit (submitit's signal 30 s ahead) and steps of at least STEP_S each
+    (RCN_TEST_MIN_STEP_S, which the job inherits): the first attempt is signalled, checkpoints and
+    requeues itself through submitit (one timeout allowed: max_requeues=1); the second resumes
+    there and finishes: exactly two attempts whatever the machine's speed (slurm_util.LIMIT_STEPS
+    says why), with the losses of the uninterrupted reference run, bit for bit."""
+    monkeypatch.setenv("RCN_TEST_MIN_STEP_S", str(STEP_S))
+    run_dir = tmp_path / "run"
+    job = submit([*TRAIN, "--data", str(fmnist_small), "--out", str(run_dir), "--steps", str(LIMIT_STEPS),
+                  "train.ckpt_every=100000"],  # checkpoints only at the stop and the end
+                 folder=tmp_path / "submitit", cluster="slurm", nodes=1, tasks_per_node=2,
+                 timeout_min=TIME_LIMIT_MIN, signal_delay_s=SIGNAL_AHEAD_S, max_requeues=1)
     try:
-        ref = run_group([PY, "-m", "rcn_dist.cli", "train", *args, "--out", str(straight)], 900, cwd=REPO,
-                        env=job_env)
-        assert ref.returncode == 0, ref.stderr[-3000:]
-        state = wait_job(job.job_id, timeout=1200, env=job_env)
+        state = wait_job(job.job_id, timeout=900, env=job_env)
         out, err = job.task(0).stdout() or "", job.task(0).stderr() or ""  # task 0: the one that requeues
         assert state == "COMPLETED", out[-3000:] + err[-3000:]
-        assert job.result() == {"run_dir": str(run_dir), "exit": 0}
+        assert job.results() == [{"run_dir": str(run_dir), "exit": 0}] * 2
     finally:
         scancel(job.job_id, env=job_env)
-    # No check of submitit's "this job is timed-out" line: with a limit this short, submitit reads
-    # every signal as a timeout, so the line would be there whatever sent the signal. What counts is
-    # below: each SIGUSR2 led to a checkpointed stop, a requeue and a resume from that step.
+    # One signal, one checkpointed stop, one requeue, one resume from that step.
     stops, resumes = stops_and_resumes(out)
-    assert stops and resumes == stops and stops == sorted(set(stops)), out[-3000:]  # progress each time
-    assert err.count("Caught signal SIGUSR2") == len(requeues(err)) == len(stops), err[-3000:]
-    assert steps_logged(run_dir) == list(range(1, steps + 1))
-    assert losses(run_dir) == losses(straight)
+    assert len(stops) == 1 and resumes == stops and 0 < stops[0] < LIMIT_STEPS, out[-3000:]
+    assert stops[0] <= (TIME_LIMIT_MIN * 60 - SIGNAL_AHEAD_S) / STEP_S, out[-3000:]  # >= STEP_S a step
+    assert err.count("Caught signal SIGUSR2") == len(requeues(err)) == 1, err[-3000:]
+    assert steps_logged(run_dir) == list(range(1, LIMIT_STEPS + 1))
+    ref = losses(reference_dir)
+    assert losses(run_dir) == {s: ref[s] for s in range(1, LIMIT_STEPS + 1)}
 
 
 @on_slurm
