@@ -31,11 +31,10 @@ REF_STEPS = 75
 # with the warning signal (USR2) 30 s ahead, and steps that last at least STEP_S each whatever the
 # machine's speed (RCN_TEST_MIN_STEP_S), so that the number of attempts is known. slurmctld checks
 # the limits every 30 s and sends the signal at the first check within signal+30 s of the end:
-# 120-150 s after an attempt starts (seen: 1xx s). LIMIT_STEPS steps take >= 150 s, more than
-# the first attempt can hold; it trains 120-150 s minus its start-up (5-20 s measured, idle and
-# beside two busy loops), so the second attempt has at most 30 s + that start-up left to do and
-# 120 s minus its own start-up to do it in: exactly two attempts while the two start-ups stay
-# under 90 s together.
+# 120-150 s after an attempt starts (seen: 132-146 s). LIMIT_STEPS steps take >= 150 s, more than
+# the first attempt can hold; it trains 120-150 s minus its start-up (~10 s seen, beside two busy
+# loops), so the second attempt has at most 30 s + that start-up left to do and 120 s minus its
+# own start-up to do it in: exactly two attempts while the two start-ups stay under 90 s together.
 TIME_LIMIT_MIN = 3
 SIGNAL_AHEAD_S = 30
 STEP_S = 2.0
