@@ -111,6 +111,23 @@ def log_weights(model, x: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> 
     return log_px + 0.5 * (eps.pow(2) + out.logvar - z.pow(2)).flatten(1).sum(1)
 
 
+def _kept(stream, examples: int, label: str, progress: bool, least: int = 1):
+    """(batch, keep) for each batch with at least `least` images that count: not padding, and
+    split index < `examples` (0: all)."""
+    for batch in console.track(stream, label, enabled=progress):
+        keep = batch["mask"] & ((batch["index"] < examples) if examples else True)
+        if int(keep.sum()) >= least:
+            yield batch, keep
+
+
+def _all_reduce(sums: Tensor) -> Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    return sums
+
+
 def iw_seed(base: int, k: int) -> int:
     """Noise stream of importance sample k; k = 0 is the evaluation noise itself."""
     return base if k == 0 else step_noise_seed(base, k)
@@ -127,26 +144,20 @@ def importance_weighted(model, stream, cfg: Config, device: str, k: int, example
     iw_elbo_mc (the mean single-sample negative ELBO -log w_k of the same K samples: equal to
     iw_nll when K = 1, never below it), iw_n and iw_k; all-reduced over ranks.
     """
-    import torch.distributed as dist
-
     from rcn_dist.loop import EVAL_NOISE_SEED, caps_input
     from rcn_dist.model import sample_noise
 
     base = cfg.train.seed + EVAL_NOISE_SEED
     m = cfg.model
     sums = torch.zeros(3, dtype=torch.float64)  # sum of -bound, sum of mean -log w, images
-    for batch in console.track(stream, f"IW bound (K={k})", enabled=progress):
-        keep = batch["mask"] & ((batch["index"] < examples) if examples else True)
-        if not keep.any():
-            continue
+    for batch, keep in _kept(stream, examples, f"IW bound (K={k})", progress):
         x, idx = batch["image"][keep].to(device), batch["index"][keep]
         x_caps = caps_input(batch, cfg, device, keep)
         lw = torch.stack([log_weights(model, x, sample_noise(idx, iw_seed(base, j), m.T, m.z_dim).to(device), x_caps)
                           .double().cpu() for j in range(k)])  # (K, B)
         bound = torch.logsumexp(lw, dim=0) - math.log(k)
         sums += torch.stack([-bound.sum(), -lw.mean(0).sum(), torch.tensor(float(len(idx)), dtype=torch.float64)])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
+    _all_reduce(sums)
     n = max(sums[2].item(), 1.0)
     out = {"iw_nll": sums[0].item() / n, "iw_elbo_mc": sums[1].item() / n, "iw_n": int(sums[2].item()), "iw_k": k}
     if m.likelihood == "logistic":
@@ -164,8 +175,6 @@ def capsule_usage(model, stream, cfg: Config, device: str, examples: int = 0,
     so "caps_*" increases are against exactly the `test_elbo` images' terms. Every figure is a
     mean over images (the statistics: over batches, weighted by their images), all-reduced.
     """
-    import torch.distributed as dist
-
     from rcn_dist.loop import EVAL_NOISE_SEED, caps_input
     from rcn_dist.model import sample_noise
     from rcn_dist.model.usage import ablation_elbos, capsule_stats
@@ -173,10 +182,7 @@ def capsule_usage(model, stream, cfg: Config, device: str, examples: int = 0,
     m = cfg.model
     names: list[str] = []
     sums: Tensor | None = None
-    for batch in console.track(stream, "capsule usage", enabled=progress):
-        keep = batch["mask"] & ((batch["index"] < examples) if examples else True)
-        if int(keep.sum()) < 2:  # a shuffle needs two images
-            continue
+    for batch, keep in _kept(stream, examples, "capsule usage", progress, least=2):  # a shuffle needs two
         x, y, idx = batch["image"][keep].to(device), batch["label"][keep].to(device), batch["index"][keep]
         x_caps = caps_input(batch, cfg, device, keep)
         eps = sample_noise(idx, cfg.train.seed + EVAL_NOISE_SEED, m.T, m.z_dim).to(device)
@@ -188,9 +194,7 @@ def capsule_usage(model, stream, cfg: Config, device: str, examples: int = 0,
         sums = row if sums is None else sums + row
     if sums is None:
         raise ConfigError("capsule usage needs at least two test images in one batch")
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-    n = sums[-1].item()
+    n = _all_reduce(sums)[-1].item()
     return {f"caps_{k}": sums[i].item() / n for i, k in enumerate(names)} | {"caps_n": int(n)}
 
 

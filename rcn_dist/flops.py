@@ -1,11 +1,8 @@
 """Model FLOPs per image, counted from the shapes a forward pass actually sees.
 
-Forward hooks on the layers that do the arithmetic (convolutions, transposed convolutions,
-linear layers, RNN cells, capsule predictions and routing, the DRAW filterbanks) record
-2 x multiply-adds from their input and output shapes while the model runs once on the meta
-device, so nothing is computed and paper-size models cost nothing to count. Elementwise work
-(activations, squash, softmax, the losses) is left out: it is memory-bound and small next to the
-contractions. A training step is taken as 3x the forward (backward = 2x forward).
+Forward hooks on the layers that do the arithmetic record 2 x multiply-adds from their input and
+output shapes while the model runs once on the meta device (nothing is computed). Elementwise
+work is left out; a training step is 3x the forward (docs/performance.md, "FLOPs per image").
 """
 
 from __future__ import annotations

@@ -1,14 +1,11 @@
 """Where the loop's metric rows go: metrics.jsonl always, TensorBoard and W&B when asked for.
 
     logger = make_loggers(cfg, run_dir, rank)   # train.loggers = "jsonl,tensorboard"
-    logger.log({"step": 3, "loss": 412.5, ...})  # a training row
-    logger.log({"step": 3, "kind": "eval", "test_elbo": 401.2, ...})
+    logger.log({"step": 3, "loss": 412.5, ...})  # rows with "kind": "eval" go under eval/
     logger.close()
 
-A row is a flat dict with an integer "step"; rows with kind="eval" go under "eval/" in TensorBoard
-and W&B, the others under "train/". Only rank 0 writes; other ranks get a logger that does nothing.
-W&B runs offline (files in RUN_DIR/wandb, `wandb sync` uploads them later) unless WANDB_MODE says
-otherwise: training never waits on the network.
+Only rank 0 writes; other ranks get a logger that does nothing. W&B runs offline unless
+WANDB_MODE says otherwise: training never waits on the network (docs/cluster.md).
 """
 
 from __future__ import annotations

@@ -68,21 +68,25 @@ def eval_split(evals: list[dict]) -> str:
     return "val" if any("val_elbo" in r for r in evals) else "test"
 
 
-def plot_curves(train: list[dict], evals: list[dict], path: Path, title: str = "") -> None:
-    """One panel per loss part (train line, test markers), the test error and the LR."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(train: list[dict], evals: list[dict], path: Path, title: str = "") -> None:
+    """One panel per loss part (train line, test markers), the test error and the LR."""
+    plt = _pyplot()
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for ax, part in zip(axes.flat, (*PARTS, "error", "lr", "img_per_s")):
+        pts = [(r["step"], r[part]) for r in train if part in r]
         if part in ("lr", "img_per_s"):
-            pts = [(r["step"], r[part]) for r in train if part in r]
             if pts:
                 ax.plot(*zip(*pts), color="tab:gray")
         else:
-            pts = [(r["step"], r[part]) for r in train if part in r]
             if pts:
                 ax.plot(*zip(*pts), label="train", color="tab:blue", alpha=0.8)
             split = eval_split(evals)
@@ -176,11 +180,7 @@ def run_report(run_dir: Path) -> Path:
 
 def compare_report(runs: list[Path], out_dir: Path) -> Path:
     """A table with one row per run (config differences, final numbers) and overlaid curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows, cfgs, curves = [], {}, {}
     for r in runs:
         if not r.is_dir():
@@ -208,12 +208,10 @@ def compare_report(runs: list[Path], out_dir: Path) -> Path:
         if train:
             axes[0].plot([t["step"] for t in train], [t["loss"] for t in train], label=label)
         split = eval_split(evals)
-        tp = [(e["step"], e[f"{split}_elbo"]) for e in evals if f"{split}_elbo" in e]
-        if tp:
-            axes[1].plot(*zip(*tp), "o-", label=label)
-        tp = [(e["step"], e[f"{split}_error"]) for e in evals if f"{split}_error" in e]
-        if tp:
-            axes[2].plot(*zip(*tp), "o-", label=label)
+        for ax, key in zip(axes[1:], (f"{split}_elbo", f"{split}_error")):
+            tp = [(e["step"], e[key]) for e in evals if key in e]
+            if tp:
+                ax.plot(*zip(*tp), "o-", label=label)
     for ax, t in zip(axes, ("train loss", "negative ELBO (nats; validation split where there is one)",
                             "error (validation split where there is one)")):
         ax.set_title(t)

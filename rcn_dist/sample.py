@@ -2,19 +2,9 @@
 
     rcn sample --run RUN_DIR [--n 64] [--out DIR]
 
-writes into DIR (default RUN_DIR/samples):
-
-    samples.png           n unconditional samples (decoder means sigmoid(c_T)), z_t ~ N(0, I)
-    drawing.gif           the drawing process: one frame per step t = 1..T, the canvas after step
-                          t with that step's write window as a red rectangle (DRAW's Figure 1,
-                          the paper's Figure 2); the last frame is the final canvas
-    drawing_strip.png     the same frames side by side, one row per sample
-    reconstructions.png   test images (odd rows) above their reconstructions (even rows)
-    samples_by_class.png  the samples grouped by the class the encoder's capsules give them (the
-                          decoder cannot be conditioned on a class: see docs/evaluation.md)
-
-The red rectangle spans the write filterbank: centre (cx, cy) and extent write_n * delta, i.e.
-from g - write_n/2 * delta to g + write_n/2 * delta in DRAW's pixel coordinates, where pixel
+writes samples.png, drawing.gif, drawing_strip.png, reconstructions.png and samples_by_class.png
+into DIR (default RUN_DIR/samples); docs/evaluation.md says what each shows. The red rectangle
+spans the write filterbank, g -+ write_n/2 * delta in DRAW's pixel coordinates, where pixel
 column a (0-based) has its centre at x = a + 1 (rcn_dist.model.attention).
 """
 

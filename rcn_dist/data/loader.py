@@ -1,19 +1,14 @@
 """The streaming loader: WebDataset shards -> batches, split by data-parallel rank and worker.
 
-Training (TrainStream): per epoch the shard list is permuted with (seed, epoch); rank r, worker w
-reads shards perm[r + R*w :: R*W] (R data-parallel ranks, W = max(1, workers)) through a bounded
-shuffle buffer seeded by (seed, epoch, slot), and every (rank, worker) slot yields the same number
-of full batches, so every rank yields the same number per epoch. Which samples an epoch leaves
-out is in docs/data.md. Workers batch on their own; the DataLoader takes their batches in
-round-robin order, which makes the batch order deterministic, and resuming at batch k of an epoch
-rotates the workers' roles so that the first batch out is batch k.
+TrainStream: per epoch the shard list is permuted with (seed, epoch); rank r, worker w reads
+shards perm[r + R*w :: R*W] through a seeded shuffle buffer, every (rank, worker) slot yields the
+same number of full batches, and the DataLoader takes the workers' batches round-robin, so the
+order is deterministic and a resume continues it exactly (docs/data.md). EvalStream: rank r reads
+shards r, r + R, ... of a split once, the shorter shares padded with masked-out samples.
 
-Evaluation (EvalStream): rank r reads shards r, r + R, ... of the test split in order, once; the
-shorter shares are padded to the longest with masked-out samples.
-
-Batches are dicts: "image" float32 (B, C, H, W) in [0, 1], "label" int64 (B,) or float32
-multi-hot (B, n_classes), "index" int64 (B,) (the sample's index in its split; -1 for padding),
-and for evaluation "mask" bool (B,).
+Batches are dicts: "image" float32 (B, C, H, W) in [0, 1], "grey" (the image before
+binarisation), "label" int64 (B,) or float32 multi-hot (B, n_classes), "index" int64 (B,) (the
+sample's index in its split; -1 for padding), and for evaluation "mask" bool (B,).
 """
 
 from __future__ import annotations
@@ -302,6 +297,15 @@ def _rng(*parts: int) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
+def _check_stream(dp_rank: int, dp_size: int, batch_size: int, binarize: str) -> None:
+    if not 0 <= dp_rank < dp_size:
+        raise DataError(f"data-parallel rank {dp_rank} is outside 0..{dp_size - 1}")
+    if batch_size < 1:
+        raise DataError("batch_size must be positive")
+    if binarize not in BINARIZE:
+        raise DataError(f"unknown binarisation {binarize!r} (use {', '.join(BINARIZE)})")
+
+
 # ---------------------------------------------------------------- training
 class _EpochSlots(torch.utils.data.IterableDataset):
     """One epoch of one rank: in each DataLoader worker, the batches of that worker's slot."""
@@ -336,12 +340,9 @@ class TrainStream:
                  num_workers: int = 0, binarize: str = "dynamic", shuffle: bool = True,
                  split: str = "train", shuffle_buffer: int = 1000,
                  cache_dir: str | Path | None = None) -> None:
-        if not 0 <= dp_rank < dp_size:
-            raise DataError(f"data-parallel rank {dp_rank} is outside 0..{dp_size - 1}")
-        if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
-            raise DataError("batch_size and shuffle_buffer must be positive, num_workers >= 0")
-        if binarize not in BINARIZE:
-            raise DataError(f"unknown binarisation {binarize!r} (use {', '.join(BINARIZE)})")
+        _check_stream(dp_rank, dp_size, batch_size, binarize)
+        if num_workers < 0 or shuffle_buffer < 1:
+            raise DataError("shuffle_buffer must be positive, num_workers >= 0")
         self.manifest = Manifest.load(data_dir, cache_dir)
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.num_workers, self.binarize, self.shuffle, self.split = num_workers, binarize, shuffle, split
@@ -479,12 +480,7 @@ class EvalStream:
     def __init__(self, data_dir: str | Path, batch_size: int, dp_rank: int, dp_size: int,
                  split: str = "test", binarize: str = "fixed", seed: int = 0,
                  cache_dir: str | Path | None = None) -> None:
-        if not 0 <= dp_rank < dp_size:
-            raise DataError(f"data-parallel rank {dp_rank} is outside 0..{dp_size - 1}")
-        if batch_size < 1:
-            raise DataError("batch_size must be positive")
-        if binarize not in BINARIZE:
-            raise DataError(f"unknown binarisation {binarize!r} (use {', '.join(BINARIZE)})")
+        _check_stream(dp_rank, dp_size, batch_size, binarize)
         self.manifest = Manifest.load(data_dir, cache_dir)
         self.batch_size, self.dp_rank, self.dp_size = batch_size, dp_rank, dp_size
         self.split, self.binarize, self.seed = split, binarize, seed

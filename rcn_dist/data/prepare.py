@@ -1,23 +1,14 @@
 """`rcn prepare`: convert a data set into WebDataset shards plus manifest.json.
 
     rcn prepare --dataset fashion-mnist --out data/fashion-mnist
-    rcn prepare --dataset mnist --source ~/mnist --out data/mnist
-    rcn prepare --dataset mnist --source ~/mnist --download --out data/mnist
+    rcn prepare --dataset mnist --source ~/mnist [--download] --out data/mnist
     rcn prepare --dataset cifar10 --source cifar-10-python.tar.gz --out data/cifar10
     rcn prepare --dataset multimnist --source ~/mnist --pairs 2 --out data/multimnist
 
-The training images are split once into "train" and a held-out "val" split (--val; default
-5,000 images where the training set holds at least 50,000, else none; at most a tenth of the
-training set; a fixed random choice, the same on every machine): the training loop's periodic evaluation and hyper-parameter choices use "val",
-`rcn eval` reports "test".
-
-Output is written under a temporary name beside --out and renamed into place only when complete,
-so a failure leaves nothing behind. An existing --out holding a different data set (or anything
-that is not a prepared data set) is refused unless --force.
-
-`--download` (mnist only) fetches the four IDX files into --source from a public mirror and checks
-their MD5 sums. It needs network access and is not exercised by the tests (the build machines are
-offline); the rest of the mnist path is the same IDX reader that Fashion-MNIST uses.
+The training images are split once into "train" and a held-out "val" (--val); the output is
+written under a temporary name and renamed into place when complete; an existing --out holding
+something else is refused unless --force. docs/data.md has the details, and why `--download`
+(mnist only, needs the network) is not exercised by the tests.
 """
 
 from __future__ import annotations

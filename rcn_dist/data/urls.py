@@ -1,20 +1,11 @@
 """Where a prepared data set lives, and reading its files from there.
 
-`data.dir` (and `--data`) names one of:
-
-    /data/fm, file:/data/fm          a local directory
-    https://host/fm                  a URL prefix: <prefix>/manifest.json, <prefix>/<shard file>
-    pipe:aws s3 cp s3://b/fm/{} -    a shell command that writes a file to stdout; `{}` stands for
-                                     the file name (manifest.json or a shard's name)
-    /data/fm/train-{000000..000007}.tar, https://host/fm/{train,test}-00000{0..3}.tar
-                                     WebDataset-style brace-expanded shard lists: the manifest
-                                     beside them, and only the shards listed
-
-Everything is read into memory (never extracted) and checked by the caller against the
-manifest's size and SHA-256. A remote name from the manifest must be a plain file name of
-[A-Za-z0-9._-] starting with a letter or digit: that is what makes substituting it into a URL or a
-shell command safe. A file that cannot be fetched is a DataError of one line naming the URL and
-the rank.
+`data.dir` (and `--data`) names a local directory, an http(s) URL prefix, a `pipe:` shell command
+with `{}` for the file name, or a brace-expanded list of shards (docs/data.md, "Shard URLs").
+Everything is read into memory (never extracted) and checked by the caller against the manifest's
+size and SHA-256. A remote name from the manifest must be a plain file name of [A-Za-z0-9._-]
+starting with a letter or digit: that is what makes substituting it into a URL or a shell command
+safe. A file that cannot be fetched is a DataError of one line naming the URL and the rank.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """Capsule usage: how much of the image the two capsule networks carry, measured.
 
-A capsule network that the rest of the model ignores still trains and still runs; only a
-measurement tells. Two kinds, for `model.encoder.capsules` (the class capsules) and
-`model.decoder.capsules` (run on z_t at every step):
-
-- **Ablations** (`ablated`): a forward hook replaces the capsule outputs, and the negative ELBO
-  of the same images under the same noise is compared with the untouched model's.
-  "shuffle" gives every image another image's capsule outputs (a roll by one across the
-  batch, the same at every step): the increase is what the capsules say about *this* image.
-  "zero" removes them: the increase also counts what a constant output contributes.
-- **Statistics** (`capsule_stats`), cheap enough for every periodic evaluation: the spread of
-  the outputs across images relative to their size (0: a constant, whatever the image;
-  ``rms_b |o_b - mean o| / rms_b |o_b|``), the mean capsule length of the routed and of the
-  primary capsules (near 1: the squash is saturated; near 0: flat, little gradient).
-
+Ablations (`ablated`, `ablation_elbos`): a forward hook shuffles the capsule outputs across the
+batch (a roll by one, the same at every step) or zeroes them, and the negative ELBO of the same
+images under the same noise is compared with the untouched model's. Statistics (`capsule_stats`,
+cheap enough for every periodic evaluation): the spread of the outputs across images and the mean
+lengths of the routed and primary capsules. docs/evaluation.md says how to read them.
 Single-device: the caller sums over ranks.
 """
 

@@ -1,26 +1,10 @@
 """An asynchronous looped schedule for a 2-rank pipeline of 2T alternating virtual stages.
 
-torch.distributed.pipelining's looped schedules run in lock-step: after every action each rank
-posts that time slot's sends and receives as one batch and waits for all of them, so a slot lasts
-as long as the slower rank's action plus a round trip, and every carried tensor is its own
-message. For the RCN's stages that is ruinous: enc_1 (with the encoder capsules) is heavy while
-dec_1 is light, and dec_t (decoder capsules every step) is heavier than enc_t for t > 1, so the
-lock-step slots add up to sum_t max(enc_t, dec_t) instead of max(sum enc_t, sum dec_t), and
-16 to 22 small gloo messages per stage call cost about as much as the stage's work on a CPU.
-
-This schedule runs a fixed order of work per rank (breadth-first: every micro-batch through stage
-s before stage s + 2, then the backward in reverse) and synchronises only on data:
-
-* every receive of a step is posted up front (one `irecv` per stage boundary and micro-batch,
-  with its own tag), so gloo's I/O thread moves each message in the background as soon as the
-  sender has it; a stage waits only for the one message it needs;
-* a stage's outputs travel as one flat buffer (cast to one transport dtype, cast back exactly on
-  arrival), and so do the gradients coming back;
-* sends are asynchronous and waited for once, at the end of the step.
-
-The shapes and dtypes of what crosses each boundary are learned once by a probe: the two ranks
-run their stages in turn on a one-sample batch without gradients and exchange the (shape, dtype)
-lists with `send_object_list`, alternating, so the probe cannot deadlock.
+Unlike torch.distributed.pipelining's lock-step schedules, each rank runs a fixed breadth-first
+order of work and synchronises only on data: every receive of a step is posted up front (one
+tagged `irecv` per boundary and micro-batch), a stage's outputs and gradients travel as one flat
+buffer, sends are waited for once at the end of the step, and the shapes crossing each boundary
+are learned once by an alternating probe. docs/parallelism.md says why, and what it measured.
 
 Events (kind "F" | "B", virtual stage, micro-batch, start, end; time.time() stamps) go to
 `events` while it is a list, as for the library's stages.

@@ -1,16 +1,9 @@
-"""Launch-environment detection, in one place.
+"""Launch-environment detection, in one place, and the one process-group start-up.
 
-Who started us decides where rank, world size and the rendezvous come from:
-
-    launcher     what it sets                                        rank from
-    torchrun     RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*, TORCHELASTIC_*   RANK
-    deepspeed    RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*, CROSS_RANK      RANK
-    mpirun       OMPI_COMM_WORLD_* (OpenMPI) / PMI_RANK, PMI_SIZE (MPICH) those
-    srun         SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_STEP_ID SLURM_PROCID
-    single       nothing                                              0 of 1
-
-mpirun is checked before srun: under mpirun inside an allocation SLURM_PROCID is 0 for every
-process. `rcn env` prints what was detected, without starting anything.
+Who started us (torchrun, the deepspeed launcher, mpirun, srun, or nothing: one process) decides
+where rank, world size and the rendezvous come from; docs/cluster.md has the table. mpirun is
+checked before srun: under mpirun inside an allocation SLURM_PROCID is 0 for every process.
+`rcn env` prints what was detected, without starting anything.
 """
 
 from __future__ import annotations

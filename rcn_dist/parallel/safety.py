@@ -1,20 +1,10 @@
 """Loading DeepSpeed checkpoints without running code from them, and files nobody else can write.
 
-DeepSpeed's TorchCheckpointEngine.load calls torch.load(..., weights_only=False): a crafted
-checkpoint would run arbitrary code on unpickling. Two guards, both with torch's weights-only
-unpickler, which admits tensors, containers and plain values, plus the few DeepSpeed classes
-listed in `_allowed_globals` (each seen in a real checkpoint):
-
-1. `check_checkpoint_dir` reads the pickle of every *.pt file of a checkpoint (tensor data is
-   memory-mapped, not read) before DeepSpeed opens any. Every rank checks every file, so every
-   rank refuses together, naming the same file, instead of one rank failing inside a collective
-   while the others wait for it.
-2. `make_engine_loads_safe` replaces `engine.checkpoint_engine.load`, through which DeepSpeed
-   reads every file of a non-universal checkpoint (model states, ZeRO optimizer partitions, MoE
-   experts), so that nothing DeepSpeed reads is unpickled unrestricted even if a file changed
-   after the check. Universal checkpoints are refused: their loader calls torch.load itself.
-
-See docs/security.md.
+DeepSpeed unpickles its checkpoint files freely (torch.load(weights_only=False)). Both guards use
+torch's weights-only unpickler plus the few DeepSpeed classes of `_allowed_globals`:
+`check_checkpoint_dir` reads every *.pt file of a checkpoint on every rank before DeepSpeed opens
+any (so all ranks refuse together, naming the same file), and `make_engine_loads_safe` routes
+DeepSpeed's own reads through it. docs/security.md has the reasoning and the allowlist's sources.
 """
 
 from __future__ import annotations
