@@ -93,18 +93,27 @@ def test_trained_tiny_model_carries_the_image_through_its_decoder_capsules(fmnis
 
 
 def test_decoder_capsules_are_odd_in_z_so_they_cannot_be_a_constant():
+    """The capsule network and what RNN_dec reads of it (the bias-free layer norm after it) are
+    both odd in z, whatever their weights."""
     cfg = preset("small").model
     torch.manual_seed(0)
-    caps = RCN(cfg).decoder.capsules
+    dec = RCN(cfg).decoder.double()
+    caps, norm = dec.capsules, dec.caps_norm
+    assert norm is not None and norm.bias is None
+
+    def rnn_input(z):
+        return norm(caps(z).flatten(1))  # (B, dec_caps * dec_caps_dim)
+
     z = torch.randn(64, cfg.z_dim, dtype=torch.float64)
-    caps = caps.double()
     with torch.no_grad():
         torch.testing.assert_close(caps(-z), -caps(z))
+        torch.testing.assert_close(rnn_input(-z), -rnn_input(z))
         # Whatever the weights: push every parameter far off its initial value and check again.
-        for p in caps.parameters():
+        for p in [*caps.parameters(), *norm.parameters()]:
             p.add_(torch.randn_like(p) * 3)
         out = caps(z)
         torch.testing.assert_close(caps(-z), -out)
+        torch.testing.assert_close(rnn_input(-z), -rnn_input(z))
     assert spread(out) > 0.5
 
 
