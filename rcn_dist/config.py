@@ -102,21 +102,16 @@ class ModelConfig:
     dec_caps_dim: int = 16
     """Dimension of each capsule of the decoder's final capsule layer."""
     dec_z_skip: bool = False
-    """Also feed z_t itself to the decoder RNN beside the capsule output (DRAW feeds z_t). Off: the
-    paper's reading, RNN_dec sees z_t only through the decoder capsules. On, the RNN learns to
-    rely on z_t and the capsules fade (5 nats of test ELBO for shuffling them after the
-    quickstart's 2,500 steps, against 1,324 without the skip; docs/model.md)."""
+    """Also feed z_t itself to RNN_dec beside the capsule output (DRAW feeds z_t). Off: the paper's
+    reading, RNN_dec sees z_t only through the decoder capsules (on, they fade: docs/model.md)."""
     enc_capsules: bool = True
     """The encoder capsule network. False (an ablation): RNN_enc gets no capsule input and the
     model has no classifier (margin 0, test error reported as undefined)."""
     dec_capsules: bool = True
     """The decoder capsule network. False (an ablation, DRAW's decoder): z_t goes straight to RNN_dec."""
     dec_caps_odd: bool = True
-    """Make the decoder capsule network an odd function of z_t (caps(-z) = -caps(z)): no biases
-    in the seed map, the transposed convolutions and the primary capsules, and tanh instead of
-    ReLU between them (the squash and routing by agreement are odd already). Then no output can
-    be the same for every z: the capsules cannot settle into a learned constant that carries
-    nothing about the image (docs/model.md). False: ReLU layers with biases."""
+    """Make the decoder capsule network an odd function of z_t (no biases, tanh between layers), so
+    that it cannot settle into a constant that carries nothing (docs/model.md). False: ReLU, biases."""
     dec_caps_norm: bool = True
     """Layer-normalise the routed decoder capsules, flattened to (B, dec_caps * dec_caps_dim),
     before RNN_dec, with a learned gain and no bias (so the network stays odd in z_t). The
@@ -126,10 +121,8 @@ class ModelConfig:
     alone gives nothing. It acts on the routed capsules' output, so z_t still reaches RNN_dec only
     through them."""
     caps_init: str = "scaled"
-    """Initial weights of both capsule networks: "scaled" (He-normal convolutions and seed map with
-    zero biases, primary capsules of length ~0.5 and routed capsules of O(1) input from unit
-    inputs, so z_t and the image reach the RNNs from the first step), or "torch" (PyTorch's layer
-    defaults: capsule lengths ~1e-5..1e-3 at paper size, where the squash is flat; see
+    """Initial weights of both capsule networks: "scaled" (capsule lengths O(1) from the first step)
+    or "torch" (PyTorch's defaults: lengths ~1e-5..1e-3 at paper size, where the squash is flat;
     docs/model.md)."""
 
     likelihood: str = "bernoulli"
@@ -221,15 +214,12 @@ class ModelConfig:
         """Number of decoder primary capsules (types x grid)."""
         return self.dec_primary_types * self.dec_primary_grid() ** 2
 
-    def glimpse_size(self) -> int:
-        """What the reader gives RNN_enc per step: 2 N x N windows (x and the error image) per
-        channel, or both whole images without read attention."""
-        c = self.in_channels
-        return 2 * c * self.read_n**2 if self.read_attn else 2 * c * self.height * self.width
-
     def enc_rnn_in(self) -> int:
-        """Input size of RNN_enc: class capsules (if any), glimpse, h_dec."""
-        return self.n_classes * self.class_caps_dim * self.enc_capsules + self.glimpse_size() + self.dec_hidden
+        """Input size of RNN_enc: class capsules (if any), the glimpse (2 N x N windows per channel:
+        x and the error image; both whole images without read attention), h_dec."""
+        c = self.in_channels
+        glimpse = 2 * c * self.read_n**2 if self.read_attn else 2 * c * self.height * self.width
+        return self.n_classes * self.class_caps_dim * self.enc_capsules + glimpse + self.dec_hidden
 
     def dec_rnn_in(self) -> int:
         """Input size of RNN_dec: the decoder capsules (and z_t with dec_z_skip), or z_t alone."""
@@ -253,10 +243,8 @@ class DataConfig:
     """"dynamic" (a fresh Bernoulli draw per sample and epoch, seeded), "fixed" (threshold 0.5),
     or "none" (keep grey levels: for the logistic likelihood)."""
     caps_input: str = "grey"
-    """What the encoder capsules (the classifier) see: "grey" (the image before binarisation:
-    CapsNet uses the grey levels; 5.5 points less validation error after 400 steps of `small`,
-    docs/model.md) or "binarized" (the same draw the likelihood models). The RNNs and the
-    likelihood always see the binarised image."""
+    """What the encoder capsules (the classifier) see: "grey" (the image before binarisation, as
+    CapsNet; docs/model.md) or "binarized". The RNNs and the likelihood see the binarised image."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     shuffle: bool = True
@@ -344,11 +332,8 @@ class ParallelConfig:
     zero_stage: int = -1
     """ZeRO stage; -1 takes it from the DeepSpeed JSON (0 when there is none)."""
     pipeline_schedule: str = "async_bfs"
-    """Schedule of the 2T virtual stages (see docs/parallelism.md). Training runs ours, where each
-    stage waits only for its own input (any micro_batches): "async_bfs" (breadth-first). The
-    pipeline benchmark also runs torch.distributed.pipelining's lock-step ones, for comparison:
-    "looped_bfs" (any micro_batches) and "interleaved_1f1b" (micro_batches a multiple of
-    max(1, micro_batches // 2))."""
+    """Schedule of the 2T virtual stages (docs/parallelism.md): training runs "async_bfs" (ours);
+    the pipeline benchmark also runs torch's lock-step "looped_bfs" and "interleaved_1f1b"."""
 
     def __post_init__(self) -> None:
         _require(self.pipeline_schedule in ("async_bfs", "looped_bfs", "interleaved_1f1b"),

@@ -2,17 +2,12 @@
 
     rcn bench --workload capsnet-sabour [--batch 128] [--device cpu|cuda] [--precision fp32|bf16]
     rcn bench --workload rcn-small --nproc 2          # data-parallel scaling on CPU (gloo)
-    rcn bench --workload capsnet-sabour --compare-with /path/to/driver.py
 
-Each workload prints one JSON line: img_per_s, ms_per_step (median), peak_mem_bytes,
-model FLOPs per image (counted from the model's own shapes, training = 3x forward), achieved
-TFLOP/s and its fraction of a matmul peak measured on the same device in the same run.
-Steps are timed after warm-up, with CUDA events on a GPU; the figure is the median step.
-
-Fast path (default) against eager (`--eager`): channels-last convolutions, fused Adam, bf16
-autocast with `--precision bf16` (routing and squash stay fp32, see rcn_dist.model.capsules),
-and `--compile` (torch.compile of the loss function, meant for GPUs). docs/performance.md has
-the measured tables.
+Each workload prints one JSON line (`result`): img/s and ms per step (the median step, timed
+after warm-up, with CUDA events on a GPU), peak memory, model FLOPs per image (rcn_dist.flops)
+and their fraction of a matmul peak measured on the same device in the same run. The fast path
+(default; `--eager` turns it off): channels-last convolutions, fused Adam, bf16 autocast with
+`--precision bf16`, `--compile`. docs/performance.md has the workloads and measured tables.
 """
 
 from __future__ import annotations
@@ -88,7 +83,7 @@ class Options:
 
     device: torch.device
     precision: str = "fp32"
-    """"fp32" or "bf16" (autocast; routing and squash in fp32)."""
+    """"fp32", "bf16" (autocast; routing and squash in fp32) or "fp16" (autocast with a GradScaler)."""
     fast: bool = True
     """channels-last convolutions and fused Adam; False: the plain eager step."""
     compile: bool = False
@@ -108,13 +103,20 @@ def train_step(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: tuple[T
         inputs = tuple(t.to(dev) for t in inputs)
     adam = build_adam(model.parameters(), lr, fused=opt.fast)
     fn = torch.compile(loss_fn) if opt.compile else loss_fn
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opt.precision)
+    scaler = torch.amp.GradScaler(dev.type) if opt.precision == "fp16" else None  # dynamic loss scaling
 
     def step() -> Tensor:
         adam.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=opt.precision == "bf16"):
+        with torch.autocast(dev.type, dtype=half or torch.bfloat16, enabled=half is not None):
             loss = fn(*inputs)
-        loss.backward()
-        adam.step()
+        if scaler is None:
+            loss.backward()
+            adam.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(adam)
+            scaler.update()
         return loss.detach()
 
     return step
@@ -168,17 +170,22 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def summarize(name: str, batch: int, times: list[float], flops_per_image: float, peak_tflops: float,
-              device: torch.device, **extra: Any) -> dict[str, Any]:
-    """The one-line result of a workload."""
-    step_s = statistics.median(times)
-    img_s = batch / step_s
+def result(name: str, device: torch.device, batch: int, steps: int, img_s: float, flops_per_image: float,
+           peak_tflops: float, **extra: Any) -> dict[str, Any]:
+    """The one-line result of a workload (`batch` images per step over all processes)."""
     achieved = flops_per_image * img_s / 1e12
-    return {"workload": name, "device": str(device), "batch": batch, "steps": len(times),
-            "img_per_s": img_s, "ms_per_step": 1e3 * step_s, "peak_mem_bytes": peak_memory(device),
+    return {"workload": name, "device": str(device), "batch": batch, "steps": steps,
+            "img_per_s": img_s, "ms_per_step": 1e3 * batch / img_s, "peak_mem_bytes": peak_memory(device),
             "flops_per_image": flops_per_image, "achieved_tflops": achieved,
             "matmul_peak_tflops": peak_tflops, "fraction_of_peak": achieved / peak_tflops if peak_tflops else 0.0,
             "threads": torch.get_num_threads(), "loadavg_1min": load_average(), **extra}
+
+
+def summarize(name: str, batch: int, times: list[float], flops_per_image: float, peak_tflops: float,
+              device: torch.device, **extra: Any) -> dict[str, Any]:
+    """`result` of timed steps: the median step counts."""
+    return result(name, device, batch, len(times), batch / statistics.median(times), flops_per_image,
+                  peak_tflops, **extra)
 
 
 # ------------------------------------------------------------------ workloads
@@ -336,21 +343,18 @@ def bench_scaling(nproc: int, batch: int, steps: int, warmup: int, rounds: int =
     single, ceiling, ddp = (max(res[k]) for k in ("single", "ceiling", "ddp"))
     flops = train_flops_per_image(rcn_flops(preset("small").model))
     peak = matmul_peak(torch.device("cpu"), torch.float32)  # this process's threads, for reference
-    return {"workload": "rcn-small", "device": "cpu", "nproc": nproc, "batch_per_rank": batch,
-            "steps": steps, "img_per_s": ddp, "ms_per_step": 1e3 * nproc * batch / ddp,
-            "peak_mem_bytes": peak_memory(torch.device("cpu")), "flops_per_image": flops,
-            "achieved_tflops": flops * ddp / 1e12, "matmul_peak_tflops": peak,
-            "fraction_of_peak": flops * ddp / 1e12 / peak, "single_img_per_s": single,
-            "ceiling_img_per_s": ceiling, "fraction_of_ceiling": ddp / ceiling,
-            "speedup_vs_1": ddp / single, "ceiling_vs_1": ceiling / single, "rounds": res,
-            "loadavg_1min": load_average(), "cpus": os.cpu_count()}
+    return result("rcn-small", torch.device("cpu"), nproc * batch, steps, ddp, flops, peak, nproc=nproc,
+                  batch_per_rank=batch, single_img_per_s=single, ceiling_img_per_s=ceiling,
+                  fraction_of_ceiling=ddp / ceiling, speedup_vs_1=ddp / single, ceiling_vs_1=ceiling / single,
+                  rounds=res, cpus=os.cpu_count())
 
 
 # ------------------------------------------------------------------ data, pipeline, quickstart
 def bench_loader(data_dir: str | None, batch: int, workers: int, seconds: float) -> dict[str, Any]:
-    """The data path alone (rcn_dist.data.bench.loader_throughput); without --data, a small
-    Fashion-MNIST set is prepared into a temporary directory first."""
-    from rcn_dist.data.bench import loader_throughput
+    """The data path alone: samples/s of one rank's TrainStream over `seconds`, after a first batch
+    (which pays for starting the workers: startup_s). Without --data, a small Fashion-MNIST set is
+    prepared into a temporary directory first."""
+    from rcn_dist.data.loader import TrainStream
 
     with tempfile.TemporaryDirectory() as tmp:
         if data_dir is None:
@@ -364,12 +368,16 @@ def bench_loader(data_dir: str | None, batch: int, workers: int, seconds: float)
                 raise BenchError("preparing the Fashion-MNIST sample for the loader benchmark failed")
         elif not Path(data_dir, "manifest.json").is_file():
             raise BenchError(f"--data {data_dir}: no manifest.json (prepare it with `rcn prepare`)")
-        r = loader_throughput(data_dir, batch, workers, seconds)
-    return {"workload": "loader", "device": "cpu", "batch": batch, "steps": int(r["batches"]),
-            "img_per_s": r["samples_per_s"], "ms_per_step": 1e3 * batch / r["samples_per_s"],
-            "peak_mem_bytes": peak_memory(torch.device("cpu")), "flops_per_image": 0,
-            "achieved_tflops": 0.0, "matmul_peak_tflops": 0.0, "fraction_of_peak": 0.0,
-            "num_workers": workers, "startup_s": r["startup_s"], "loadavg_1min": load_average()}
+        it = iter(TrainStream(data_dir, batch, dp_rank=0, dp_size=1, seed=0, num_workers=workers))
+        t0 = time.perf_counter()
+        next(it)
+        t1, samples = time.perf_counter(), 0
+        while time.perf_counter() - t1 < seconds:
+            samples += len(next(it)["index"])
+        img_s = samples / (time.perf_counter() - t1)
+        it.close()
+    return result("loader", torch.device("cpu"), batch, samples // batch, img_s, 0, 0.0, num_workers=workers,
+                  startup_s=t1 - t0)
 
 
 def bench_pipeline_workload(batch: int, steps: int) -> dict[str, Any]:
@@ -382,12 +390,8 @@ def bench_pipeline_workload(batch: int, steps: int) -> dict[str, Any]:
     best = max((r for r in rows if r["mode"] == "pipeline"), key=lambda r: r["img_per_s"])
     flops = train_flops_per_image(rcn_flops(cfg.model))
     peak = matmul_peak(torch.device("cpu"), torch.float32)
-    return {"workload": "pipeline", "available": True, "device": "cpu", "batch": batch, "steps": steps,
-            "img_per_s": best["img_per_s"], "ms_per_step": 1e3 * best["step_s"],
-            "peak_mem_bytes": peak_memory(torch.device("cpu")), "flops_per_image": flops,
-            "achieved_tflops": flops * best["img_per_s"] / 1e12, "matmul_peak_tflops": peak,
-            "fraction_of_peak": flops * best["img_per_s"] / 1e12 / peak, "rows": rows,
-            "loadavg_1min": load_average()}
+    return result("pipeline", torch.device("cpu"), batch, steps, best["img_per_s"], flops, peak, available=True,
+                  rows=rows)
 
 
 def bench_quickstart(run_dir: str, execute: bool) -> dict[str, Any]:
