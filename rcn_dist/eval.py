@@ -215,14 +215,6 @@ def _first_images(data_dir: str, split: str, n: int) -> tuple[Tensor, Tensor]:
     return torch.cat(imgs)[:n], torch.cat(labels)[:n]
 
 
-def _train_batches(data_dir: str, batch_size: int = 1024):
-    """Grey training images (B, D), streamed shard by shard."""
-    from rcn_dist.data.loader import EvalStream
-
-    for batch in EvalStream(data_dir, batch_size, 0, 1, split="train", binarize="none"):
-        yield batch["image"][batch["mask"]].flatten(1)
-
-
 def sample_quality(model, cfg: Config, data_dir: str, run_dir: Path, device: str, parts: set[str],
                    progress: bool = False, pictures: Path | None = None) -> dict[str, Any]:
     """Nearest-neighbour and Frechet figures of eval.nn_samples prior samples (seed NN_SEED).
@@ -231,6 +223,7 @@ def sample_quality(model, cfg: Config, data_dir: str, run_dir: Path, device: str
     images).
     """
     from rcn_dist import quality
+    from rcn_dist.data.loader import EvalStream
     from rcn_dist.sample import generate, grid
 
     e = cfg.eval
@@ -239,7 +232,9 @@ def sample_quality(model, cfg: Config, data_dir: str, run_dir: Path, device: str
     test_x, test_y = _first_images(data_dir, "test", e.nn_samples)
     out: dict[str, Any] = {"quality_samples": len(gen)}
     if "nn" in parts:
-        batches = console.track(_train_batches(data_dir), "nearest neighbours", enabled=progress)
+        train = EvalStream(data_dir, 1024, 0, 1, split="train", binarize="none")  # grey (B, D), shard by shard
+        batches = console.track((b["image"][b["mask"]].flatten(1) for b in train), "nearest neighbours",
+                                enabled=progress)
         figs, search = quality.nearest_neighbours(gen.flatten(1), test_x.flatten(1), batches,
                                                   limit=e.nn_train_images)
         out |= figs

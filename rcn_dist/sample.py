@@ -133,16 +133,11 @@ def labelled_rows(rows: list[tuple[str, Tensor]], ncol: int, scale: int = 2, pad
 
 
 # ---------------------------------------------------------------- the command
-def prior_noise(n: int, T: int, z_dim: int, seed: int) -> Tensor:
-    """eps (n, T, z_dim) ~ N(0, I) from a seeded generator (the same samples every time)."""
-    return torch.randn(n, T, z_dim, generator=torch.Generator().manual_seed(seed))
-
-
 @torch.no_grad()
 def generate(model, n: int, seed: int, device: str, batch: int = 64) -> tuple[Tensor, dict[str, Tensor] | None]:
     """n samples in batches: canvases (n, T, C, H, W) on the CPU and write windows (n, T) or None."""
     c = model.cfg
-    eps = prior_noise(n, c.T, c.z_dim, seed)
+    eps = torch.randn(n, c.T, c.z_dim, generator=torch.Generator().manual_seed(seed))  # the same every time
     parts, wins = [], []
     for i in range(0, n, batch):
         canv, win = model.generate(len(eps[i:i + batch]), eps[i:i + batch].to(device), device=device)

@@ -1,17 +1,10 @@
 """The pipeline benchmark (`rcn bench --workload pipeline`): what the 2-stage pipeline buys on CPU.
 
-For one config and micro-batch counts M it times a training step (forward, backward, Adam) of:
-
-    unsplit    the whole model, 1 process, 1 thread, the batch in one piece
-    accum      the same with the batch cut into M micro-batches and gradients accumulated
-               (what micro-batching itself costs, with no pipeline)
-    pipeline   the 2-stage pipeline, 2 processes x 1 thread, M micro-batches in flight
-    dp         2-process data parallelism (half the batch each, gradients all-reduced)
-
-and each stack's own forward+backward time per step (the stages' busy time in the pipeline at
-M = 1, where nothing overlaps), from which the balance bound (enc + dec) / max(enc, dec) follows:
-the most a 2-stage pipeline can gain over one process. Inputs are synthetic (binary images,
-random labels, fixed noise): the cost does not depend on the pixels.
+For one config and micro-batch counts M it times a training step (forward, backward, Adam) of the
+unsplit model, the same with M accumulated micro-batches ("accum"), the 2-stage pipeline (2
+processes x 1 thread) and 2-process data parallelism ("dp"), and each stack's busy time, from
+which the balance bound (enc + dec) / max(enc, dec) follows. Inputs are synthetic.
+docs/parallelism.md ("Measured on the 2-core CPU machine") has the method and the tables.
 """
 
 from __future__ import annotations
