@@ -197,7 +197,7 @@ def pipeline_backend(run: Run) -> Backend:
 
     def evaluate_pipeline(at_end: bool) -> dict:
         ev_stream = periodic_stream(cfg, t.micro_batch, le.dp_rank, le.dp_size)
-        return evaluate(pp.EvalAdapter(runner), pp.masked_on_encoder_rank(ev_stream, le.pp_rank), cfg, le.device,
+        return evaluate(runner, pp.masked_on_encoder_rank(ev_stream, le.pp_rank), cfg, le.device,
                         max_batches=0 if at_end else t.eval_batches)
 
     def load(d: Path) -> dict[str, Any]:

@@ -1,20 +1,9 @@
 """Pipeline parallelism: the encoder stack on one rank, the decoder stack on the next.
 
-The recurrence is a cycle over time (enc_t needs h_dec_{t-1} and c_{t-1} from the decoder), not
-a chain, so the T steps are unrolled into 2T virtual stages enc_1, dec_1, ..., enc_T, dec_T placed
-in a loop (async_schedule.AsyncLoopedBFS): virtual stage i on pipeline rank i % 2. Rank 0
-runs every enc_t with its one Encoder, rank 1 every dec_t with its one Decoder. With M
-micro-batches in flight, rank 0 runs enc_t of micro-batch m while rank 1 runs dec_t of m - 1.
-docs/parallelism.md has the schedule, its arithmetic and its limits.
-
-What travels from stage to stage (B = micro-batch; the image, labels and noise never travel: both
-ranks of a pipeline read the same samples and hand them to their stages as keyword arguments):
-
-    enc_t -> dec_t      [enc state,] caps (B, K*D), kl (B,), [dec state, canvas,] z_t (B, z)
-    dec_t -> enc_t+1    enc state, caps, kl, dec state (h_dec_t, ...), canvas c_t (B, C, H, W)
-
-(the bracketed parts are absent where nobody needs them: no decoder state or canvas before dec_1,
-no encoder state after enc_T). dec_T computes the unsplit model's per-sample loss terms.
+The T steps are unrolled into 2T virtual stages enc_1, dec_1, ..., enc_T, dec_T, virtual stage i
+on pipeline rank i % 2 (async_schedule.AsyncLoopedBFS): rank 0 runs every enc_t with its one
+Encoder, rank 1 every dec_t with its one Decoder, and dec_T computes the unsplit model's loss
+terms. docs/parallelism.md has the schedule, what travels between stages, and the measurements.
 """
 
 from __future__ import annotations
@@ -190,6 +179,7 @@ class PipelineRank:
         full = RCN(cfg.model)
         self.prefix = "encoder." if pp_rank == 0 else "decoder."
         self.stack: nn.Module = (full.encoder if pp_rank == 0 else full.decoder).to(device=self.device, dtype=dtype)
+        self.module = self.stack  # what loop.evaluate puts in eval mode, as a DeepSpeed engine's .module
         del full
         T, bf16 = cfg.model.T, cfg.train.precision == "bf16"
         step_cls = EncoderStep if pp_rank == 0 else DecoderStep
@@ -277,10 +267,12 @@ class PipelineRank:
         return None if out is None else torch.cat([o.detach() for o in out])
 
     @torch.no_grad()
-    def forward_only(self, x: Tensor, y: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> Tensor | None:
-        """Forward through the pipeline without gradients: terms (B, 6) on the decoder rank."""
+    def __call__(self, x: Tensor, y: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> dict[str, Tensor]:
+        """Forward without gradients, called by loop.evaluate as a DeepSpeed engine is: the per-sample
+        terms on the decoder rank, zeros on the encoder rank (masked_on_encoder_rank: none count twice)."""
         out = self._run(self._kwargs(x, y, eps, x_caps), train=False)
-        return None if out is None else torch.cat(out)
+        out = torch.zeros(x.shape[0], len(TERMS) + 1) if out is None else torch.cat(out)
+        return {k: out[:, i] for i, k in enumerate((*TERMS, "correct"))}
 
     def reduce_gradients(self) -> Tensor:
         """Average gradients over the data-parallel replicas; returns the global gradient norm
@@ -325,28 +317,6 @@ class PipelineRank:
         if self.dp_group is not None and dist.get_rank(self.dp_group) != 0:
             return None
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-
-class EvalAdapter(nn.Module):
-    """What loop.evaluate() calls: (x, y, eps) -> terms. The decoder rank returns the real terms;
-    the encoder rank returns zeros (and its batches are masked out, so nothing counts twice)."""
-
-    def __init__(self, runner: PipelineRank) -> None:
-        super().__init__()
-        self.runner = runner
-        self.stack = runner.stack
-
-    def forward(self, x: Tensor, y: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> dict[str, Tensor]:
-        out = self.runner.forward_only(x, y, eps, x_caps)
-        if out is None:
-            out = torch.zeros(x.shape[0], len(TERMS) + 1)
-        terms = {k: out[:, i] for i, k in enumerate(TERMS)}
-        terms["correct"] = out[:, len(TERMS)]
-        return terms
 
 
 def masked_on_encoder_rank(stream, pp_rank: int):
@@ -400,6 +370,8 @@ def load_checkpoint(runner: PipelineRank, d: Path, le) -> dict[str, Any]:
     if not loop_file.is_file() or not opt_file.is_file():
         raise CheckpointError(f"{d}: no loop or optimizer state for rank {le.rank}")
     runner.load_state_dict(load_file(str(d / "model.safetensors")))
-    runner.load_optimizer_state(torch.load(opt_file, weights_only=True))
+    opt = torch.load(opt_file, weights_only=True)
+    runner.optimizer.load_state_dict(opt["optimizer"])
+    runner.scheduler.load_state_dict(opt["scheduler"])
     torch.set_rng_state(load_file(str(d / f"rng_rank{le.rank}.safetensors"))["cpu"])
     return json.loads(loop_file.read_text())
