@@ -130,9 +130,13 @@ def test_two_stages_equal_unsplit_model_and_overlap(tmp_path):
     runs = [(2, "async_bfs", 0, torch.float64), (4, "async_bfs", 0, torch.float32),
             (4, "interleaved_1f1b", 0, torch.float32)]
     got = _spawn(2, runs, tmp_path)
+    # fp64 is the exactness check. In fp32 the orders of summation differ (micro-batches), and
+    # the rounding noise grows over 10 Adam steps; the decoder's layer norm (a division by each
+    # image's capsule std) amplifies it: measured worst 1.12e-5 relative (step 8, decoder rank),
+    # 1.2e-6 without the layer norm. A real schedule error is O(1).
     _assert_same(got, 0, _cfg(2), torch.float64, 1e-12, dp=1)
-    _assert_same(got, 1, _cfg(4), torch.float32, 1e-5, dp=1)
-    _assert_same(got, 2, _cfg(4), torch.float32, 1e-5, dp=1)
+    _assert_same(got, 1, _cfg(4), torch.float32, 3e-5, dp=1)
+    _assert_same(got, 2, _cfg(4), torch.float32, 3e-5, dp=1)
 
     # Acceptance 2: the parameters present on each rank are exactly its own stack's, by name.
     from rcn_dist.model import RCN
@@ -140,7 +144,7 @@ def test_two_stages_equal_unsplit_model_and_overlap(tmp_path):
     full = set(RCN(_cfg(2).model).state_dict())
     enc = {n for n in full if n.startswith("encoder.")}
     assert got[0][0]["names"] == sorted(enc) and got[1][0]["names"] == sorted(full - enc)
-    assert len(enc) == 15 and len(full - enc) == 13  # the decoder capsule network has no biases (dec_caps_odd)
+    assert len(enc) == 15 and len(full - enc) == 14  # no biases in the decoder capsules (dec_caps_odd); the layer norm's gain
     for r, prefix in ((0, "encoder."), (1, "decoder.")):
         assert {prefix + n.removeprefix(("encoder.", "decoder.")[r]) for n in got[r][0]["stage_params"]} \
             == set(got[r][0]["names"])
