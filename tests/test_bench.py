@@ -77,6 +77,7 @@ def test_capsnet_flops_are_the_sabour_count():
     assert bench.capsnet_flops() == 3 * fwd
 
 
+@pytest.mark.slow
 def test_capsnet_sabour_alternates_with_a_comparison_driver(capsys, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(
@@ -92,6 +93,7 @@ def test_capsnet_sabour_alternates_with_a_comparison_driver(capsys, tmp_path):
     assert r["speedup_vs_other"] == pytest.approx(r["img_per_s"] / r["other_img_per_s"])
 
 
+@pytest.mark.slow
 def test_rcn_small_step(capsys):
     r = _bench(capsys, "--workload", "rcn-small", "--batch", "2", *FAST, "--eager")
     _check_step_result(r, 2)
@@ -104,6 +106,7 @@ def test_paper_size_step_on_cpu(capsys, workload):
     _check_step_result(_bench(capsys, "--workload", workload, "--batch", "1", *FAST), 1)
 
 
+@pytest.mark.slow
 def test_loader_on_a_prepared_set(capsys, fmnist_small):
     r = _bench(capsys, "--workload", "loader", "--data", str(fmnist_small), "--batch", "16", "--seconds", "0.5")
     assert r["img_per_s"] > 0 and r["steps"] >= 1
@@ -182,6 +185,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert (tmp_path / "bench.md").read_text().startswith("| workload |")
 
 
+@pytest.mark.slow
 def test_gpu_check_refuses_cuda_without_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

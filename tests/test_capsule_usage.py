@@ -52,6 +52,7 @@ def trained(fmnist_small):
     return _train_tiny(fmnist_small, 150, dec_z_skip=False)
 
 
+@pytest.mark.slow
 def test_constant_decoder_capsules_score_no_information(fmnist_small, trained):
     model, cfg = trained
     # Force the decoder capsules to one image's output for every image: a learned constant.
@@ -65,6 +66,7 @@ def test_constant_decoder_capsules_score_no_information(fmnist_small, trained):
     assert figs["caps_decoder_spread"] < 1e-6
 
 
+@pytest.mark.slow
 def test_trained_tiny_model_carries_the_image_through_its_decoder_capsules(fmnist_small, trained):
     model, cfg = trained
     figs = capsule_usage(model, _stream(fmnist_small), cfg, "cpu")

@@ -151,6 +151,7 @@ def _digest(batches):
     return [[b["index"].tolist(), hashlib.sha256(b["image"].numpy().tobytes()).hexdigest()] for b in batches]
 
 
+@pytest.mark.slow
 def test_resume_in_a_new_process_gives_the_remaining_batches(even):
     data, _ = even
     states, expected = [], []

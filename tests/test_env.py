@@ -82,6 +82,7 @@ def test_first_host(nodelist, host):
     assert first_host(nodelist) == host
 
 
+@pytest.mark.slow
 def test_rcn_env_json_subprocess():
     """`rcn env --json` in the environment of srun's 4th task on 2 nodes."""
     p = run([PY, "-m", "rcn_dist.cli", "env", "--json", "--pipeline-stages", "2"],

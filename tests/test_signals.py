@@ -110,6 +110,7 @@ def test_signal_before_torch_import_stops_without_checkpoint_and_next_run_starts
     assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
 
 
+@pytest.mark.slow
 def test_commands_without_a_stop_protocol_keep_the_default_action():
     """`rcn env` goes through the same entry, which catches the signals first; a command that does
     not train gives them back, and one that arrived meanwhile is delivered then: the process
@@ -120,6 +121,7 @@ def test_commands_without_a_stop_protocol_keep_the_default_action():
     assert rc == -signal.SIGUSR1, p.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_signals_during_teardown_and_exit_still_exit_0(fmnist_small, tmp_path):
     """A finished run signalled after its last step, before the process group's teardown (where
     the loop used to give the handlers back) and again at its very last call: exit 0, the final
