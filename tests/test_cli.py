@@ -14,9 +14,10 @@ from conftest import PY, REPO, cli_env
 RCN = Path(sys.executable).with_name("rcn")
 
 
-# argparse (a sub-command's --help) ignores a failed write and exits 0; our own output exits 1.
-@pytest.mark.parametrize(("args", "code"), [(["--help"], 1), (["train", "--help"], 0)])
-def test_output_into_a_closed_pipe_ends_without_a_traceback(args, code):
+# Our own output exits 1. A sub-command's --help is argparse's: Python 3.11.7 ignores the failed
+# write and exits 0, Debian's 3.11.2 raises it and our handler exits 1.
+@pytest.mark.parametrize(("args", "codes"), [(["--help"], {1}), (["train", "--help"], {0, 1})])
+def test_output_into_a_closed_pipe_ends_without_a_traceback(args, codes):
     """`rcn --help | head -1` where head has already gone: the write fails with EPIPE."""
     read_end, write_end = os.pipe()
     os.close(read_end)  # nobody will read: every write to the pipe fails
@@ -25,7 +26,7 @@ def test_output_into_a_closed_pipe_ends_without_a_traceback(args, code):
                            text=True, env=cli_env(), cwd=REPO, timeout=120)
     finally:
         os.close(write_end)
-    assert p.returncode == code
+    assert p.returncode in codes
     assert p.stderr == ""  # no BrokenPipeError traceback, no "Exception ignored" line
 
 

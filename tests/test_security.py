@@ -77,6 +77,30 @@ def test_safe_load_admits_tensors_and_deepspeed_data_classes(tmp_path):
     assert sd["scaler"].cur_scale == 4.0 and sd["stage"] == ZeroStageEnum(2) and sd["w"].sum() == 6
 
 
+class _ByGetattr:
+    """Pickles as getattr(cls, name), the way some Python versions pickle an Enum member."""
+
+    def __init__(self, cls, name: str) -> None:
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return getattr, (self.cls, self.name)
+
+
+def test_safe_load_admits_getattr_only_for_a_member_of_an_admitted_enum(tmp_path):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    torch.save({"stage": _ByGetattr(ZeroStageEnum, "gradients")}, tmp_path / "ok.pt")
+    assert safe_torch_load(tmp_path / "ok.pt")["stage"] is ZeroStageEnum.gradients
+    for name in ("__new__", "__class__", "nope"):
+        torch.save({"x": _ByGetattr(ZeroStageEnum, name)}, tmp_path / "bad.pt")
+        with pytest.raises(UnsafeFileError, match=r"bad\.pt: refused to unpickle"):
+            safe_torch_load(tmp_path / "bad.pt")
+    torch.save({"x": _ByGetattr(torch.Size, "count")}, tmp_path / "bad.pt")  # an admitted class, no enum
+    with pytest.raises(UnsafeFileError, match=r"bad\.pt: refused to unpickle"):
+        safe_torch_load(tmp_path / "bad.pt")
+
+
 def test_a_file_that_is_no_checkpoint_is_refused(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x80\x04 not a torch zip file")
     with pytest.raises(UnsafeFileError, match=r"junk\.pt: not a readable checkpoint file"):

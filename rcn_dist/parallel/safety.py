@@ -9,6 +9,7 @@ DeepSpeed's own reads through it. docs/security.md has the reasoning and the all
 
 from __future__ import annotations
 
+import enum
 import os
 import pickle
 from pathlib import Path
@@ -41,7 +42,18 @@ def _allowed_globals() -> list[Any]:
         allowed.append(fragment_address)
     except ImportError:
         pass
-    return allowed
+    # Some Python versions (Debian's 3.11.2; not 3.11.7) pickle an Enum member as
+    # getattr(cls, name): admit that call under the name builtins.getattr, but only for a member
+    # of an Enum admitted above.
+    enums = tuple(c for c in allowed if isinstance(c, type) and issubclass(c, enum.Enum))
+
+    def enum_member(cls: Any, name: str) -> Any:
+        if cls in enums and isinstance(name, str) and name in cls.__members__:
+            return cls[name]
+        raise pickle.UnpicklingError(f"getattr({getattr(cls, '__name__', cls)!s}, {name!r}) is not a "
+                                     "member of an admitted enum")
+
+    return allowed + [(enum_member, "builtins.getattr")]
 
 
 def _why(e: Exception) -> str:
