@@ -33,51 +33,6 @@ def _verify_loaded_weights(engine, ckpt_dir: Path, rank0: bool, out) -> None:
     out.info(f"model state identical to {ckpt_dir / 'model.safetensors'} after the layout change")
 
 
-_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-
-
-def _universal_for_any_stage(udir: Path) -> None:
-    """Complete a universal checkpoint (checkpoint.to_universal's) for engines of either ZeRO kind.
-
-    DeepSpeed 0.19's converter writes only what an engine of the saving kind (ZeRO 1-2, or 3)
-    reads, and a ZeRO-3 -> ZeRO-1 or ZeRO-2 -> ZeRO-3 resume failed. A ZeRO 1-2 engine reads
-    mp_rank_00_model_states.pt, ds_version in zero/optimizer_state.pt, and per parameter
-    zero/<param>/step.pt and {"param": shaped tensor} files; a ZeRO-3 engine reads
-    zero_pp_rank_0_mp_rank_00_model_states.pt and the step in optimizer_state.pt's
-    optimizer_state_dict (and takes either form of the parameter files). The missing side is
-    filled in from the other, values unchanged. Rank 0, after the conversion; a retry after a
-    crash redoes what is missing."""
-    from rcn_dist.parallel.safety import safe_torch_load
-
-    def save(obj: Any, path: Path) -> None:  # whole or not at all
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-
-    meta = safe_torch_load(udir / next(n for n in _MODEL_STATES if (udir / n).is_file()))
-    for name in _MODEL_STATES:
-        if not (udir / name).is_file():
-            save(meta, udir / name)
-    opt_file = udir / "zero" / "optimizer_state.pt"
-    opt = safe_torch_load(opt_file)
-    params = sorted(d for d in opt_file.parent.iterdir() if d.is_dir())
-    if opt["zero_stage"] == 3:
-        shapes = {k: v for group in meta["param_shapes"] for k, v in group.items()}
-        for d in params:
-            for f in d.glob("*.pt"):
-                value = safe_torch_load(f)
-                if f.name != "step.pt" and torch.is_tensor(value):  # flat
-                    save({"param": value.view(shapes[d.name])}, f)
-            if not (d / "step.pt").is_file():
-                save(opt["optimizer_state_dict"]["state"][0]["step"], d / "step.pt")
-        if "ds_version" not in opt:
-            save(opt | {"ds_version": meta["ds_version"]}, opt_file)
-    elif "optimizer_state_dict" not in opt:
-        step = safe_torch_load(params[0] / "step.pt")
-        save(opt | {"optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": opt["param_groups"]}},
-             opt_file)
-
-
 def _dump_loaded_state(engine, path: str, rank0: bool) -> None:
     """Test hook (RCN_DUMP_LOADED_STATE=FILE): rank 0 writes what the engine holds right after a
     resume's load, consolidated over the ranks (a collective): per parameter the fp32 weights
@@ -127,7 +82,7 @@ def deepspeed_backend(run: Run, ds: dict[str, Any]) -> Backend:
                      f"{cfg.parallel.zero_stage}")
             check_checkpoint_dir(latest)  # every rank: a bad file is refused on all, none waits
             if rank0:
-                _universal_for_any_stage(ckpt.to_universal(latest))
+                ckpt.to_universal(latest)
             dist.barrier()
             ds = ds | {"checkpoint": {"load_universal": True}}
 

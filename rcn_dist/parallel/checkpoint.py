@@ -325,6 +325,46 @@ def saved_layout(ckpt_dir: Path) -> dict[str, Any]:
     return json.loads((ckpt_dir / COMPLETE).read_text())
 
 
+_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def _complete_for_any_stage(udir: Path) -> None:
+    """Complete a universal checkpoint being written by to_universal for engines of either ZeRO kind.
+
+    DeepSpeed 0.19's converter writes only what an engine of the saving kind (ZeRO 1-2, or 3)
+    reads, and a ZeRO-3 -> ZeRO-1 or ZeRO-2 -> ZeRO-3 resume failed. A ZeRO 1-2 engine reads
+    mp_rank_00_model_states.pt, ds_version in zero/optimizer_state.pt, and per parameter
+    zero/<param>/step.pt and {"param": shaped tensor} files; a ZeRO-3 engine reads
+    zero_pp_rank_0_mp_rank_00_model_states.pt and the step in optimizer_state.pt's
+    optimizer_state_dict (and takes either form of the parameter files). The missing side is
+    filled in from the other, values unchanged. Runs in to_universal's temporary directory,
+    before its DONE marker, so a crash leaves nothing half done and a resume never repeats it."""
+    from rcn_dist.parallel.safety import safe_torch_load
+
+    meta = safe_torch_load(udir / next(n for n in _MODEL_STATES if (udir / n).is_file()))
+    for name in _MODEL_STATES:
+        if not (udir / name).is_file():
+            torch.save(meta, udir / name)
+    opt_file = udir / "zero" / "optimizer_state.pt"
+    opt = safe_torch_load(opt_file)
+    params = sorted(d for d in opt_file.parent.iterdir() if d.is_dir())
+    if opt["zero_stage"] == 3:
+        shapes = {k: v for group in meta["param_shapes"] for k, v in group.items()}
+        for d in params:
+            for f in d.glob("*.pt"):
+                value = safe_torch_load(f)
+                if f.name != "step.pt" and torch.is_tensor(value):  # flat
+                    torch.save({"param": value.view(shapes[d.name])}, f)
+            if not (d / "step.pt").is_file():
+                torch.save(opt["optimizer_state_dict"]["state"][0]["step"], d / "step.pt")
+        if "ds_version" not in opt:
+            torch.save(opt | {"ds_version": meta["ds_version"]}, opt_file)
+    elif "optimizer_state_dict" not in opt:
+        step = safe_torch_load(params[0] / "step.pt")
+        torch.save(opt | {"optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": opt["param_groups"]}},
+             opt_file)
+
+
 def to_universal(ckpt_dir: Path) -> Path:
     """Convert a checkpoint into DeepSpeed's universal format (for another world size / ZeRO
     stage), once: <ckpt>/universal/. Every input file passes the weights-only check first, since
@@ -347,6 +387,7 @@ def to_universal(ckpt_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         last = (p.stderr.strip().splitlines() or ["?"])[-1]
         raise CheckpointError(f"{ckpt_dir}: cannot convert for a different world size ({last[:200]})")
+    _complete_for_any_stage(tmp)
     (tmp / "DONE").write_text("")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
