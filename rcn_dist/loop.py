@@ -185,7 +185,6 @@ class StopFlag:
     `hand_over()` calls it, and it requeues the job (task 0) or returns (the other tasks).
     """
 
-    SIGNALS = signals.STOP_SIGNALS
     HAND_OVER_WAIT_S = 10.0
     """How long hand_over() waits for submitit's SIGUSR2 after a SIGTERM (see there)."""
 
@@ -252,9 +251,7 @@ def min_step_seconds() -> float:
     long (the loop sleeps the rest of it), so that a test knows how many steps fit into a time
     limit whatever the machine's speed (tests/test_slurm_train.py, tests/test_submitit.py).
     Unset (0): no effect. Not for training: it only wastes time."""
-    value = os.environ.get("RCN_TEST_MIN_STEP_S", "")
-    if not value:
-        return 0.0
+    value = os.environ.get("RCN_TEST_MIN_STEP_S", "") or "0"
     try:
         seconds = float(value)
     except ValueError:

@@ -12,6 +12,7 @@ Events (kind "F" | "B", virtual stage, micro-batch, start, end; time.time() stam
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,16 +26,11 @@ Spec = list[tuple[tuple[int, ...], torch.dtype]]
 """What crosses one stage boundary: per tensor, its shape without the batch dimension, and dtype."""
 Action = tuple[str, int, int]
 """("F" | "B", virtual stage, micro-batch)."""
+
+
 def _transport_dtype(spec: Spec) -> torch.dtype:
     # One dtype that holds every tensor of the boundary exactly (bf16 -> fp32 is exact).
-    dt = torch.float32
-    for _, d in spec:
-        dt = torch.promote_types(dt, d)
-    return dt
-
-
-def _numel(spec: Spec, batch: int) -> int:
-    return sum(batch * math.prod(shape) for shape, _ in spec)
+    return functools.reduce(torch.promote_types, (d for _, d in spec), torch.float32)
 
 
 def _pack(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
@@ -128,7 +124,7 @@ class AsyncLoopedBFS:
 
         def post(backward: bool, boundary: int, mb: int) -> tuple[Any, Tensor]:
             spec = specs[boundary]
-            buf = torch.empty(_numel(spec, batch), dtype=_transport_dtype(spec), device=device)
+            buf = torch.empty(sum(batch * math.prod(shape) for shape, _ in spec), dtype=_transport_dtype(spec), device=device)
             return dist.irecv(buf, src=self.peer, group=self.group, tag=self._tag(backward, boundary, mb)), buf
 
         def send(backward: bool, boundary: int, mb: int, tensors: Sequence[Tensor]) -> None:

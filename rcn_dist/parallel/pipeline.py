@@ -8,7 +8,6 @@ terms. docs/parallelism.md has the schedule, what travels between stages, and th
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -61,9 +60,9 @@ def check_pipeline_config(cfg: Config, le, run_dir: Path | None = None) -> None:
 
 def _check_resumable(d: Path, le) -> None:
     from rcn_dist.errors import CheckpointError
-    from rcn_dist.parallel import checkpoint as ckpt
+    from rcn_dist.parallel.checkpoint import saved_layout
 
-    summary = json.loads((d / ckpt.COMPLETE).read_text())
+    summary = saved_layout(d)
     if summary.get("pipeline_stages", 1) != 2:
         raise CheckpointError(f"{d} was written by an unsplit run (parallel.pipeline_stages=1): the pipeline "
                               "does not resume it; train on a new --out (rcn eval / rcn sample read it as is)")
@@ -332,7 +331,7 @@ def save_checkpoint(runner: PipelineRank, run_dir: Path, step: int, loop_state: 
                     le, keep_last: int) -> Path:
     """Collective. checkpoint.commit with optim_stage{s}.pt per stack in place of DeepSpeed's files
     and model.safetensors holding the full RCN (both stacks merged by rank 0)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from rcn_dist.parallel import checkpoint as ckpt
 
@@ -349,7 +348,7 @@ def save_checkpoint(runner: PipelineRank, run_dir: Path, step: int, loop_state: 
         if le.rank != 0:
             return {}
         parts = [d / f"model_stage{s}.safetensors" for s in range(2)]
-        merged = {k: v for p in parts for k, v in load_file(str(p)).items()}
+        merged = {k: v for p in parts for k, v in ckpt.read_safetensors(p).items()}
         for p in parts:
             p.unlink()
         return merged
@@ -360,18 +359,18 @@ def save_checkpoint(runner: PipelineRank, run_dir: Path, step: int, loop_state: 
 
 def load_checkpoint(runner: PipelineRank, d: Path, le) -> dict[str, Any]:
     """Restore this rank's stack, optimizer, LR schedule and RNG; returns its loop state."""
-    from safetensors.torch import load_file
-
     from rcn_dist.errors import CheckpointError
+    from rcn_dist.parallel.checkpoint import read_json, read_safetensors
+    from rcn_dist.parallel.safety import safe_torch_load
 
     _check_resumable(d, le)
     loop_file = d / f"loop_rank{le.rank}.json"
     opt_file = d / f"optim_stage{le.pp_rank}.pt"
     if not loop_file.is_file() or not opt_file.is_file():
         raise CheckpointError(f"{d}: no loop or optimizer state for rank {le.rank}")
-    runner.load_state_dict(load_file(str(d / "model.safetensors")))
-    opt = torch.load(opt_file, weights_only=True)
+    runner.load_state_dict(read_safetensors(d / "model.safetensors"))
+    opt = safe_torch_load(opt_file)
     runner.optimizer.load_state_dict(opt["optimizer"])
     runner.scheduler.load_state_dict(opt["scheduler"])
-    torch.set_rng_state(load_file(str(d / f"rng_rank{le.rank}.safetensors"))["cpu"])
-    return json.loads(loop_file.read_text())
+    torch.set_rng_state(read_safetensors(d / f"rng_rank{le.rank}.safetensors")["cpu"])
+    return read_json(loop_file)

@@ -10,6 +10,7 @@ DeepSpeed's own reads through it. docs/security.md has the reasoning and the all
 from __future__ import annotations
 
 import enum
+import importlib
 import os
 import pickle
 from pathlib import Path
@@ -24,24 +25,14 @@ def _allowed_globals() -> list[Any]:
     """DeepSpeed classes its own checkpoints contain: plain data holders whose unpickling only
     sets attributes (an Enum is looked up by value), so admitting them runs no code of the file's."""
     allowed: list[Any] = []
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-
-        allowed += [LossScaler, DynamicLossScaler]
-    except ImportError:
-        pass
-    try:
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        allowed.append(ZeroStageEnum)
-    except ImportError:
-        pass
-    try:  # ZeRO 1/2 optimizer partitions map parameters to (numel, start) records
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        allowed.append(fragment_address)
-    except ImportError:
-        pass
+    for module, names in (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+                          ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+                          # ZeRO 1/2 optimizer partitions map parameters to (numel, start) records
+                          ("deepspeed.utils.tensor_fragment", ("fragment_address",))):
+        try:
+            allowed += [getattr(importlib.import_module(module), n) for n in names]
+        except (ImportError, AttributeError):
+            pass
     # Some Python versions (Debian's 3.11.2; not 3.11.7) pickle an Enum member as
     # getattr(cls, name): admit that call under the name builtins.getattr, but only for a member
     # of an Enum admitted above.
