@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import resource
 import statistics
@@ -122,11 +121,6 @@ def train_step(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: tuple[T
     return step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_alternating(fns: dict[str, Callable[[], Any]], steps: int, warmup: int,
                      device: torch.device) -> dict[str, list[float]]:
     """Seconds per call of each function, the functions taking turns call by call, so that load
@@ -134,7 +128,8 @@ def time_alternating(fns: dict[str, Callable[[], Any]], steps: int, warmup: int,
     for _ in range(warmup):
         for f in fns.values():
             f()
-    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(steps):
         for k, f in fns.items():
@@ -157,35 +152,40 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     TFLOP/s are quoted against. The fastest of `reps` (a ceiling; on a shared machine other
     processes only ever add time). n defaults to 8192 on a GPU, 1024 on a CPU."""
     n = n or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     times = time_alternating({"mm": lambda: a @ b}, reps, 2, device)["mm"]
     return 2 * n**3 / min(times) / 1e12
 
 
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes: CUDA allocator peak on a GPU, peak resident set of this process on a CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def result(name: str, device: torch.device, batch: int, steps: int, img_s: float, flops_per_image: float,
            peak_tflops: float, **extra: Any) -> dict[str, Any]:
-    """The one-line result of a workload (`batch` images per step over all processes)."""
+    """The one-line result of a workload (`batch` images per step over all processes). Peak memory:
+    the CUDA allocator's peak on a GPU, this process's peak resident set on a CPU."""
     achieved = flops_per_image * img_s / 1e12
+    if device.type == "cuda":
+        mem = int(torch.cuda.max_memory_allocated(device))
+    else:
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"workload": name, "device": str(device), "batch": batch, "steps": steps,
-            "img_per_s": img_s, "ms_per_step": 1e3 * batch / img_s, "peak_mem_bytes": peak_memory(device),
+            "img_per_s": img_s, "ms_per_step": 1e3 * batch / img_s, "peak_mem_bytes": mem,
             "flops_per_image": flops_per_image, "achieved_tflops": achieved,
             "matmul_peak_tflops": peak_tflops, "fraction_of_peak": achieved / peak_tflops if peak_tflops else 0.0,
             "threads": torch.get_num_threads(), "loadavg_1min": load_average(), **extra}
 
 
-def summarize(name: str, batch: int, times: list[float], flops_per_image: float, peak_tflops: float,
-              device: torch.device, **extra: Any) -> dict[str, Any]:
-    """`result` of timed steps: the median step counts."""
-    return result(name, device, batch, len(times), batch / statistics.median(times), flops_per_image,
-                  peak_tflops, **extra)
+def time_steps(name: str, fns: dict[str, Callable[[], Any]], batch: int, steps: int, warmup: int, opt: Options,
+               flops_per_image: float, **extra: Any) -> dict[str, Any]:
+    """`result` of the training steps `fns` timed alternately: "ours" (the median step counts), and
+    when given "eager" (eager_img_per_s) and a comparison driver's "other"."""
+    peak = matmul_peak(opt.device, torch.bfloat16 if opt.precision == "bf16" else torch.float32)
+    times = time_alternating(fns, steps, warmup, opt.device)
+    img_s = {k: batch / statistics.median(v) for k, v in times.items()}
+    if "eager" in img_s:
+        extra["eager_img_per_s"] = img_s["eager"]
+    if "other" in img_s:
+        extra |= {"other_img_per_s": img_s["other"], "speedup_vs_other": img_s["ours"] / img_s["other"]}
+    return result(name, opt.device, batch, steps, img_s["ours"], flops_per_image, peak, precision=opt.precision,
+                  fast=opt.fast, **extra)
 
 
 # ------------------------------------------------------------------ workloads
@@ -197,27 +197,11 @@ def capsnet_flops() -> int:
     return train_flops_per_image(count_forward(model, lambda m: m(x, y)))
 
 
-def _dtype(opt: Options) -> torch.dtype:
-    return torch.bfloat16 if opt.precision == "bf16" else torch.float32
-
-
-def load_driver(path: str) -> Any:
-    """Import a comparison driver: a Python file with make_step(batch, device) -> step() and NAME."""
-    p = Path(path)
-    if not p.is_file():
-        raise BenchError(f"--compare-with {path}: no such file")
-    spec = importlib.util.spec_from_file_location("rcn_bench_driver", p)
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    if not callable(getattr(mod, "make_step", None)):
-        raise BenchError(f"--compare-with {path}: defines no make_step(batch, device)")
-    return mod
-
-
 def bench_capsnet(batch: int, steps: int, warmup: int, opt: Options, compare_with: str | None = None,
                   eager_too: bool = False) -> dict[str, Any]:
     """capsnet-sabour: our layers at Sabour size; optionally alternated with a comparison driver
-    (another implementation's train step) and/or our own eager path, medians of each."""
+    (a Python file with make_step(batch, device) -> step() and NAME: another implementation's train
+    step) and/or our own eager path, medians of each."""
     torch.manual_seed(0)
     x = (torch.rand(batch, 1, 28, 28) > 0.6).float()
     y = torch.randint(0, 10, (batch,))
@@ -226,22 +210,19 @@ def bench_capsnet(batch: int, steps: int, warmup: int, opt: Options, compare_wit
     if eager_too:
         ref = CapsNetSabour()
         fns["eager"] = train_step(ref, ref.loss, (x, y), Options(opt.device, "fp32", fast=False))
-    name = None
+    extra: dict[str, Any] = {}
     if compare_with:
-        driver = load_driver(compare_with)
-        name = getattr(driver, "NAME", Path(compare_with).stem)
+        path = Path(compare_with)
+        if not path.is_file():
+            raise BenchError(f"--compare-with {compare_with}: no such file")
+        spec = importlib.util.spec_from_file_location("rcn_bench_driver", path)
+        driver = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(driver)  # type: ignore[union-attr]
+        if not callable(getattr(driver, "make_step", None)):
+            raise BenchError(f"--compare-with {compare_with}: defines no make_step(batch, device)")
+        extra["compare_with"] = getattr(driver, "NAME", path.stem)
         fns["other"] = driver.make_step(batch, str(opt.device))
-    peak = matmul_peak(opt.device, _dtype(opt))
-    times = time_alternating(fns, steps, warmup, opt.device)
-    flops = capsnet_flops()
-    extra: dict[str, Any] = {"precision": opt.precision, "fast": opt.fast}
-    if eager_too:
-        extra["eager_img_per_s"] = batch / statistics.median(times["eager"])
-    if compare_with:
-        other = batch / statistics.median(times["other"])
-        extra |= {"compare_with": name, "other_img_per_s": other,
-                  "speedup_vs_other": batch / statistics.median(times["ours"]) / other}
-    return summarize("capsnet-sabour", batch, times["ours"], flops, peak, opt.device, **extra)
+    return time_steps("capsnet-sabour", fns, batch, steps, warmup, opt, capsnet_flops(), **extra)
 
 
 def rcn_step(cfg, batch: int, opt: Options, seed: int = 0) -> Callable[[], Tensor]:
@@ -250,11 +231,8 @@ def rcn_step(cfg, batch: int, opt: Options, seed: int = 0) -> Callable[[], Tenso
 
     torch.manual_seed(seed)
     model = RCN(cfg.model)
-
-    def loss(x: Tensor, y: Tensor, eps: Tensor) -> Tensor:
-        return model.loss(x, y, eps)[0]
-
-    return train_step(model, loss, rcn_inputs(cfg, batch, seed), opt, lr=cfg.train.lr)
+    return train_step(model, lambda x, y, eps: model.loss(x, y, eps)[0], rcn_inputs(cfg, batch, seed), opt,
+                      lr=cfg.train.lr)
 
 
 def bench_rcn(workload: str, batch: int, steps: int, warmup: int, opt: Options,
@@ -267,15 +245,9 @@ def bench_rcn(workload: str, batch: int, steps: int, warmup: int, opt: Options,
     fns = {"ours": rcn_step(cfg, batch, opt)}
     if eager_too:
         fns["eager"] = rcn_step(cfg, batch, Options(opt.device, "fp32", fast=False))
-    peak = matmul_peak(opt.device, _dtype(opt))
-    times = time_alternating(fns, steps, warmup, opt.device)
     fwd = rcn_flops(cfg.model)
-    extra: dict[str, Any] = {}
-    if eager_too:
-        extra["eager_img_per_s"] = batch / statistics.median(times["eager"])
-    return summarize(workload, batch, times["ours"], train_flops_per_image(fwd), peak, opt.device,
-                     precision=opt.precision, fast=opt.fast, preset=cfg.name,
-                     forward_flops_by_kind={k: v for k, v in fwd.items() if k != "total"}, **extra)
+    return time_steps(workload, fns, batch, steps, warmup, opt, train_flops_per_image(fwd), preset=cfg.name,
+                      forward_flops_by_kind={k: v for k, v in fwd.items() if k != "total"})
 
 
 # ------------------------------------------------------------------ data-parallel scaling
@@ -433,30 +405,6 @@ def bench_quickstart(run_dir: str, execute: bool) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ command line
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rcn bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", required=True, choices=WORKLOADS)
-    ap.add_argument("--batch", type=int, help="images per step (per rank with --nproc); default per workload")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    ap.add_argument("--eager", action="store_true", help="the plain eager step (no channels-last, no fused Adam)")
-    ap.add_argument("--with-eager", action="store_true", help="also time the eager fp32 step, alternately")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the loss function (GPU)")
-    ap.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    ap.add_argument("--nproc", type=int, default=0, help="rcn-small: data-parallel scaling over N CPU processes")
-    ap.add_argument("--rounds", type=int, default=2, help="--nproc: rounds of the three phases (best counts)")
-    ap.add_argument("--compare-with", metavar="DRIVER",
-                    help="capsnet-sabour: a .py file with make_step(batch, device) timed alternately with ours")
-    ap.add_argument("--data", help="loader: a prepared data directory (default: a small temporary one)")
-    ap.add_argument("--workers", type=int, default=0, help="loader: DataLoader workers")
-    ap.add_argument("--seconds", type=float, default=5.0, help="loader: seconds to read")
-    ap.add_argument("--run", default="runs/quickstart", help="quickstart: the run directory")
-    ap.add_argument("--execute", action="store_true", help="quickstart: run launch/quickstart.sh first")
-    return ap
-
-
 def run_workload(args: argparse.Namespace) -> dict[str, Any]:
     """Run the workload that args name and return its result dict."""
     w = args.workload
@@ -490,18 +438,31 @@ def run_workload(args: argparse.Namespace) -> dict[str, Any]:
     return bench_quickstart(args.run, args.execute)
 
 
-def _finite(obj: Any) -> bool:
-    if isinstance(obj, float):
-        return math.isfinite(obj)
-    if isinstance(obj, dict):
-        return all(_finite(v) for v in obj.values())
-    if isinstance(obj, list):
-        return all(_finite(v) for v in obj)
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result = run_workload(args)
-    print(json.dumps(result, sort_keys=True), flush=True)
-    return 0 if _finite(result) else 1
+    ap = argparse.ArgumentParser(prog="rcn bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", required=True, choices=WORKLOADS)
+    ap.add_argument("--batch", type=int, help="images per step (per rank with --nproc); default per workload")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--eager", action="store_true", help="the plain eager step (no channels-last, no fused Adam)")
+    ap.add_argument("--with-eager", action="store_true", help="also time the eager fp32 step, alternately")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the loss function (GPU)")
+    ap.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    ap.add_argument("--nproc", type=int, default=0, help="rcn-small: data-parallel scaling over N CPU processes")
+    ap.add_argument("--rounds", type=int, default=2, help="--nproc: rounds of the three phases (best counts)")
+    ap.add_argument("--compare-with", metavar="DRIVER",
+                    help="capsnet-sabour: a .py file with make_step(batch, device) timed alternately with ours")
+    ap.add_argument("--data", help="loader: a prepared data directory (default: a small temporary one)")
+    ap.add_argument("--workers", type=int, default=0, help="loader: DataLoader workers")
+    ap.add_argument("--seconds", type=float, default=5.0, help="loader: seconds to read")
+    ap.add_argument("--run", default="runs/quickstart", help="quickstart: the run directory")
+    ap.add_argument("--execute", action="store_true", help="quickstart: run launch/quickstart.sh first")
+    res = run_workload(ap.parse_args(argv))
+    print(json.dumps(res, sort_keys=True), flush=True)
+    try:
+        json.dumps(res, allow_nan=False)  # a NaN or infinity anywhere: exit status 1
+    except ValueError:
+        return 1
+    return 0
