@@ -14,7 +14,6 @@ import argparse
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
@@ -28,17 +27,11 @@ RED_INDEX = 255
 
 
 # ---------------------------------------------------------------- image helpers
-def to_rgb(images: Tensor) -> np.ndarray:
-    """(N, C, H, W) in [0, 1] -> (N, H, W, 3) uint8 (grey images repeated over RGB)."""
-    x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    return x.permute(0, 2, 3, 1).numpy()
-
-
 def grid(images: Tensor, ncol: int, scale: int = 2, pad: int = 2) -> Image.Image:
-    """A grid of (N, C, H, W) images in [0, 1], ncol per row, each magnified `scale` times."""
-    rgb = to_rgb(images)
+    """A grid of (N, C, H, W) images in [0, 1], ncol per row, each magnified `scale` times (grey
+    images repeated over RGB)."""
+    x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    rgb = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
     n, h, w = rgb.shape[:3]
     nrow = max(1, math.ceil(n / ncol))
     out = Image.new("RGB", (ncol * (w * scale + pad) + pad, nrow * (h * scale + pad) + pad), (40, 40, 40))
@@ -78,11 +71,7 @@ def drawing_frames(canvases: Tensor, windows: dict[str, Tensor] | None, write_n:
     """
     n, steps, _, h, w = canvases.shape
     grey = (canvases.detach().float().mean(2).clamp(0, 1) * (GREY_LEVELS - 1)).round().to(torch.uint8).cpu()
-    palette = []
-    for i in range(GREY_LEVELS):
-        v = round(i * 255 / (GREY_LEVELS - 1))
-        palette += [v, v, v]
-    palette += list(RED)
+    palette = [round(i * 255 / (GREY_LEVELS - 1)) for i in range(GREY_LEVELS) for _ in range(3)] + list(RED)
     frames = []
     for t in range(steps):
         frame = Image.new("P", (n * (w * scale + pad) + pad, h * scale + 2 * pad), 40)
@@ -99,22 +88,6 @@ def drawing_frames(canvases: Tensor, windows: dict[str, Tensor] | None, write_n:
                     draw.rectangle((ox + box[0], oy + box[1], ox + box[2], oy + box[3]), outline=RED_INDEX)
         frames.append(frame)
     return frames
-
-
-def save_gif(frames: list[Image.Image], path: Path, ms: int = 250, last_ms: int = 1500) -> None:
-    """An endless GIF; the last frame (the finished drawing) stays longer."""
-    durations = [ms] * (len(frames) - 1) + [last_ms]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0,
-                   optimize=False, disposal=1)
-
-
-def strip(frames: list[Image.Image]) -> Image.Image:
-    """Frames side by side, left to right in step order."""
-    w, h = frames[0].size
-    out = Image.new("RGB", (w * len(frames), h))
-    for t, f in enumerate(frames):
-        out.paste(f.convert("RGB"), (t * w, 0))
-    return out
 
 
 def labelled_rows(rows: list[tuple[str, Tensor]], ncol: int, scale: int = 2, pad: int = 2,
@@ -143,9 +116,8 @@ def generate(model, n: int, seed: int, device: str, batch: int = 64) -> tuple[Te
         canv, win = model.generate(len(eps[i:i + batch]), eps[i:i + batch].to(device), device=device)
         parts.append(canv.float().cpu())
         wins.append(None if win is None else {k: v.float().cpu() for k, v in win.items()})
-    if wins[0] is None:
-        return torch.cat(parts), None
-    return torch.cat(parts), {k: torch.cat([w[k] for w in wins]) for k in wins[0]}
+    return torch.cat(parts), (None if wins[0] is None else
+                              {k: torch.cat([w[k] for w in wins]) for k in wins[0]})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     from rcn_dist.config import ConfigError
     from rcn_dist.data.loader import EvalStream, Manifest
@@ -180,26 +153,28 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out) if args.out else (Path(args.run) / "samples")
     out_dir.mkdir(parents=True, exist_ok=True)
     con = console.Console(True)
-    written = []
 
-    n_gen = max(args.n, args.animate)
-    canvases, windows = generate(model, n_gen, args.seed, device)
+    canvases, windows = generate(model, max(args.n, args.animate), args.seed, device)
     final = canvases[:, -1]
-    path = out_dir / "samples.png"
-    grid(final[: args.n], ncol=math.ceil(math.sqrt(args.n)), scale=2).save(path)
-    written.append(path)
+    written = [out_dir / "samples.png"]
+    grid(final[: args.n], ncol=math.ceil(math.sqrt(args.n)), scale=2).save(written[0])
 
     if args.animate:
         k = args.animate
         frames = drawing_frames(canvases[:k], None if windows is None else {x: v[:k] for x, v in windows.items()},
                                 m.write_n, scale=args.scale)
-        save_gif(frames, out_dir / "drawing.gif")
-        strip_rows = [strip(drawing_frames(canvases[i:i + 1], None if windows is None else
-                                           {x: v[i:i + 1] for x, v in windows.items()}, m.write_n, args.scale))
-                      for i in range(min(k, 4))]
-        s = Image.new("RGB", (strip_rows[0].width, sum(r.height for r in strip_rows)))
-        for i, r in enumerate(strip_rows):
-            s.paste(r, (0, i * r.height))
+        # An endless GIF; the last frame (the finished drawing) stays longer.
+        frames[0].save(out_dir / "drawing.gif", save_all=True, append_images=frames[1:],
+                       duration=[250] * (len(frames) - 1) + [1500], loop=0, optimize=False, disposal=1)
+        # The strip: each sample's frames left to right in step order, one row per sample (up to 4).
+        strips = [drawing_frames(canvases[i:i + 1], None if windows is None else
+                                 {x: v[i:i + 1] for x, v in windows.items()}, m.write_n, args.scale)
+                  for i in range(min(k, 4))]
+        w, h = strips[0][0].size
+        s = Image.new("RGB", (w * len(strips[0]), h * len(strips)))
+        for i, strip in enumerate(strips):
+            for t, f in enumerate(strip):
+                s.paste(f.convert("RGB"), (t * w, i * h))
         s.save(out_dir / "drawing_strip.png")
         written += [out_dir / "drawing.gif", out_dir / "drawing_strip.png"]
 
@@ -209,16 +184,14 @@ def main(argv: list[str] | None = None) -> int:
             manifest = Manifest.load(data_dir)
         except DataError as e:
             con.info(f"no reconstructions: {e} (pass --data DIR)")
-            manifest = None
-        if manifest is not None:
+        else:
             binarize = "none" if cfg.data.binarize == "none" else "fixed"
             batch = next(iter(EvalStream(data_dir, args.recon, 0, 1, binarize=binarize)))
             keep = batch["mask"]
             x, idx = batch["image"][keep], batch["index"][keep]
             eps = sample_noise(idx, cfg.train.seed + EVAL_NOISE_SEED, m.T, m.z_dim)
-            with torch.no_grad():
-                out = model(x.to(device), eps.to(device), caps_input(batch, cfg, device, keep))
-                rec = torch.sigmoid(out.canvas[:, -1]).float().cpu()
+            out = model(x.to(device), eps.to(device), caps_input(batch, cfg, device, keep))
+            rec = torch.sigmoid(out.canvas[:, -1]).float().cpu()
             ncol = min(8, len(x))
             rows = []  # originals, then their reconstructions, ncol per row (blank-padded)
             for i in range(0, len(x), ncol):
@@ -229,14 +202,11 @@ def main(argv: list[str] | None = None) -> int:
 
             # The encoder's capsules classify the samples (binarised like the training inputs).
             if model.encoder.capsules is not None:
-                names = manifest.class_names
                 grey = m.likelihood != "bernoulli" or cfg.data.caps_input == "grey"
                 probe = final if grey else (final > 0.5).float()
-                with torch.no_grad():
-                    lengths = model.encoder.capsules(probe.to(device)).norm(dim=-1).cpu()
-                cls = lengths.argmax(1)
-                labelled_rows([(names[k], final[cls == k]) for k in range(m.n_classes)], ncol=8).save(
-                    out_dir / "samples_by_class.png")
+                cls = model.encoder.capsules(probe.to(device)).norm(dim=-1).cpu().argmax(1)
+                labelled_rows([(manifest.class_names[k], final[cls == k]) for k in range(m.n_classes)],
+                              ncol=8).save(out_dir / "samples_by_class.png")
                 written.append(out_dir / "samples_by_class.png")
 
     con.info(f"{where}: wrote " + ", ".join(str(p) for p in written))
