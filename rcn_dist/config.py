@@ -12,9 +12,11 @@ order ("CLI > file > preset").
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,19 @@ class ConfigError(RcnError, ValueError):
 def _require(ok: bool, name: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"config field {name}: {msg}")
+
+
+def _choice(value: Any, name: str, options: tuple) -> None:
+    *head, last = map(repr, options)
+    _require(value in options, name, f"must be {', '.join(head)} or {last}, got {value!r}")
+
+
+def _ints(cfg: Any, section: str, low: int, *names: str) -> None:
+    """Each named field is an integer >= low (1: positive, 0: non-negative)."""
+    for name in names:
+        v = getattr(cfg, name)
+        kind = "positive" if low else "non-negative"
+        _require(isinstance(v, int) and v >= low, f"{section}.{name}", f"must be a {kind} integer, got {v!r}")
 
 
 @dataclass
@@ -136,29 +151,18 @@ class ModelConfig:
     """Margin loss: down-weighting of the absent-class term."""
 
     def __post_init__(self) -> None:
-        self.enc_conv_channels = tuple(self.enc_conv_channels)
-        self.dec_deconv_channels = tuple(self.dec_deconv_channels)
-        for name in (
-            "in_channels", "height", "width", "n_classes", "T", "enc_hidden", "dec_hidden",
-            "z_dim", "read_n", "write_n", "enc_conv_kernel", "enc_primary_types",
-            "enc_primary_dim", "enc_primary_kernel", "enc_primary_stride", "class_caps_dim",
-            "routing_iters", "dec_seed_channels", "dec_seed_size", "dec_deconv_kernel",
-            "dec_primary_types", "dec_primary_dim", "dec_primary_kernel", "dec_primary_stride",
-            "dec_caps", "dec_caps_dim",
-        ):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and v > 0, f"model.{name}", f"must be a positive integer, got {v!r}")
-        _require(self.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {self.in_channels}")
+        # Every int field of the model is a size or a count.
+        _ints(self, "model", 1, *(f.name for f in dataclasses.fields(self) if f.type == "int"))
+        _choice(self.in_channels, "model.in_channels", (1, 3))
         _require(self.n_classes >= 2, "model.n_classes", "must be at least 2")
-        _require(self.rnn in ("lstm", "gru"), "model.rnn", f"must be 'lstm' or 'gru', got {self.rnn!r}")
-        _require(self.caps_init in ("scaled", "torch"), "model.caps_init",
-                 f"must be 'scaled' or 'torch', got {self.caps_init!r}")
-        _require(self.likelihood in ("bernoulli", "logistic"), "model.likelihood",
-                 f"must be 'bernoulli' or 'logistic', got {self.likelihood!r}")
-        _require(len(self.enc_conv_channels) >= 1 and all(c > 0 for c in self.enc_conv_channels),
-                 "model.enc_conv_channels", "must be one or more positive channel counts")
-        _require(len(self.dec_deconv_channels) >= 1 and all(c > 0 for c in self.dec_deconv_channels),
-                 "model.dec_deconv_channels", "must be one or more positive channel counts")
+        _choice(self.rnn, "model.rnn", ("lstm", "gru"))
+        _choice(self.caps_init, "model.caps_init", ("scaled", "torch"))
+        _choice(self.likelihood, "model.likelihood", ("bernoulli", "logistic"))
+        for name in ("enc_conv_channels", "dec_deconv_channels"):
+            channels = tuple(getattr(self, name))
+            setattr(self, name, channels)
+            _require(len(channels) >= 1 and all(c > 0 for c in channels), f"model.{name}",
+                     "must be one or more positive channel counts")
         _require(self.margin_weight >= 0, "model.margin_weight", "must be >= 0")
         _require(0 <= self.m_minus < self.m_plus <= 1, "model.m_plus",
                  f"need 0 <= m_minus < m_plus <= 1, got m_minus={self.m_minus}, m_plus={self.m_plus}")
@@ -249,12 +253,9 @@ class DataConfig:
     """Shuffle shards and samples, seeded by (seed, epoch)."""
 
     def __post_init__(self) -> None:
-        _require(self.binarize in ("dynamic", "fixed", "none"), "data.binarize",
-                 f"must be 'dynamic', 'fixed' or 'none', got {self.binarize!r}")
-        _require(self.caps_input in ("grey", "binarized"), "data.caps_input",
-                 f"must be 'grey' or 'binarized', got {self.caps_input!r}")
-        _require(isinstance(self.num_workers, int) and self.num_workers >= 0, "data.num_workers",
-                 "must be a non-negative integer")
+        _choice(self.binarize, "data.binarize", ("dynamic", "fixed", "none"))
+        _choice(self.caps_input, "data.caps_input", ("grey", "binarized"))
+        _ints(self, "data", 0, "num_workers")
 
 
 @dataclass
@@ -302,18 +303,12 @@ class TrainConfig:
     rcn_dist[tensorboard]`), "wandb" (offline, in RUN_DIR/wandb/; needs wandb; `wandb sync` uploads)."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "keep_last", "log_every"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and v > 0, f"train.{name}", f"must be a positive integer, got {v!r}")
-        for name in ("micro_batch", "warmup_steps", "eval_every", "eval_batches", "ckpt_every"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 0, f"train.{name}", f"must be a non-negative integer, got {v!r}")
+        _ints(self, "train", 1, "steps", "batch_size", "grad_accum", "keep_last", "log_every")
+        _ints(self, "train", 0, "micro_batch", "warmup_steps", "eval_every", "eval_batches", "ckpt_every")
         _require(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
-        _require(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
-                 f"must be 'auto', 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
-        _require(self.lr_schedule in ("cosine", "constant"), "train.lr_schedule",
-                 f"must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        _choice(self.precision, "train.precision", ("auto", "fp32", "bf16", "fp16"))
+        _choice(self.lr_schedule, "train.lr_schedule", ("cosine", "constant"))
         unknown = {n.strip() for n in self.loggers.split(",") if n.strip()} - {"jsonl", "tensorboard", "wandb"}
         _require(not unknown, "train.loggers",
                  f"unknown logger(s) {', '.join(sorted(unknown))}: use jsonl, tensorboard, wandb")
@@ -334,15 +329,11 @@ class ParallelConfig:
     the pipeline benchmark also runs torch's lock-step "looped_bfs" and "interleaved_1f1b"."""
 
     def __post_init__(self) -> None:
-        _require(self.pipeline_schedule in ("async_bfs", "looped_bfs", "interleaved_1f1b"),
-                 "parallel.pipeline_schedule", "must be 'async_bfs', 'looped_bfs' or "
-                 f"'interleaved_1f1b', got {self.pipeline_schedule!r}")
-        _require(self.pipeline_stages in (1, 2), "parallel.pipeline_stages",
-                 f"must be 1 or 2, got {self.pipeline_stages}")
-        _require(isinstance(self.micro_batches, int) and self.micro_batches >= 1,
-                 "parallel.micro_batches", "must be a positive integer")
-        _require(self.zero_stage in (-1, 0, 1, 2, 3), "parallel.zero_stage",
-                 f"must be -1 or 0..3, got {self.zero_stage}")
+        _choice(self.pipeline_schedule, "parallel.pipeline_schedule",
+                ("async_bfs", "looped_bfs", "interleaved_1f1b"))
+        _choice(self.pipeline_stages, "parallel.pipeline_stages", (1, 2))
+        _ints(self, "parallel", 1, "micro_batches")
+        _choice(self.zero_stage, "parallel.zero_stage", (-1, 0, 1, 2, 3))
 
 
 @dataclass
@@ -363,10 +354,8 @@ class EvalConfig:
     """Steps of the small feature classifier trained for the Frechet distance."""
 
     def __post_init__(self) -> None:
-        for name in ("iw_samples", "nn_samples", "classifier_steps"):
-            _require(getattr(self, name) > 0, f"eval.{name}", "must be positive")
-        for name in ("iw_examples", "caps_examples", "nn_train_images"):
-            _require(getattr(self, name) >= 0, f"eval.{name}", "must be >= 0")
+        _ints(self, "eval", 1, "iw_samples", "nn_samples", "classifier_steps")
+        _ints(self, "eval", 0, "iw_examples", "caps_examples", "nn_train_images")
 
 
 @dataclass
@@ -406,49 +395,29 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
             "parallel": ParallelConfig, "eval": EvalConfig}
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}
+_EXPECTED = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _coerce(value: Any, typ: Any, name: str) -> Any:
     """Turn a parsed value (or a CLI string) into the field's declared type, or refuse."""
-    origin = getattr(typ, "__origin__", None)
-    if origin is tuple:
+    if getattr(typ, "__origin__", None) is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config field {name}: expected a list, got {value!r}")
         return tuple(_coerce(v, int, name) for v in value)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"config field {name}: expected true/false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"config field {name}: expected an integer, got {value!r}")
-        try:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config field {name}: expected an integer, got {value!r}") from None
-    if typ is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config field {name}: expected a number, got {value!r}") from None
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config field {name}: expected a string, got {value!r}")
+    if typ is bool and isinstance(value, str):
+        value = _BOOLS.get(value.lower(), value)
+    if typ in (bool, str) and isinstance(value, typ):
         return value
-    return value
+    # An int field takes an integral number or its digits, never a bool or 2.5.
+    integral = not isinstance(value, bool) and not (isinstance(value, float) and not value.is_integer())
+    if typ is float or (typ is int and integral):
+        with contextlib.suppress(TypeError, ValueError):
+            return typ(value)
+    raise ConfigError(f"config field {name}: expected {_EXPECTED[typ]}, got {value!r}")
 
 
 def from_dict(d: dict[str, Any], base: Config | None = None) -> Config:
@@ -465,15 +434,12 @@ def from_dict(d: dict[str, Any], base: Config | None = None) -> Config:
             raise ConfigError(f"unknown config section {key!r} (known: name, {', '.join(SECTIONS)})")
         if not isinstance(val, dict):
             raise ConfigError(f"config section {key!r} must be a table/object, got {type(val).__name__}")
-        types = _field_types(SECTIONS[key])
+        types = typing.get_type_hints(SECTIONS[key])
         for k, v in val.items():
             if k not in types:
                 raise ConfigError(f"unknown config key {key}.{k}")
             cur[key][k] = _coerce(v, types[k], f"{key}.{k}")
-    return Config(
-        name=cur["name"],
-        **{s: cls(**cur[s]) for s, cls in SECTIONS.items()},
-    )
+    return Config(name=cur["name"], **{s: cls(**cur[s]) for s, cls in SECTIONS.items()})
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -536,7 +502,6 @@ def _tiny() -> Config:
             dec_primary_types=4, dec_primary_dim=4, dec_primary_kernel=5, dec_primary_stride=2,
             dec_caps=4, dec_caps_dim=8, margin_weight=50.0,
         ),
-        data=DataConfig(dir="data/fashion-mnist"),
         train=TrainConfig(steps=20, batch_size=16, lr=3e-3, warmup_steps=0, eval_every=10,
                           eval_batches=2, ckpt_every=10),
     )
@@ -554,7 +519,6 @@ def _small() -> Config:
             dec_primary_types=8, dec_primary_dim=8, dec_primary_kernel=5, dec_primary_stride=2,
             dec_caps=8, dec_caps_dim=8, margin_weight=500.0,
         ),
-        data=DataConfig(dir="data/fashion-mnist"),
         train=TrainConfig(steps=2500, batch_size=64, lr=2e-3, warmup_steps=50, eval_every=500,
                           eval_batches=20, ckpt_every=250),
     )
@@ -562,7 +526,7 @@ def _small() -> Config:
 
 def _mnist() -> Config:
     # The paper's sizes (section 7) and DRAW's MNIST values where the paper gives none.
-    return Config(name="mnist", model=ModelConfig(), data=DataConfig(dir="data/mnist"),
+    return Config(name="mnist", data=DataConfig(dir="data/mnist"),
                   train=TrainConfig(steps=50000, batch_size=128, lr=1e-3))
 
 
@@ -577,11 +541,8 @@ def _cifar10() -> Config:
 
 
 def _multimnist() -> Config:
-    cfg = _mnist()
-    cfg.name = "multimnist"
-    cfg.model = dataclasses.replace(cfg.model, height=36, width=36)
-    cfg.data = DataConfig(dir="data/multimnist")
-    return cfg
+    return dataclasses.replace(_mnist(), name="multimnist", model=ModelConfig(height=36, width=36),
+                               data=DataConfig(dir="data/multimnist"))
 
 
 PRESETS = {"tiny": _tiny, "small": _small, "mnist": _mnist, "cifar10": _cifar10,
@@ -600,11 +561,7 @@ def resolve(preset_name: str | None = None, file: str | Path | None = None,
             overrides: list[str] | None = None) -> Config:
     """Preset, then file, then overrides. A file may name its own base with `preset = "..."`."""
     d = load_file(file) if file is not None else {}
-    base_name = d.pop("preset", None) if isinstance(d, dict) else None
+    base_name = d.pop("preset", None)
     name = preset_name or base_name
     cfg = preset(name) if name else Config()
-    if d:
-        cfg = from_dict(d, base=cfg)
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
-    return cfg
+    return apply_overrides(from_dict(d, base=cfg), overrides or [])
