@@ -172,11 +172,12 @@ def test_weights_are_read_from_safetensors_and_json_only(tmp_path):
 
 @pytest.mark.parametrize("pointer", ["../../elsewhere/step_00000001", "/tmp/step_00000001", "step_1/../../x"])
 def test_latest_pointer_cannot_lead_outside_the_run(tmp_path, pointer):
+    # The resume takes the newest intact step_N of the run itself; `latest` is never followed.
     root = tmp_path / "run" / "checkpoints"
-    root.mkdir(parents=True)
+    (root / "step_00000002").mkdir(parents=True)
+    (root / "step_00000002" / "COMPLETE").write_text("{}")
     (root / "latest").write_text(pointer)
-    with pytest.raises(CheckpointError, match="not a checkpoint of this run"):
-        ckpt.find_latest(tmp_path / "run")
+    assert ckpt.find_latest(tmp_path / "run") == (root / "step_00000002", [])
 
 
 # ---------------------------------------------------------------- configs

@@ -24,6 +24,7 @@ the two writes); a damaged newer one is reported in one line and moved aside (`s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -132,21 +133,19 @@ def damage(d: Path) -> str | None:
     return None
 
 
-_verdicts: dict[Path, tuple[tuple[int, int, int], str | None]] = {}
-"""damage() per checkpoint dir in this process, keyed by its COMPLETE's inode, mtime and size:
-train's checks and the run's set-up look up the same checkpoint, and verify it once."""
-
-
 def _damage_cached(d: Path) -> str | None:
+    # train's checks and the run's set-up look up the same checkpoint: verify it once per
+    # process, keyed by its COMPLETE's inode, mtime and size.
     try:
         st = (d / COMPLETE).stat()
     except OSError:
         return f"{COMPLETE}: missing"
-    key = (st.st_ino, st.st_mtime_ns, st.st_size)
-    hit = _verdicts.get(d)
-    if hit is None or hit[0] != key:
-        hit = _verdicts[d] = (key, damage(d))
-    return hit[1]
+    return _damage_of(d, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _damage_of(d: Path, *complete_stat: int) -> str | None:
+    return damage(d)
 
 
 def aside_path(d: Path) -> Path:
@@ -163,17 +162,14 @@ def find_latest(run_dir: str | Path) -> tuple[Path | None, list[str]]:
     (incomplete ones newer than it; damaged ones, each with its first bad file).
 
     Deterministic over the files, so every rank of a run picks the same one (each reads the
-    candidates itself; no collective). Raises CheckpointError when complete checkpoints exist
+    candidates itself; no collective). `latest` is never read: it is written for people and
+    other tools, and a resume cannot be led outside the run by it. Raises CheckpointError when complete checkpoints exist
     but every one is damaged: starting afresh over them would lose them.
     """
     root = ckpt_root(run_dir)
     notes: list[str] = []
     if not root.is_dir():
         return None, notes
-    if (root / LATEST).is_file():
-        tag = (root / LATEST).read_text().strip()
-        if not re.fullmatch(r"step_\d+", tag):  # a path would lead the resume outside this run
-            raise CheckpointError(f"{root / LATEST} names {tag[:80]!r}, not a checkpoint of this run (step_N)")
     tags = sorted(d for d in root.glob("step_*") if re.fullmatch(r"step_\d+", d.name) and d.is_dir())
     complete = [d for d in tags if (d / COMPLETE).is_file()]
     best, damaged = None, []
@@ -279,7 +275,7 @@ def _fault_inside_engine_save(engine, step: int, rank: int) -> Iterator[None]:
         yield
         return
     ce = engine.checkpoint_engine
-    original, own = ce.save, vars(ce).get("save")
+    original = ce.save
 
     def save(*args, **kwargs):
         out = original(*args, **kwargs)
@@ -290,10 +286,7 @@ def _fault_inside_engine_save(engine, step: int, rank: int) -> Iterator[None]:
     try:
         yield
     finally:
-        if own is None:
-            del ce.save  # the class's method again
-        else:
-            ce.save = own
+        del ce.save  # the class's method again
 
 
 def _prune(root: Path, keep_last: int, step: int) -> None:
