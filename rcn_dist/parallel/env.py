@@ -224,14 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     d = asdict(le) | {"dp_rank": le.dp_rank, "dp_size": le.dp_size, "pp_rank": le.pp_rank}
     if args.json:
         print(json.dumps(d, sort_keys=True))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
+    else:
+        from rcn_dist.console import Console
 
-    table = Table(title=f"launch environment (rank {le.rank})")
-    table.add_column("field")
-    table.add_column("value")
-    for k, v in d.items():
-        table.add_row(k, str(v))
-    Console().print(table)
+        Console().table(f"launch environment (rank {le.rank})", d)
     return 0
