@@ -54,27 +54,14 @@ class NearestNeighbours:
         self.seen += len(b)
 
 
-def nn_figures(gen_dist: Tensor, test_dist: Tensor) -> dict[str, float | bool]:
-    """Summary of nearest-neighbour distances (generated and test, each (N,)) and the flag."""
-    g_med, t_med = gen_dist.median().item(), test_dist.median().item()
-    ratio = g_med / t_med if t_med > 0 else float("inf")
-    copies = (gen_dist < NN_COPY_FRAC * t_med).double().mean().item()
-    return {
-        "nn_gen_median": g_med, "nn_gen_mean": gen_dist.mean().item(), "nn_gen_min": gen_dist.min().item(),
-        "nn_test_median": t_med, "nn_test_mean": test_dist.mean().item(),
-        "nn_ratio": ratio, "nn_copy_share": copies,
-        "memorised": bool(ratio < NN_RATIO_FLAG or copies > NN_COPY_SHARE),
-    }
-
-
 def nearest_neighbours(generated: Tensor, test: Tensor, train_batches: Iterable[Tensor],
                        limit: int = 0) -> tuple[dict[str, float | bool], NearestNeighbours]:
     """Nearest-training-image distances of generated samples and of test images.
 
     generated (N, D), test (M, D): grey images in [0, 1]; train_batches yields (B, D) training
-    images, of which the first `limit` are searched (0: all). Returns the figures of
-    `nn_figures` (plus nn_train_images, how many were searched) and the search itself (its first
-    N rows are the generated samples, for pictures).
+    images, of which the first `limit` are searched (0: all). Returns the summary of both sets'
+    distances, the memorisation flag and nn_train_images (how many were searched), and the search
+    itself (its first N rows are the generated samples, for pictures).
     """
     search = NearestNeighbours(torch.cat([generated, test]))
     for batch in train_batches:
@@ -86,10 +73,16 @@ def nearest_neighbours(generated: Tensor, test: Tensor, train_batches: Iterable[
             break
     if search.seen == 0:
         raise ValueError("no training images to search")
-    n = len(generated)
-    out = nn_figures(search.dist[:n], search.dist[n:])
-    out["nn_train_images"] = search.seen
-    return out, search
+    gen_dist, test_dist = search.dist[:len(generated)], search.dist[len(generated):]
+    g_med, t_med = gen_dist.median().item(), test_dist.median().item()
+    ratio = g_med / t_med if t_med > 0 else float("inf")
+    copies = (gen_dist < NN_COPY_FRAC * t_med).double().mean().item()
+    return {
+        "nn_gen_median": g_med, "nn_gen_mean": gen_dist.mean().item(), "nn_gen_min": gen_dist.min().item(),
+        "nn_test_median": t_med, "nn_test_mean": test_dist.mean().item(),
+        "nn_ratio": ratio, "nn_copy_share": copies,
+        "memorised": bool(ratio < NN_RATIO_FLAG or copies > NN_COPY_SHARE), "nn_train_images": search.seen,
+    }, search
 
 
 # ---------------------------------------------------------------- Frechet distance
@@ -126,19 +119,8 @@ class FeatureNet(nn.Module):
         )
         self.head = nn.Linear(FEATURE_DIM, n_classes)
 
-    def features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, FEATURE_DIM)."""
-        return self.body(x)
-
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
-
-
-def classifier_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """Cross-entropy for integer labels (B,), per-class binary cross-entropy for multi-hot (B, K)."""
-    if y.dim() == 1:
-        return F.cross_entropy(logits, y)
-    return F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))
 
 
 def feature_classifier(data_dir: str | Path, cache_dir: Path, steps: int, seed: int = 0,
@@ -172,11 +154,15 @@ def feature_classifier(data_dir: str | Path, cache_dir: Path, steps: int, seed: 
             return net.to(device).eval()
     net = net.to(device).train()
     opt = build_adam(net.parameters(), 1e-3)
-    stream = TrainStream(data_dir, batch_size, 0, 1, seed, binarize="none")
-    batches = iter(stream)
+    batches = iter(TrainStream(data_dir, batch_size, 0, 1, seed, binarize="none"))
     for _ in console.track(range(steps), "feature classifier", enabled=progress):
         batch = next(batches)
-        loss = classifier_loss(net(batch["image"].to(device)), batch["label"].to(device))
+        logits, y = net(batch["image"].to(device)), batch["label"].to(device)
+        # integer labels (B,): cross-entropy; multi-hot (B, K): per-class binary cross-entropy
+        if y.dim() == 1:
+            loss = F.cross_entropy(logits, y)
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -191,5 +177,5 @@ def feature_classifier(data_dir: str | Path, cache_dir: Path, steps: int, seed: 
 def features(net: FeatureNet, images: Tensor, batch_size: int = 256) -> Tensor:
     """(N, C, H, W) -> (N, FEATURE_DIM) float64, in batches."""
     dev = next(net.parameters()).device
-    return torch.cat([net.features(images[i:i + batch_size].to(dev)).double().cpu()
+    return torch.cat([net.body(images[i:i + batch_size].to(dev)).double().cpu()
                       for i in range(0, len(images), batch_size)])

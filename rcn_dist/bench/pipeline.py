@@ -130,7 +130,7 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
     The unsplit variants run on rank 0 while rank 1 waits (1 process, 1 core)."""
     import torch.distributed as dist
 
-    from rcn_dist.config import from_dict
+    from rcn_dist.config import apply_overrides, from_dict
     from rcn_dist.parallel.env import detect, init_process_group
     from rcn_dist.parallel.pipeline import make_groups
 
@@ -141,14 +141,10 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
     base = from_dict(json.loads(cfg_json))
     b = base.train.batch_size
     x, y, eps = rcn_inputs(base, b)
-    runners = {}
-    for sched in schedules:
-        for m in ms:
-            cfg = from_dict(json.loads(cfg_json))
-            cfg.parallel.pipeline_stages, cfg.parallel.micro_batches, cfg.parallel.zero_stage = 2, m, 0
-            cfg.parallel.pipeline_schedule = sched
-            cfg.train.micro_batch, cfg.train.precision = b, "fp32"
-            runners[(sched, m)] = make_rank(cfg, rank, pp_group, dp_group)
+    fixed = ["parallel.pipeline_stages=2", "parallel.zero_stage=0", f"train.micro_batch={b}", "train.precision=fp32"]
+    runners = {(s, m): make_rank(apply_overrides(base, [*fixed, f"parallel.pipeline_schedule={s}",
+                                                        f"parallel.micro_batches={m}"]), rank, pp_group, dp_group)
+               for s in schedules for m in ms}
     unsplit, dp = _Unsplit(base), _Unsplit(base)
     half = slice(rank * b // 2, (rank + 1) * b // 2)
     t: dict[str, list[float]] = {}
@@ -162,13 +158,12 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
 
     def dp_step() -> None:
         dp.grads(x[half], y[half], eps[half], 1)
-        flat = torch.cat([p.grad.flatten() for p in dp.model.parameters()])
+        grads = [p.grad for p in dp.model.parameters()]
+        flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
         flat /= 2
-        o = 0
-        for p in dp.model.parameters():
-            p.grad.copy_(flat[o:o + p.numel()].view_as(p))
-            o += p.numel()
+        for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(f.view_as(g))
         dp.update()
 
     def pipe_step(key: tuple[str, int]) -> None:
@@ -176,7 +171,6 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
         r.forward_backward(x, y, eps, b)
         r.optimizer_step(r.reduce_gradients())
 
-    busy: dict[str, list[float]] = {}
     for _ in range(warmup + steps):
         for m in ms:
             if rank == 0:
@@ -187,10 +181,9 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
                 key = f"{sched}:{m}"
                 events = runners[(sched, m)].record_events()
                 timed(f"pipeline{key}", lambda k=(sched, m): pipe_step(k))
-                busy.setdefault(f"busy{key}", []).append(sum(e[4] - e[3] for e in events))
+                t.setdefault(f"busy{key}", []).append(sum(e[4] - e[3] for e in events))
         timed("dp", dp_step)
-    # Every round timed every variant once, interleaved, so load from elsewhere fell on all alike.
-    res = {k: statistics.median(v[warmup:]) for k, v in (t | busy).items()}
+    res = {k: statistics.median(v[warmup:]) for k, v in t.items()}
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     dist.barrier()
     dist.destroy_process_group()
@@ -222,9 +215,7 @@ def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5
                            nprocs=2, start_method="spawn")
         r0, r1 = (json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(2))
     accum = {m: r0[f"accum{m}"] for m in ms}
-    unsplit = accum[min(ms)]
-
-    rows: list[dict[str, Any]] = [{"mode": "unsplit", "M": min(ms), "step_s": unsplit}]
+    rows: list[dict[str, Any]] = [{"mode": "unsplit", "M": min(ms), "step_s": accum[min(ms)]}]
     for m in ms:
         rows.append({"mode": "accum", "M": m, "step_s": accum[m]})
         for sched in schedules:
@@ -236,26 +227,23 @@ def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5
     rows.append({"mode": "dp", "M": 1, "step_s": max(r0["dp"], r1["dp"])})
     for r in rows:
         r["img_per_s"] = b / r["step_s"]
+        extra = (f"  {r['speedup_vs_accum']:.2f}x vs accum  (stages busy: encoder {1e3 * r['enc_busy_s']:.0f}, "
+                 f"decoder {1e3 * r['dec_busy_s']:.0f} ms)") if "speedup_vs_accum" in r else ""
+        name = f"pipeline/{r['schedule']}" if r["mode"] == "pipeline" and len(schedules) > 1 else r["mode"]
+        out(f"{name:9s} M={r['M']}  {1e3 * r['step_s']:8.1f} ms/step  {r['img_per_s']:7.1f} img/s{extra}")
     # Stack costs: busy time of each rank with one micro-batch (nothing overlaps, no contention).
     enc, dec = r0[f"busy{main}:{min(ms)}"], r1[f"busy{main}:{min(ms)}"]
     bound = (enc + dec) / max(enc, dec)
     best = max((r for r in rows if r["mode"] == "pipeline" and r["schedule"] == main),
                key=lambda r: r["speedup_vs_accum"])
-    rows.append({"mode": "balance", "schedule": main, "enc_s": enc, "dec_s": dec, "bound": bound, "best_M": best["M"],
-                 "best_speedup": best["speedup_vs_accum"], "fraction_of_bound": best["speedup_vs_accum"] / bound,
-                 "loadavg_1min": load_average(), "cpus": os.cpu_count()})
-    for r in rows:
-        if r["mode"] == "balance":
-            out(f"stacks: encoder {1e3 * enc:.1f} ms, decoder {1e3 * dec:.1f} ms per step (fwd+bwd); "
-                f"bound {bound:.2f}x; best pipeline M={best['M']}: {best['speedup_vs_accum']:.2f}x over accum "
-                f"= {100 * r['fraction_of_bound']:.0f}% of the bound (load average {r['loadavg_1min']:.1f} "
-                f"on {r['cpus']} CPUs: 2-process rows need 2 idle cores)")
-        else:
-            extra = (f"  {r['speedup_vs_accum']:.2f}x vs accum  (stages busy: encoder {1e3 * r['enc_busy_s']:.0f}, "
-                     f"decoder {1e3 * r['dec_busy_s']:.0f} ms)") if "speedup_vs_accum" in r else ""
-            name = f"pipeline/{r['schedule']}" if r["mode"] == "pipeline" and len(schedules) > 1 else r["mode"]
-            out(f"{name:9s} M={r['M']}  {1e3 * r['step_s']:8.1f} ms/step  {r['img_per_s']:7.1f} img/s{extra}")
-    return rows
+    balance = {"mode": "balance", "schedule": main, "enc_s": enc, "dec_s": dec, "bound": bound, "best_M": best["M"],
+               "best_speedup": best["speedup_vs_accum"], "fraction_of_bound": best["speedup_vs_accum"] / bound,
+               "loadavg_1min": load_average(), "cpus": os.cpu_count()}
+    out(f"stacks: encoder {1e3 * enc:.1f} ms, decoder {1e3 * dec:.1f} ms per step (fwd+bwd); "
+        f"bound {bound:.2f}x; best pipeline M={best['M']}: {best['speedup_vs_accum']:.2f}x over accum "
+        f"= {100 * balance['fraction_of_bound']:.0f}% of the bound (load average {balance['loadavg_1min']:.1f} "
+        f"on {balance['cpus']} CPUs: 2-process rows need 2 idle cores)")
+    return [*rows, balance]
 
 
 def main(argv: list[str] | None = None) -> int:
