@@ -18,17 +18,20 @@ import dataclasses
 import json
 import math
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from rcn_dist import console
 from rcn_dist.config import Config, ConfigError, apply_overrides, model_diff
 from rcn_dist.errors import CheckpointError, DataError
 from rcn_dist.files import atomic_write
-from rcn_dist.model import bits_per_dim, step_noise_seed
+from rcn_dist.loop import EVAL_NOISE_SEED, LossModule, caps_input, evaluate, test_stream
+from rcn_dist.model import bits_per_dim, sample_noise, step_noise_seed
 from rcn_dist.model.losses import top_k_correct
 
 PARTS = ("test", "caps", "iw", "nn", "fd")
@@ -121,16 +124,9 @@ def _kept(stream, examples: int, label: str, progress: bool, least: int = 1):
 
 
 def _all_reduce(sums: Tensor) -> Tensor:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     return sums
-
-
-def iw_seed(base: int, k: int) -> int:
-    """Noise stream of importance sample k; k = 0 is the evaluation noise itself."""
-    return base if k == 0 else step_noise_seed(base, k)
 
 
 @torch.no_grad()
@@ -144,17 +140,15 @@ def importance_weighted(model, stream, cfg: Config, device: str, k: int, example
     iw_elbo_mc (the mean single-sample negative ELBO -log w_k of the same K samples: equal to
     iw_nll when K = 1, never below it), iw_n and iw_k; all-reduced over ranks.
     """
-    from rcn_dist.loop import EVAL_NOISE_SEED, caps_input
-    from rcn_dist.model import sample_noise
-
     base = cfg.train.seed + EVAL_NOISE_SEED
+    seeds = [base if j == 0 else step_noise_seed(base, j) for j in range(k)]
     m = cfg.model
     sums = torch.zeros(3, dtype=torch.float64)  # sum of -bound, sum of mean -log w, images
     for batch, keep in _kept(stream, examples, f"IW bound (K={k})", progress):
         x, idx = batch["image"][keep].to(device), batch["index"][keep]
         x_caps = caps_input(batch, cfg, device, keep)
-        lw = torch.stack([log_weights(model, x, sample_noise(idx, iw_seed(base, j), m.T, m.z_dim).to(device), x_caps)
-                          .double().cpu() for j in range(k)])  # (K, B)
+        lw = torch.stack([log_weights(model, x, sample_noise(idx, seed, m.T, m.z_dim).to(device), x_caps)
+                          .double().cpu() for seed in seeds])  # (K, B)
         bound = torch.logsumexp(lw, dim=0) - math.log(k)
         sums += torch.stack([-bound.sum(), -lw.mean(0).sum(), torch.tensor(float(len(idx)), dtype=torch.float64)])
     _all_reduce(sums)
@@ -175,8 +169,6 @@ def capsule_usage(model, stream, cfg: Config, device: str, examples: int = 0,
     so "caps_*" increases are against exactly the `test_elbo` images' terms. Every figure is a
     mean over images (the statistics: over batches, weighted by their images), all-reduced.
     """
-    from rcn_dist.loop import EVAL_NOISE_SEED, caps_input
-    from rcn_dist.model import sample_noise
     from rcn_dist.model.usage import ablation_elbos, capsule_stats
 
     m = cfg.model
@@ -204,24 +196,18 @@ def _first_images(data_dir: str, split: str, n: int) -> tuple[Tensor, Tensor]:
     from rcn_dist.data.loader import EvalStream
 
     imgs, labels = [], []
-    got = 0
     for batch in EvalStream(data_dir, min(n, 256), 0, 1, split=split, binarize="none"):
-        keep = batch["mask"]
-        imgs.append(batch["image"][keep])
-        labels.append(batch["label"][keep])
-        got += int(keep.sum())
-        if got >= n:
+        imgs.append(batch["image"][batch["mask"]])
+        labels.append(batch["label"][batch["mask"]])
+        if sum(map(len, imgs)) >= n:
             break
     return torch.cat(imgs)[:n], torch.cat(labels)[:n]
 
 
 def sample_quality(model, cfg: Config, data_dir: str, run_dir: Path, device: str, parts: set[str],
                    progress: bool = False, pictures: Path | None = None) -> dict[str, Any]:
-    """Nearest-neighbour and Frechet figures of eval.nn_samples prior samples (seed NN_SEED).
-
-    `pictures`: a directory for nearest.png (generated samples above their nearest training
-    images).
-    """
+    """Nearest-neighbour and Frechet figures of eval.nn_samples prior samples (seed NN_SEED), and
+    nearest.png (samples above their nearest training images) in `pictures` if given."""
     from rcn_dist import quality
     from rcn_dist.data.loader import EvalStream
     from rcn_dist.sample import generate, grid
@@ -292,16 +278,8 @@ def load_for_eval(run: str, data: str | None, device: str):
     return cfg, model, where, data_dir, manifest
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Only eval.* may be overridden: anything else would not describe the checkpoint."""
-    bad = [o for o in overrides if not o.strip().startswith("eval.")]
-    if bad:
-        raise ConfigError(f"rcn eval takes only eval.* overrides, got {bad[0]!r}")
-
-
 def eval_config(cfg: Config, args: argparse.Namespace) -> Config:
     """The run's config with --reduced caps, then --iw, then eval.* overrides applied."""
-    check_overrides(args.overrides)
     if args.reduced:
         cfg.eval = dataclasses.replace(cfg.eval, **{
             k: (v if getattr(cfg.eval, k) == 0 else min(getattr(cfg.eval, k), v)) for k, v in REDUCED.items()})
@@ -312,16 +290,16 @@ def eval_config(cfg: Config, args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch.distributed as dist
-
-    from rcn_dist.loop import LossModule, evaluate, test_stream
     from rcn_dist.parallel.env import detect, init_process_group
 
     args = build_parser().parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not parts or parts - set(PARTS):
         raise ConfigError(f"--parts takes a comma-separated subset of {','.join(PARTS)}, got {args.parts!r}")
-    check_overrides(args.overrides)
+    # Only eval.* may be overridden: anything else would not describe the checkpoint.
+    bad = [o for o in args.overrides if not o.strip().startswith("eval.")]
+    if bad:
+        raise ConfigError(f"rcn eval takes only eval.* overrides, got {bad[0]!r}")
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
     le = detect()
@@ -340,25 +318,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"{e.nn_samples} samples vs {e.nn_train_images or 'all'} training images, "
                 f"classifier {e.classifier_steps} steps" if args.reduced else ""))
     metrics: dict[str, Any] = {}
-    batch = t.micro_batch or t.batch_size
+    stream = partial(test_stream, cfg, data_dir, t.micro_batch or t.batch_size, le.rank, le.world_size)
     if "test" in parts:
-        test_model = model
-        if t.precision in ("bf16", "fp16"):
-            test_model = copy.deepcopy(model).to(torch.bfloat16 if t.precision == "bf16" else torch.float16)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        test_model = copy.deepcopy(model).to(dtype) if dtype else model
         # Exactly the loop's call: the same stream, batch, noise and reduction.
-        ev = evaluate(LossModule(test_model), test_stream(cfg, data_dir, batch, le.rank, le.world_size),
-                      cfg, le.device, progress=rank0)
+        ev = evaluate(LossModule(test_model), stream(), cfg, le.device, progress=rank0)
         # The loop's caps_* ride-alongs come from one batch; eval.json's caps_* are the caps part's,
         # over eval.caps_examples images, and only when that part runs.
         metrics |= {k: v for k, v in ev.items() if not k.startswith("caps_")}
         if manifest.multi_label:
             metrics["two_object_accuracy"] = 1.0 - metrics["test_error"]
     if "caps" in parts:
-        metrics |= capsule_usage(model, test_stream(cfg, data_dir, batch, le.rank, le.world_size), cfg,
-                                 le.device, e.caps_examples, progress=rank0)
+        metrics |= capsule_usage(model, stream(), cfg, le.device, e.caps_examples, progress=rank0)
     if "iw" in parts:
-        metrics |= importance_weighted(model, test_stream(cfg, data_dir, batch, le.rank, le.world_size), cfg,
-                                       le.device, e.iw_samples, e.iw_examples, progress=rank0)
+        metrics |= importance_weighted(model, stream(), cfg, le.device, e.iw_samples, e.iw_examples, progress=rank0)
     if rank0 and parts & {"nn", "fd"}:
         is_run_dir = (Path(args.run) / "checkpoints").is_dir()  # not a checkpoint or export dir
         metrics |= sample_quality(model, cfg, data_dir, Path(args.run), le.device, parts, progress=True,
