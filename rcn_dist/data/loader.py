@@ -1,10 +1,7 @@
 """The streaming loader: WebDataset shards -> batches, split by data-parallel rank and worker.
 
-TrainStream: per epoch the shard list is permuted with (seed, epoch); rank r, worker w reads
-shards perm[r + R*w :: R*W] through a seeded shuffle buffer, every (rank, worker) slot yields the
-same number of full batches, and the DataLoader takes the workers' batches round-robin, so the
-order is deterministic and a resume continues it exactly (docs/data.md). EvalStream: rank r reads
-shards r, r + R, ... of a split once, the shorter shares padded with masked-out samples.
+TrainStream's order depends only on (seed, epoch) and the layout, so a resume continues it exactly;
+EvalStream reads a split once, every rank the same number of batches (docs/data.md, "The loader").
 
 Batches are dicts: "image" float32 (B, C, H, W) in [0, 1], "grey" (the image before
 binarisation), "label" int64 (B,) or float32 multi-hot (B, n_classes), "index" int64 (B,) (the
@@ -16,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import itertools
 import json
 import random
 from collections.abc import Iterator
@@ -39,14 +37,11 @@ _ERROR = "__rcn_error__"
 # ---------------------------------------------------------------- manifest
 class Manifest:
     """A prepared data set: manifest.json plus the shards it lists, in a local directory or at a
-    URL (rcn_dist.data.urls), optionally cached node-locally in `cache_dir`.
-
-    `dir` is the directory (a Path) for a local source, else the URL prefix or pipe: template.
-    """
+    URL (rcn_dist.data.urls), optionally cached node-locally in `cache_dir`."""
 
     def __init__(self, source: Source, data: dict[str, Any], cache_dir: str | Path | None = None) -> None:
         self.source = source
-        self.dir: Path | str = source.local_dir or source.base
+        self.dir: Path | str = source.local_dir or source.base  # the directory, URL prefix or pipe:
         self.data = data
         self.cache_dir = Path(cache_dir) if cache_dir else None
 
@@ -55,16 +50,11 @@ class Manifest:
         """Read and check the manifest of `directory` (a directory, URL, pipe: template or brace
         list: see rcn_dist.data.urls); DataError naming what is wrong."""
         src = Source(directory)
-        d = src.local_dir
-        if d is not None:
-            path: Path | str = d / MANIFEST
-            if not path.is_file():
-                raise DataError(f"{d}: no {MANIFEST} (run `rcn prepare`)")
-            read = path.read_text
-        else:
-            path, read = src.where(MANIFEST), src.read_manifest
+        path = src.where(MANIFEST)
+        if src.local_dir is not None and not Path(path).is_file():
+            raise DataError(f"{src.local_dir}: no {MANIFEST} (run `rcn prepare`)")
         try:
-            m = json.loads(read())
+            m = json.loads((Path(path).read_bytes() if src.local_dir else src.read(MANIFEST)).decode())
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -75,8 +65,7 @@ class Manifest:
         try:
             shape = [int(v) for v in m["image_shape"]]
             names = [str(v) for v in m["class_names"]]
-            splits = m["splits"]
-            for split, entry in splits.items():
+            for split, entry in m["splits"].items():
                 for sh in entry["shards"]:
                     f = sh["file"]
                     # The manifest names files inside its own directory, never elsewhere.
@@ -373,29 +362,25 @@ class TrainStream:
         """Samples all ranks together use per epoch (the rest of the split is left out)."""
         return self.batches_per_epoch * self.batch_size * self.dp_size
 
-    def _slot_shards(self, epoch: int, role: int) -> list[dict[str, Any]]:
+    def _slot_samples(self, epoch: int, role: int) -> Iterator[dict[str, bytes]]:
         entries = self.manifest.shards(self.split)
         order = list(range(len(entries)))
         if self.shuffle:
             _rng(self.seed, epoch).shuffle(order)
-        return [entries[i] for i in order[self.dp_rank + self.dp_size * role :: self.dp_size * self._w]]
-
-    def _slot_samples(self, epoch: int, role: int) -> Iterator[dict[str, bytes]]:
-        shards = self._slot_shards(epoch, role)
+        mine = order[self.dp_rank + self.dp_size * role :: self.dp_size * self._w]
+        samples = (sample for i in mine for sample in iter_shard(self.manifest, entries[i]))
         if not self.shuffle:
-            for entry in shards:
-                yield from iter_shard(self.manifest, entry)
+            yield from samples
             return
         rng = _rng(self.seed, epoch, self.dp_rank, role, self.dp_size, self._w)
         buf: list[dict[str, bytes]] = []
-        for entry in shards:
-            for sample in iter_shard(self.manifest, entry):
-                if len(buf) < self.shuffle_buffer:
-                    buf.append(sample)
-                    continue
-                j = rng.randrange(len(buf))
-                yield buf[j]
-                buf[j] = sample
+        for sample in samples:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(sample)
+                continue
+            j = rng.randrange(len(buf))
+            yield buf[j]
+            buf[j] = sample
         while buf:
             j = rng.randrange(len(buf))
             buf[j], buf[-1] = buf[-1], buf[j]
@@ -405,24 +390,17 @@ class TrainStream:
         """Batches of slot `role` not among the first `skip` batches of the rank's epoch."""
         # Rank batch j comes from role j % W; of the first `skip`, this many were this role's.
         own_skip = skip // self._w + (1 if role < skip % self._w else 0)
-        chunk: list[dict[str, bytes]] = []
-        done = 0
         samples = self._slot_samples(epoch, role)
         try:
-            for sample in samples:
-                chunk.append(sample)
+            for done in range(self.batches_per_slot):
+                chunk = list(itertools.islice(samples, self.batch_size))
                 if len(chunk) < self.batch_size:
-                    continue
+                    raise DataError(f"{self.manifest.dir}: slot ran out of samples after {done} batches "
+                                    "(shard counts do not match the manifest)")
                 if done >= own_skip:  # skipped batches are read and shuffled but not decoded
                     yield _batch(chunk, self.manifest, self.binarize, self.seed, epoch)
-                chunk = []
-                done += 1
-                if done == self.batches_per_slot:
-                    return
         finally:
             samples.close()
-        raise DataError(f"{self.manifest.dir}: slot ran out of samples after {done} batches "
-                        "(shard counts do not match the manifest)")
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[dict]:
         if skip >= self.batches_per_epoch:
@@ -488,45 +466,22 @@ class EvalStream:
         self._mine = entries[dp_rank::dp_size]
         longest = max(sum(e["samples"] for e in entries[r::dp_size]) for r in range(dp_size))
         self._len = -(-longest // batch_size)
-        self.num_real = sum(e["samples"] for e in self._mine)
-        """Samples of this rank that are not padding."""
 
     def __len__(self) -> int:
         return self._len
 
-    def _pad(self, batch: dict, n: int) -> dict:
-        b = self.batch_size
-        out = {}
-        for k, v in batch.items():
-            fill = -1 if k == "index" else 0
-            pad = torch.full((b - n, *v.shape[1:]), fill, dtype=v.dtype)
-            out[k] = torch.cat([v, pad])
-        out["mask"] = torch.arange(b) < n
-        return out
-
-    def _empty(self) -> dict:
-        c, h, w = self.manifest.image_shape
-        label = (torch.zeros(0, self.manifest.n_classes) if self.manifest.multi_label
-                 else torch.zeros(0, dtype=torch.long))
-        return {"image": torch.zeros(0, c, h, w), "grey": torch.zeros(0, c, h, w), "label": label,
-                "index": torch.zeros(0, dtype=torch.long)}
-
     def __iter__(self) -> Iterator[dict]:
-        chunk: list[dict[str, bytes]] = []
-        made = 0
-        for entry in self._mine:
-            for sample in iter_shard(self.manifest, entry):
-                chunk.append(sample)
-                if len(chunk) == self.batch_size:
-                    batch = _batch(chunk, self.manifest, self.binarize, self.seed, 0)
-                    yield self._pad(batch, self.batch_size)
-                    made, chunk = made + 1, []
-        if chunk:
-            yield self._pad(_batch(chunk, self.manifest, self.binarize, self.seed, 0), len(chunk))
-            made += 1
-        while made < self._len:
-            yield self._pad(self._empty(), 0)
-            made += 1
+        samples = (sample for entry in self._mine for sample in iter_shard(self.manifest, entry))
+        for _ in range(self._len):
+            chunk = list(itertools.islice(samples, self.batch_size))  # short or empty at the end
+            pad = (self.batch_size - len(chunk),)
+            batch = _batch(chunk, self.manifest, self.binarize, self.seed, 0)
+            for k, v in batch.items():  # padded with zeros, index -1
+                batch[k] = torch.cat([v, v.new_full(pad + v.shape[1:], -1 if k == "index" else 0)])
+            batch["mask"] = torch.arange(self.batch_size) < len(chunk)
+            yield batch
+        for _ in samples:  # to the end of the last shard, where iter_shard checks its sample count
+            pass
 
 
 def load_arrays(data_dir: str | Path, split: str, limit: int | None = None,

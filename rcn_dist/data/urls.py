@@ -20,7 +20,6 @@ from pathlib import Path
 
 import braceexpand
 
-from rcn_dist.data.shards import MANIFEST
 from rcn_dist.errors import DataError
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -115,11 +114,3 @@ class Source:
         except (OSError, http.client.HTTPException, ValueError) as e:
             why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise DataError(f"rank {rank()}: cannot open {where}: {_one_line(why)}")
-
-    def read_manifest(self) -> str:
-        """manifest.json's text."""
-        data = self.read(MANIFEST)
-        try:
-            return data.decode()
-        except UnicodeDecodeError:
-            raise DataError(f"{self.where(MANIFEST)}: not valid JSON (not UTF-8)") from None
