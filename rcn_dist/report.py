@@ -81,22 +81,19 @@ def plot_curves(train: list[dict], evals: list[dict], path: Path, title: str = "
     """One panel per loss part (train line, test markers), the test error and the LR."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    split = eval_split(evals)
     for ax, part in zip(axes.flat, (*PARTS, "error", "lr", "img_per_s")):
         pts = [(r["step"], r[part]) for r in train if part in r]
-        if part in ("lr", "img_per_s"):
-            if pts:
-                ax.plot(*zip(*pts), color="tab:gray")
-        else:
-            if pts:
-                ax.plot(*zip(*pts), label="train", color="tab:blue", alpha=0.8)
-            split = eval_split(evals)
-            tpts = [(r["step"], r[f"{split}_{part}"]) for r in evals if f"{split}_{part}" in r]
-            if tpts:
-                ax.plot(*zip(*tpts), "o-", label=split, color="tab:red")
-            if pts or tpts:
-                ax.legend()
+        tpts = [(r["step"], r[f"{split}_{part}"]) for r in evals if f"{split}_{part}" in r]
+        if pts:  # the LR and the speed: train only, unlabelled
+            ax.plot(*zip(*pts), **({"color": "tab:gray"} if part in ("lr", "img_per_s")
+                                   else {"label": "train", "color": "tab:blue", "alpha": 0.8}))
+        if tpts:
+            ax.plot(*zip(*tpts), "o-", label=split, color="tab:red")
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend()
         ax.set_title({"elbo": "negative ELBO (nats)", "recon": "-log D(x|c_T) (nats)", "kl": "KL (nats)",
-                      "error": f"{eval_split(evals)} error", "img_per_s": "images / s"}.get(part, part))
+                      "error": f"{split} error", "img_per_s": "images / s"}.get(part, part))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     if title:
@@ -181,7 +178,7 @@ def run_report(run_dir: Path) -> Path:
 def compare_report(runs: list[Path], out_dir: Path) -> Path:
     """A table with one row per run (config differences, final numbers) and overlaid curves."""
     plt = _pyplot()
-    rows, cfgs, curves = [], {}, {}
+    rows, flat, curves = [], {}, {}
     for r in runs:
         if not r.is_dir():
             raise RcnError(f"{r}: no such run directory")
@@ -189,7 +186,7 @@ def compare_report(runs: list[Path], out_dir: Path) -> Path:
         train, evals = read_metrics(r)
         mets = (_load_json(r / "eval.json") or {}).get("metrics", {})
         last_eval = evals[-1] if evals else {}
-        cfgs[str(r)] = cfg
+        flat[str(r)] = {f"{s}.{k}": v for s, sec in cfg.items() if isinstance(sec, dict) for k, v in sec.items()}
         curves[str(r)] = (train, evals)
         speed = sorted(t["img_per_s"] for t in train if "img_per_s" in t)
         rows.append([str(r), cfg.get("name"), train[-1]["step"] if train else None,
@@ -197,8 +194,6 @@ def compare_report(runs: list[Path], out_dir: Path) -> Path:
                      *(mets.get(k, last_eval.get(k)) for k in SUMMARY + CAPS_SUMMARY),
                      speed[len(speed) // 2] if speed else None])
     # Config fields that differ between the runs: what the sweep changed.
-    flat = {run: {f"{s}.{k}": v for s, sec in c.items() if isinstance(sec, dict) for k, v in sec.items()}
-            for run, c in cfgs.items()}
     keys = sorted({k for f in flat.values() for k in f})
     varying = [k for k in keys if len({json.dumps(f.get(k)) for f in flat.values()}) > 1]
     out_dir.mkdir(parents=True, exist_ok=True)
