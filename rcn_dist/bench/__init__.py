@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rcn_dist.bench.base import load_average, rcn_inputs
+from rcn_dist.bench.base import rcn_inputs
 from rcn_dist.errors import RcnError
 from rcn_dist.flops import count_forward, rcn_flops, train_flops_per_image
 from rcn_dist.model import PrimaryCapsules, RoutedCapsules, margin_loss
@@ -97,9 +97,8 @@ def train_step(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: tuple[T
     model.to(dev)
     if opt.fast:
         model.to(memory_format=torch.channels_last)
-        inputs = tuple(t.to(dev, memory_format=torch.channels_last) if t.dim() == 4 else t.to(dev) for t in inputs)
-    else:
-        inputs = tuple(t.to(dev) for t in inputs)
+    inputs = tuple(t.to(dev, memory_format=torch.channels_last) if opt.fast and t.dim() == 4 else t.to(dev)
+                   for t in inputs)
     adam = build_adam(model.parameters(), lr, fused=opt.fast)
     fn = torch.compile(loss_fn) if opt.compile else loss_fn
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opt.precision)
@@ -160,7 +159,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, 
 def result(name: str, device: torch.device, batch: int, steps: int, img_s: float, flops_per_image: float,
            peak_tflops: float, **extra: Any) -> dict[str, Any]:
     """The one-line result of a workload (`batch` images per step over all processes). Peak memory:
-    the CUDA allocator's peak on a GPU, this process's peak resident set on a CPU."""
+    the CUDA allocator's peak on a GPU, this process's peak resident set on a CPU. The 1-minute load
+    average goes with it: timings on a shared machine are only as good as it is low."""
     achieved = flops_per_image * img_s / 1e12
     if device.type == "cuda":
         mem = int(torch.cuda.max_memory_allocated(device))
@@ -170,7 +170,7 @@ def result(name: str, device: torch.device, batch: int, steps: int, img_s: float
             "img_per_s": img_s, "ms_per_step": 1e3 * batch / img_s, "peak_mem_bytes": mem,
             "flops_per_image": flops_per_image, "achieved_tflops": achieved,
             "matmul_peak_tflops": peak_tflops, "fraction_of_peak": achieved / peak_tflops if peak_tflops else 0.0,
-            "threads": torch.get_num_threads(), "loadavg_1min": load_average(), **extra}
+            "threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0], **extra}
 
 
 def time_steps(name: str, fns: dict[str, Callable[[], Any]], batch: int, steps: int, warmup: int, opt: Options,

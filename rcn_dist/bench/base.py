@@ -1,16 +1,10 @@
-"""What the benchmarks share: synthetic RCN inputs and the machine's load."""
+"""What the benchmarks share (outside the package's __init__, which imports the pipeline benchmark):
+synthetic RCN inputs."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
-
-
-def load_average() -> float:
-    """1-minute load average (timings on a shared machine are only as good as this is low)."""
-    return os.getloadavg()[0]
 
 
 def rcn_inputs(cfg, batch: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:

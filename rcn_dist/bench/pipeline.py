@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B, ScheduleLoopedBFS
 
-from rcn_dist.bench.base import load_average, rcn_inputs
+from rcn_dist.bench.base import rcn_inputs
 from rcn_dist.config import Config, ConfigError
 from rcn_dist.parallel.pipeline import PipelineRank
 
@@ -238,7 +238,7 @@ def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5
                key=lambda r: r["speedup_vs_accum"])
     balance = {"mode": "balance", "schedule": main, "enc_s": enc, "dec_s": dec, "bound": bound, "best_M": best["M"],
                "best_speedup": best["speedup_vs_accum"], "fraction_of_bound": best["speedup_vs_accum"] / bound,
-               "loadavg_1min": load_average(), "cpus": os.cpu_count()}
+               "loadavg_1min": os.getloadavg()[0], "cpus": os.cpu_count()}
     out(f"stacks: encoder {1e3 * enc:.1f} ms, decoder {1e3 * dec:.1f} ms per step (fwd+bwd); "
         f"bound {bound:.2f}x; best pipeline M={best['M']}: {best['speedup_vs_accum']:.2f}x over accum "
         f"= {100 * balance['fraction_of_bound']:.0f}% of the bound (load average {balance['loadavg_1min']:.1f} "
