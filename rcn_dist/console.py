@@ -10,10 +10,6 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def is_tty() -> bool:
-    return sys.stdout.isatty()
-
-
 class Console:
     """Prints only where `enabled` (rank 0)."""
 
@@ -27,7 +23,7 @@ class Console:
     def table(self, title: str, rows: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        if not is_tty():
+        if not sys.stdout.isatty():
             print(f"{title}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in rows.items()), flush=True)
             return
         from rich.console import Console as RichConsole
@@ -45,9 +41,7 @@ class Console:
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 class TrainProgress:
@@ -59,7 +53,7 @@ class TrainProgress:
         self.con, self.total, self.label = con, total, label
         self.every = max(1, (total - start) // 20)
         self._bar = None
-        if con.enabled and is_tty():
+        if con.enabled and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -90,11 +84,11 @@ class TrainProgress:
             self._bar = None
 
 
-def track(it: Iterable[T], label: str, enabled: bool = True, total: int | None = None) -> Iterator[T]:
+def track(it: Iterable[T], label: str, enabled: bool = True) -> Iterator[T]:
     """Iterate with a rich progress bar when enabled and on a terminal, silently otherwise."""
-    if not (enabled and is_tty()):
+    if not (enabled and sys.stdout.isatty()):
         yield from it
         return
     from rich.progress import track as rich_track
 
-    yield from rich_track(it, description=label, total=total, transient=True)
+    yield from rich_track(it, description=label, transient=True)

@@ -23,13 +23,7 @@ from safetensors.torch import save
 from rcn_dist import __version__
 from rcn_dist.errors import CheckpointError
 from rcn_dist.files import atomic_write
-from rcn_dist.parallel.checkpoint import (
-    COMPLETE,
-    ckpt_root,
-    find_latest,
-    load_model,
-    tag_for,
-)
+from rcn_dist.parallel.checkpoint import COMPLETE, ckpt_root, find_latest, load_model, tag_for
 
 
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:

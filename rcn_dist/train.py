@@ -37,23 +37,12 @@ def build_parser(prog: str = "rcn train") -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.dir={args.data}")
-    if args.steps is not None:
-        overrides.append(f"train.steps={args.steps}")
-    if args.seed is not None:
-        overrides.append(f"train.seed={args.seed}")
+    for key, value in (("data.dir", args.data or None), ("train.steps", args.steps), ("train.seed", args.seed)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
     if not args.preset and not args.config:
         raise ConfigError("give --preset NAME or --config FILE")
     return resolve(args.preset, args.config, overrides)
-
-
-def _check_run_dir(run_dir: Path, cfg: Config) -> None:
-    """A run dir that holds another model's checkpoints is refused, not overwritten."""
-    diff = model_diff(run_dir / "config.json", cfg)
-    if diff:
-        raise CheckpointError(f"{run_dir} holds a run with a different model config "
-                              f"(model.{', model.'.join(diff[:4])} differ): use another --out")
 
 
 def _check_resume_layout(run_dir: Path, cfg: Config, le) -> None:
@@ -101,7 +90,10 @@ def prepare_run(args: argparse.Namespace):
     if shape != want:
         raise ConfigError(f"data {cfg.data.dir} holds {shape[0]}x{shape[1]}x{shape[2]} images, the model "
                           f"expects model.in_channels/height/width = {want[0]}x{want[1]}x{want[2]}")
-    _check_run_dir(run_dir, cfg)
+    diff = model_diff(run_dir / "config.json", cfg)  # another model's run is refused, not overwritten
+    if diff:
+        raise CheckpointError(f"{run_dir} holds a run with a different model config "
+                              f"(model.{', model.'.join(diff[:4])} differ): use another --out")
     if cfg.parallel.pipeline_stages == 1:
         _check_resume_layout(run_dir, cfg, le)
     return cfg, ds, le, manifest, run_dir
