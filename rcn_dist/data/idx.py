@@ -48,9 +48,8 @@ def find_idx(directory: str | Path, split: str) -> tuple[Path, Path]:
     stem = "train" if split == "train" else "t10k"
     found = []
     for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-        cands = [d / f"{stem}-{kind}{ext}" for ext in ("", ".gz")]
-        hit = next((c for c in cands if c.is_file()), None)
-        if hit is None:
+        hits = [c for c in (d / f"{stem}-{kind}", d / f"{stem}-{kind}.gz") if c.is_file()]
+        if not hits:
             raise DataError(f"{d}: missing {stem}-{kind}[.gz]")
-        found.append(hit)
+        found.append(hits[0])
     return found[0], found[1]

@@ -5,10 +5,9 @@
     rcn prepare --dataset cifar10 --source cifar-10-python.tar.gz --out data/cifar10
     rcn prepare --dataset multimnist --source ~/mnist --pairs 2 --out data/multimnist
 
-The training images are split once into "train" and a held-out "val" (--val); the output is
-written under a temporary name and renamed into place when complete; an existing --out holding
-something else is refused unless --force. docs/data.md has the details, and why `--download`
-(mnist only, needs the network) is not exercised by the tests.
+The training images are split once into "train" and a held-out "val" (--val); --out is written
+whole or not at all, and never over something else without --force (docs/data.md; `--download`
+needs the network, so the tests do not exercise it).
 """
 
 from __future__ import annotations
@@ -98,41 +97,33 @@ def _check_out(out: Path, dataset: str, force: bool) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str], dict]:
     """{split: (images (N, C, H, W) uint8, labels)}, class names, extra manifest fields."""
-    src = Path(args.source) if args.source else None
     extra: dict[str, Any] = {}
     if args.dataset == "cifar10":
-        if src is None:
+        if not args.source:
             raise DataError("--dataset cifar10 needs --source (the batch directory or the .tar.gz)")
-        raw = sources.read_cifar10(src)
+        raw = sources.read_cifar10(args.source)
         names = raw["train"][2]
-        data = {s: (raw[s][0], raw[s][1]) for s in sources.SPLITS}
-    elif args.dataset in ("fashion-mnist", "multimnist") or (args.dataset == "mnist" and src is not None):
-        if src is None:
-            src = sources.FASHION_MNIST_DIR
-        fashion = args.dataset == "fashion-mnist" or (
-            args.dataset == "multimnist" and (args.base or ("mnist" if args.source else "fashion-mnist"))
-            == "fashion-mnist")
-        names = sources.FASHION_CLASSES if fashion else sources.DIGIT_CLASSES
+        data = {s: raw[s][:2] for s in sources.SPLITS}
+    elif args.dataset == "mnist" and not args.source:
+        raise DataError("--dataset mnist needs --source DIR (add --download to fetch it there)")
+    else:
+        base = args.dataset if args.dataset != "multimnist" else (
+            args.base or ("mnist" if args.source else "fashion-mnist"))
+        names = sources.FASHION_CLASSES if base == "fashion-mnist" else sources.DIGIT_CLASSES
         data = {}
         for i, split in enumerate(sources.SPLITS):
-            x, y, _ = sources.read_idx_split(src, split, names)
+            x, y, _ = sources.read_idx_split(args.source or sources.FASHION_MNIST_DIR, split, names)
             if args.dataset == "multimnist":
                 x, y = sources.synth_multimnist(x, y, args.pairs, seed=args.seed * 2 + i, limit=args.limit)
+                extra = {"pairs_per_image": args.pairs, "base": base}
             data[split] = (x, y)
-        if args.dataset == "multimnist":
-            extra = {"pairs_per_image": args.pairs, "base": "fashion-mnist" if fashion else "mnist"}
-    else:
-        raise DataError("--dataset mnist needs --source DIR (add --download to fetch it there)")
     if args.limit is not None:
         data = {s: (x[: args.limit], y[: args.limit]) for s, (x, y) in data.items()}
-    data = hold_out_val(data, args.val if args.val is not None else default_val(len(data["train"][0])))
+    # By default DEFAULT_VAL images where that is at most a tenth of the training set (the real
+    # MNIST, Fashion-MNIST, CIFAR-10 and MultiMNIST), else none (small or --limit'ed sets).
+    n_val = DEFAULT_VAL if len(data["train"][0]) >= 10 * DEFAULT_VAL else 0
+    data = hold_out_val(data, n_val if args.val is None else args.val)
     return {s: (shards.to_chw(x), y) for s, (x, y) in data.items()}, names, extra
-
-
-def default_val(n_train: int) -> int:
-    """--val's default: DEFAULT_VAL images where that is at most a tenth of the training set (the
-    real MNIST, Fashion-MNIST, CIFAR-10 and MultiMNIST), else none (small or --limit'ed sets)."""
-    return DEFAULT_VAL if n_train >= 10 * DEFAULT_VAL else 0
 
 
 def hold_out_val(data: dict[str, tuple[np.ndarray, np.ndarray]], n_val: int
@@ -152,28 +143,17 @@ def hold_out_val(data: dict[str, tuple[np.ndarray, np.ndarray]], n_val: int
     return out
 
 
-def _progress():
+def prepare(args: argparse.Namespace) -> Path:
+    """Do the work of `rcn prepare`; returns the output directory."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=console, transient=True,
-                    disable=not console.is_terminal)
-
-
-def prepare(args: argparse.Namespace) -> Path:
-    """Do the work of `rcn prepare`; returns the output directory."""
     from rcn_dist import __version__
 
-    if args.shard_size < 1:
-        raise DataError(f"--shard-size must be positive, got {args.shard_size}")
-    if args.limit is not None and args.limit < 1:
-        raise DataError(f"--limit must be positive, got {args.limit}")
-    if args.val is not None and args.val < 0:
-        raise DataError(f"--val must be >= 0, got {args.val}")
-    if args.pairs < 1:
-        raise DataError(f"--pairs must be positive, got {args.pairs}")
+    for flag, value, least in (("--shard-size", args.shard_size, 1), ("--limit", args.limit, 1),
+                               ("--val", args.val, 0), ("--pairs", args.pairs, 1)):
+        if value is not None and value < least:
+            raise DataError(f"{flag} must be {'positive' if least else '>= 0'}, got {value}")
     out = Path(args.out)
     _check_out(out, args.dataset, args.force)
     if args.download:
@@ -192,20 +172,22 @@ def prepare(args: argparse.Namespace) -> Path:
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    console = Console(stderr=True)
     try:
-        with _progress() as progress:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=console, transient=True,
+                      disable=not console.is_terminal) as progress:
             for split, (x, y) in data.items():
                 task = progress.add_task(f"{args.dataset} {split}", total=len(x))
                 manifest["splits"][split] = shards.write_split(
                     tmp, split, x, y, args.shard_size, advance=lambda k, t=task: progress.advance(t, k))
         shards.write_manifest(tmp, manifest)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
-            tmp.rename(out)
+        tmp.rename(out)
+        if old.exists():
             shutil.rmtree(old)
-        else:
-            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

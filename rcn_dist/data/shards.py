@@ -56,23 +56,20 @@ def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarra
     header = npy_header(images.shape[1:])
     for s, start in enumerate(range(0, n, shard_size)):
         name = f"{split}-{s:06d}.tar"
+        stop = min(start + shard_size, n)
         buf = io.BytesIO()
         with wds.TarWriter(buf, user="rcn", group="rcn", mode=0o444, mtime=0, encoder=False) as tw:
-            for i in range(start, min(start + shard_size, n)):
+            for i in range(start, stop):
                 sample = {"__key__": f"{i:08d}", "npy": header + images[i].tobytes()}
-                lab = labels[i]
-                if np.ndim(lab) == 0:
-                    sample["cls"] = str(int(lab)).encode()
-                else:
-                    sample["cls"], sample["cls2"] = str(int(lab[0])).encode(), str(int(lab[1])).encode()
+                for member, lab in zip(("cls", "cls2"), np.atleast_1d(labels[i])):
+                    sample[member] = str(int(lab)).encode()
                 tw.write(sample)
         data = buf.getvalue()
         (out_dir / name).write_bytes(data)
-        count = min(start + shard_size, n) - start
-        shards.append({"file": name, "samples": count, "bytes": len(data),
+        shards.append({"file": name, "samples": stop - start, "bytes": len(data),
                        "sha256": hashlib.sha256(data).hexdigest()})
         if advance is not None:
-            advance(count)
+            advance(stop - start)
     return {"num_samples": n, "shards": shards}
 
 
