@@ -15,18 +15,12 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from rcn_dist.config import Config, ConfigError
 
 EXTRAS = {"tensorboard": ("tensorboard", "pip install 'rcn_dist[tensorboard]'"),
           "wandb": ("wandb", "pip install 'rcn_dist[wandb]'")}
-
-
-class Logger(Protocol):
-    def log(self, row: dict[str, Any]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def _scalars(row: dict[str, Any]) -> tuple[int, dict[str, float]]:
@@ -37,67 +31,48 @@ def _scalars(row: dict[str, Any]) -> tuple[int, dict[str, float]]:
     return int(row["step"]), vals
 
 
-class JsonlLogger:
-    """One JSON object per line in RUN_DIR/metrics.jsonl, opened per row so a kill loses nothing."""
+class Logger:
+    """Rank 0's rows into RUN_DIR: metrics.jsonl (opened per row, so a kill loses nothing) and,
+    when named, scalars in RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR/tensorboard`) and a
+    W&B run in RUN_DIR/wandb (offline unless WANDB_MODE is set; resumed runs append to it).
+    Without a run_dir (the other ranks) it does nothing."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, cfg: Config, run_dir: Path | None, names: list[str]) -> None:
+        self.path, self.writer, self.run = None, None, None
+        if run_dir is None:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=30)
+        if "wandb" in names:
+            import wandb
+
+            run_dir.joinpath("wandb").mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(project="rcn_dist", name=run_dir.name, dir=str(run_dir),
+                                  id="rcn-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12],
+                                  resume="allow", mode=os.environ.get("WANDB_MODE", "offline"),
+                                  config=cfg.to_dict())
 
     def log(self, row: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
-
-    def close(self) -> None:
-        pass
-
-
-class TensorBoardLogger:
-    """Scalars in RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR/tensorboard`)."""
-
-    def __init__(self, log_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=30)
-
-    def log(self, row: dict[str, Any]) -> None:
         step, vals = _scalars(row)
-        for k, v in vals.items():
-            self.writer.add_scalar(k, v, step)
+        if self.writer is not None:
+            for k, v in vals.items():
+                self.writer.add_scalar(k, v, step)
+        if self.run is not None:
+            self.run.log(vals, step=step)
 
     def close(self) -> None:
-        self.writer.close()
-
-
-class WandbLogger:
-    """A W&B run in RUN_DIR/wandb, offline unless WANDB_MODE is set; resumed runs append to it."""
-
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
-        import wandb
-
-        run_dir.joinpath("wandb").mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project="rcn_dist", name=run_dir.name, dir=str(run_dir),
-                              id="rcn-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12], resume="allow",
-                              mode=os.environ.get("WANDB_MODE", "offline"), config=cfg.to_dict())
-
-    def log(self, row: dict[str, Any]) -> None:
-        step, vals = _scalars(row)
-        self.run.log(vals, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
-
-
-class _Fanout:
-    def __init__(self, loggers: list[Logger]) -> None:
-        self.loggers = loggers
-
-    def log(self, row: dict[str, Any]) -> None:
-        for lg in self.loggers:
-            lg.log(row)
-
-    def close(self) -> None:
-        for lg in self.loggers:
-            lg.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
 
 
 def logger_names(cfg: Config) -> list[str]:
@@ -117,13 +92,4 @@ def make_loggers(cfg: Config, run_dir: str | Path, rank: int) -> Logger:
         module, hint = EXTRAS[n]
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"train.loggers asks for {n}, but the {module} package is not installed: {hint}")
-    if rank != 0:
-        return _Fanout([])
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    made: list[Logger] = [JsonlLogger(run_dir / "metrics.jsonl")]
-    if "tensorboard" in names:
-        made.append(TensorBoardLogger(run_dir / "tensorboard"))
-    if "wandb" in names:
-        made.append(WandbLogger(cfg, run_dir))
-    return _Fanout(made)
+    return Logger(cfg, Path(run_dir) if rank == 0 else None, names)
