@@ -1,13 +1,7 @@
-"""`rcn report`: one Markdown page per run, or a comparison of several runs.
-
-    rcn report --run RUN_DIR              -> RUN_DIR/report.md, plots in RUN_DIR/report/
-    rcn report --runs A B C [--out DIR]   -> DIR/report.md (default runs/compare): one table row
-                                             and one curve per run (sweeps use it)
-
-The page holds the run's config, its loss curves (train and test, each loss part), eval.json as a
-table and the pictures of `rcn sample` / `rcn eval` (linked relative to the page, so the run
-directory can be copied or archived as it is). Missing pieces (no eval.json yet, no samples) are
-named on the page with the command that makes them.
+"""`rcn report`: one Markdown page per run (`--run RUN_DIR`: RUN_DIR/report.md, plots in
+RUN_DIR/report/), or a comparison of several runs for sweeps (`--runs A B C [--out DIR]`:
+DIR/report.md, default runs/compare). docs/evaluation.md says what the pages hold. Pictures are
+linked relative to the page, so the run directory can be copied or archived as it is.
 """
 
 from __future__ import annotations

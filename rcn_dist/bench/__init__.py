@@ -1,13 +1,9 @@
 """`rcn bench`: throughput of named workloads against the machine's own matmul peak.
 
-    rcn bench --workload capsnet-sabour [--batch 128] [--device cpu|cuda] [--precision fp32|bf16]
-    rcn bench --workload rcn-small --nproc 2          # data-parallel scaling on CPU (gloo)
-
 Each workload prints one JSON line (`result`): img/s and ms per step (the median step, timed
 after warm-up, with CUDA events on a GPU), peak memory, model FLOPs per image (rcn_dist.flops)
-and their fraction of a matmul peak measured on the same device in the same run. The fast path
-(default; `--eager` turns it off): channels-last convolutions, fused Adam, bf16 autocast with
-`--precision bf16`, `--compile`. docs/performance.md has the workloads and measured tables.
+and their fraction of a matmul peak measured on the same device in the same run.
+docs/performance.md has the workloads, the options and measured tables.
 """
 
 from __future__ import annotations
@@ -146,13 +142,13 @@ def time_alternating(fns: dict[str, Callable[[], Any]], steps: int, warmup: int,
     return out
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 10) -> float:
-    """TFLOP/s of an n x n x n matmul on this device in this process: the ceiling that model
-    TFLOP/s are quoted against. The fastest of `reps` (a ceiling; on a shared machine other
-    processes only ever add time). n defaults to 8192 on a GPU, 1024 on a CPU."""
-    n = n or (8192 if device.type == "cuda" else 1024)
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """TFLOP/s of an n x n x n matmul (n = 8192 on a GPU, 1024 on a CPU) on this device in this
+    process: the ceiling that model TFLOP/s are quoted against. The fastest of 10 (a ceiling; on a
+    shared machine other processes only ever add time)."""
+    n = 8192 if device.type == "cuda" else 1024
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    times = time_alternating({"mm": lambda: a @ b}, reps, 2, device)["mm"]
+    times = time_alternating({"mm": lambda: a @ b}, 10, 2, device)["mm"]
     return 2 * n**3 / min(times) / 1e12
 
 
@@ -399,14 +395,12 @@ def bench_quickstart(run_dir: str, execute: bool) -> dict[str, Any]:
     img_s = statistics.median(r["img_per_s"] for r in train) if train else 0.0
     return {"workload": "quickstart", "run": str(run), "wall_s": wall, "test_error": ev["test_error"],
             "test_elbo": ev["test_elbo"], "steps": train[-1]["step"] if train else 0, "img_per_s": img_s,
-            "targets": QUICKSTART_TARGETS,
-            "wall_ok": wall <= QUICKSTART_TARGETS["wall_s"],
+            "targets": QUICKSTART_TARGETS, "wall_ok": wall <= QUICKSTART_TARGETS["wall_s"],
             "error_ok": ev["test_error"] <= QUICKSTART_TARGETS["test_error"]}
 
 
 # ------------------------------------------------------------------ command line
 def run_workload(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the workload that args name and return its result dict."""
     w = args.workload
     if args.steps < 1 or args.warmup < 0:
         raise BenchError("--steps must be >= 1 and --warmup >= 0")

@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,36 +28,35 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def _capsnet_losses(opt: Options, batch: int, steps: int = 2) -> list[float]:
-    torch.manual_seed(0)
-    x = (torch.rand(batch, 1, 28, 28) > 0.6).float()
-    y = torch.randint(0, 10, (batch,))
-    torch.manual_seed(1)
-    model = CapsNetSabour()
-    step = train_step(model, model.loss, (x, y), opt)
-    return [float(step()) for _ in range(steps)]
-
-
-def _rcn_losses(preset_name: str, opt: Options, batch: int, steps: int = 2) -> list[float]:
+def _losses(name: str, opt: Options, batch: int, steps: int = 2) -> list[float]:
+    """Losses of `steps` training steps of CapsNetSabour (name "capsnet") or of preset `name`'s RCN."""
     from rcn_dist.config import preset
 
-    step = rcn_step(preset(preset_name), batch, opt)
+    if name != "capsnet":
+        step = rcn_step(preset(name), batch, opt)
+    else:
+        torch.manual_seed(0)
+        x = (torch.rand(batch, 1, 28, 28) > 0.6).float()
+        y = torch.randint(0, 10, (batch,))
+        torch.manual_seed(1)
+        model = CapsNetSabour()
+        step = train_step(model, model.loss, (x, y), opt)
     return [float(step()) for _ in range(steps)]
 
 
 def check_fast_fp32(dev: torch.device, batch: int, preset_name: str) -> dict[str, Any]:
-    fast = _rcn_losses(preset_name, Options(dev, "fp32", fast=True), batch)
-    eager = _rcn_losses(preset_name, Options(dev, "fp32", fast=False), batch)
+    fast = _losses(preset_name, Options(dev, "fp32", fast=True), batch)
+    eager = _losses(preset_name, Options(dev, "fp32", fast=False), batch)
     err = max(_rel(a, b) for a, b in zip(fast, eager))
     return {"check": "fast_fp32", "ok": err <= 1e-5, "max_rel_err": err, "fast": fast, "eager": eager}
 
 
 def check_bf16(dev: torch.device, batch: int, preset_name: str) -> dict[str, Any]:
     rows = {}
-    for name, losses in (("capsnet", _capsnet_losses), ("rcn", lambda o, b: _rcn_losses(preset_name, o, b))):
-        bf = losses(Options(dev, "bf16"), batch)
-        fp = losses(Options(dev, "fp32"), batch)
-        rows[name] = {"bf16": bf, "fp32": fp, "rel_err": _rel(bf[0], fp[0])}
+    for key, name in (("capsnet", "capsnet"), ("rcn", preset_name)):
+        bf = _losses(name, Options(dev, "bf16"), batch)
+        fp = _losses(name, Options(dev, "fp32"), batch)
+        rows[key] = {"bf16": bf, "fp32": fp, "rel_err": _rel(bf[0], fp[0])}
     err = max(r["rel_err"] for r in rows.values())
     return {"check": "bf16", "ok": err <= 2e-2, "max_rel_err": err, **rows}
 
@@ -67,8 +65,8 @@ def check_fp16_scaled(dev: torch.device, batch: int, preset_name: str, steps: in
     """fp16 autocast with dynamic loss scaling (torch.amp.GradScaler), against fp32."""
     if dev.type != "cuda":
         return {"check": "fp16_scaled", "ok": True, "skipped": "fp16 needs a GPU"}
-    losses = _rcn_losses(preset_name, Options(dev, "fp16", fast=False), batch, steps)
-    fp32 = _rcn_losses(preset_name, Options(dev, "fp32", fast=False), batch, steps=1)[0]
+    losses = _losses(preset_name, Options(dev, "fp16", fast=False), batch, steps)
+    fp32 = _losses(preset_name, Options(dev, "fp32", fast=False), batch, steps=1)[0]
     err = _rel(losses[0], fp32)
     return {"check": "fp16_scaled", "ok": all(map(math.isfinite, losses)) and err <= 5e-2, "rel_err_first": err,
             "losses": losses, "fp32_first": fp32}
@@ -123,21 +121,20 @@ def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of benchmark rows."""
     lines = ["| workload | batch | precision | img/s | ms/step | TFLOP/s | peak TFLOP/s | fraction | peak mem GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['workload']} | {r['batch']} | {r['precision']} | {r['img_per_s']:.1f} | "
-                     f"{r['ms_per_step']:.1f} | {r['achieved_tflops']:.3f} | {r['matmul_peak_tflops']:.1f} | "
-                     f"{100 * r['fraction_of_peak']:.1f}% | {r['peak_mem_bytes'] / 2**30:.2f} |")
+    lines += [f"| {r['workload']} | {r['batch']} | {r['precision']} | {r['img_per_s']:.1f} | "
+              f"{r['ms_per_step']:.1f} | {r['achieved_tflops']:.3f} | {r['matmul_peak_tflops']:.1f} | "
+              f"{100 * r['fraction_of_peak']:.1f}% | {r['peak_mem_bytes'] / 2**30:.2f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def run_checks(dev: torch.device, out: Path, dry_run: bool, emit: Callable[[str], Any] = print) -> bool:
+def run_checks(dev: torch.device, out: Path, dry_run: bool) -> bool:
     """All checks, then the benchmark table; True if every check passed."""
     out.mkdir(parents=True, exist_ok=True)
     preset_name, batch = ("tiny", 4) if dry_run else ("small", 16)
     ok = True
     if dev.type == "cuda":
-        emit(json.dumps({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-                         "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST")}))
+        print(json.dumps({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+                          "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST")}))
         # Equality checks compare true fp32 arithmetic.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     checks = {"fast_fp32": check_fast_fp32, "bf16": check_bf16, "fp16_scaled": check_fp16_scaled,
@@ -152,16 +149,15 @@ def run_checks(dev: torch.device, out: Path, dry_run: bool, emit: Callable[[str]
             r["seconds"] = time.perf_counter() - t0
             ok &= bool(r["ok"])
             f.write(json.dumps(r) + "\n")
-            emit(json.dumps(r))
+            print(json.dumps(r))
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     rows = bench_rows(dev, dry_run)
-    with open(out / "bench.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-            emit(json.dumps(r))
+    for r in rows:
+        print(json.dumps(r))
+    (out / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "bench.md").write_text(table(rows))
-    emit(table(rows))
+    print(table(rows))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

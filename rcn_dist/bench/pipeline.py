@@ -60,9 +60,7 @@ class LoggedStage(PipelineStage):
     micro-batch, start, end) with time.time() stamps, while `events` is not None.
     """
 
-    def __init__(self, *args, events: list | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.events = events
+    events: list | None = None
 
     def _logged(self, kind: str, run: Callable, chunk: int, *args, **kwargs):
         t0 = time.time()
@@ -85,8 +83,7 @@ class LockStepRank(PipelineRank):
     def __init__(self, cfg: Config, pp_rank: int, pp_group, dp_group=None, **kwargs) -> None:
         super().__init__(cfg, pp_rank, pp_group, dp_group, **kwargs)
         check_lockstep(cfg)
-        T = cfg.model.T
-        self.stages = [LoggedStage(st, 2 * t + pp_rank, 2 * T, self.device, group=pp_group)
+        self.stages = [LoggedStage(st, 2 * t + pp_rank, 2 * cfg.model.T, self.device, group=pp_group)
                        for t, st in enumerate(self.stage_modules)]
         # scale_grads=False: the default divides a shared parameter's gradient by M once per
         # stage that uses it (wrong by up to 90%); the loss is divided by the rank's batch instead.
@@ -135,8 +132,7 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
     from rcn_dist.parallel.pipeline import make_groups
 
     torch.set_num_threads(1)
-    init_process_group(detect({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                               "MASTER_PORT": str(port)}, cuda=False))
+    init_process_group(detect({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_PORT": str(port)}, cuda=False))
     pp_group, dp_group = make_groups(2)
     base = from_dict(json.loads(cfg_json))
     b = base.train.batch_size
