@@ -14,10 +14,8 @@ _DTYPES = {0x08: np.uint8}
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file into an array: images (N, H, W) uint8 or labels (N,) uint8.
-
-    A wrong magic number or a body shorter than its header says raises DataError naming the file.
-    """
+    """An IDX file as images (N, H, W) or labels (N,), uint8; a wrong magic number or a body of
+    another size than its header says raises DataError naming the file."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such IDX file")

@@ -119,8 +119,7 @@ class Manifest:
         return self.data["splits"][split]["shards"]
 
     def num_samples(self, split: str) -> int:
-        self.shards(split)
-        return int(self.data["splits"][split]["num_samples"])
+        return sum(e["samples"] for e in self.shards(split))  # == num_samples: checked by load
 
     def read_shard_bytes(self, entry: dict[str, Any]) -> bytes:
         """A shard's bytes, checked against the manifest's size and SHA-256: from the cache when
@@ -168,21 +167,17 @@ def _select(m: dict[str, Any], files: list[str], path: Path | str) -> dict[str, 
     if missing:
         raise DataError(f"{path}: lists no shard {missing[0]!r} (of the brace list)")
     m = copy.deepcopy(m)
-    for split, entry in list(m["splits"].items()):
+    for entry in m["splits"].values():
         entry["shards"] = [sh for sh in entry["shards"] if sh["file"] in files]
         entry["num_samples"] = sum(sh["samples"] for sh in entry["shards"])
-        if not entry["shards"]:
-            del m["splits"][split]
+    m["splits"] = {split: entry for split, entry in m["splits"].items() if entry["shards"]}
     return m
 
 
 # ---------------------------------------------------------------- reading one shard
 def iter_shard(manifest: Manifest, entry: dict[str, Any]) -> Iterator[dict[str, bytes]]:
-    """The raw samples of one shard ({"__key__", "npy", "cls", ...}), in stored order.
-
-    The shard is checked (size, checksum, tar members: UnsafeFileError for links, absolute
-    paths, `..` and devices) and must hold exactly the manifest's sample count.
-    """
+    """The raw samples of one shard ({"__key__", "npy", "cls", ...}), in stored order, once its size,
+    checksum and tar members (safetar: UnsafeFileError) pass; it must hold the manifest's count."""
     path = manifest.source.where(entry["file"])
     data = manifest.read_shard_bytes(entry)
     files = ({"fname": name, "data": content, "__url__": str(path)}
@@ -230,9 +225,6 @@ def _decode(samples: list[dict[str, bytes]], manifest: Manifest) -> tuple[np.nda
 
 
 # ---------------------------------------------------------------- binarisation
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
 def _mix64(x: np.ndarray) -> np.ndarray:
     # splitmix64's finaliser: a bijective, well-mixed hash of a 64-bit counter (wraps mod 2^64).
     x = x + np.uint64(0x9E3779B97F4A7C15)
@@ -268,16 +260,13 @@ def binarize(images: np.ndarray, mode: str, seed: int = 0, epoch: int = 0,
 def _batch(samples: list[dict[str, bytes]], manifest: Manifest, mode: str, seed: int, epoch: int) -> dict:
     images, labels, index = _decode(samples, manifest)
     image = binarize(images, mode, seed, epoch, index)
-    # "grey": the image before binarisation, for the encoder capsules (data.caps_input).
-    out = {"image": image, "grey": image if mode == "none" else binarize(images, "none"),
-           "index": torch.from_numpy(index)}
-    if manifest.multi_label:
+    if manifest.multi_label:  # (B, 2) class ids -> multi-hot (B, n_classes)
         hot = np.zeros((len(labels), manifest.n_classes), np.float32)
         np.put_along_axis(hot, labels, 1.0, axis=1)
-        out["label"] = torch.from_numpy(hot)
-    else:
-        out["label"] = torch.from_numpy(labels)
-    return out
+        labels = hot
+    # "grey": the image before binarisation, for the encoder capsules (data.caps_input).
+    return {"image": image, "grey": image if mode == "none" else binarize(images, "none"),
+            "index": torch.from_numpy(index), "label": torch.from_numpy(labels)}
 
 
 def _rng(*parts: int) -> random.Random:
@@ -317,13 +306,9 @@ class _EpochSlots(torch.utils.data.IterableDataset):
 
 
 class TrainStream:
-    """Endless training batches for one data-parallel rank (see the module docstring).
-
-    Every rank yields `batches_per_epoch` batches per epoch; the order depends only on
-    (seed, epoch) and the layout (dp_size, num_workers, batch_size). `state_dict()` records the
-    position; a stream given it by `load_state_dict` yields exactly the batches that would
-    have followed.
-    """
+    """Endless training batches for one data-parallel rank, `batches_per_epoch` per epoch, in an
+    order that depends only on (seed, epoch) and the layout (dp_size, num_workers, batch_size):
+    `load_state_dict(state_dict())` continues with exactly the batches that would have followed."""
 
     def __init__(self, data_dir: str | Path, batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  num_workers: int = 0, binarize: str = "dynamic", shuffle: bool = True,
@@ -449,11 +434,9 @@ class TrainStream:
 
 # ---------------------------------------------------------------- evaluation
 class EvalStream:
-    """One pass over a split for one rank: every sample exactly once across all ranks.
-
-    Rank r reads shards r, r + R, ... in order; every rank yields `len(self)` batches of
-    `batch_size`, the tail padded with zero images, index -1 and "mask" False.
-    """
+    """One pass over a split, every sample once across all ranks: rank r reads shards r, r + R, ...
+    in order, and every rank yields `len(self)` batches, padded with zero images, index -1 and
+    "mask" False."""
 
     def __init__(self, data_dir: str | Path, batch_size: int, dp_rank: int, dp_size: int,
                  split: str = "test", binarize: str = "fixed", seed: int = 0,

@@ -138,9 +138,7 @@ def hold_out_val(data: dict[str, tuple[np.ndarray, np.ndarray]], n_val: int
         return data
     chosen = np.zeros(len(x), dtype=bool)
     chosen[np.random.default_rng(VAL_SEED).permutation(len(x))[:n]] = True
-    out = dict(data)
-    out["train"], out["val"] = (x[~chosen], y[~chosen]), (x[chosen], y[chosen])
-    return out
+    return {**data, "train": (x[~chosen], y[~chosen]), "val": (x[chosen], y[chosen])}
 
 
 def prepare(args: argparse.Namespace) -> Path:

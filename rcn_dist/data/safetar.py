@@ -1,10 +1,8 @@
 """Reading tar archives as streams, refusing members that a data archive has no business holding.
 
-Nothing is ever extracted: members are read into memory. Still, a member with an absolute path,
-a `..` component, a link or a device node means the archive was not written by us (or by the
-CIFAR authors) and may be aimed at a tool that does extract it, so it is refused outright rather
-than skipped (webdataset's own tar iterator silently skips non-regular members and does not
-look at names).
+Nothing is extracted, but a member with an absolute path, `..`, a link or a device node means the
+archive was not written by us (or the CIFAR authors) and may be aimed at a tool that extracts it:
+refused outright, not skipped as webdataset's own tar iterator does.
 """
 
 from __future__ import annotations
@@ -44,8 +42,7 @@ def iter_files(fileobj: io.BufferedIOBase, archive: str | Path, mode: str = "r|"
                 check_member(info, archive)
                 if info.isdir():
                     continue
-                f = tar.extractfile(info)
-                data = f.read() if f is not None else b""
+                data = tar.extractfile(info).read()  # a regular file: check_member admits no other
                 if len(data) != info.size:
                     raise DataError(f"{archive}: truncated tar member {info.name!r}")
                 yield info.name, data

@@ -1,11 +1,9 @@
-"""Writing WebDataset tar shards and their manifest.
+"""Writing WebDataset tar shards and their manifest (the format: docs/data.md, "Shards").
 
-One sample is the tar members `<key>.npy` (the uint8 image, (C, H, W), numpy's .npy format),
-`<key>.cls` (class id as ASCII) and, for MultiMNIST only, `<key>.cls2` (the second class); the key
-is the sample's index within its split as "%08d" (the trainer seeds per-sample noise with it).
-Every tar member costs a 512-byte header, so the index is the key rather than a member of its own.
-Shards are byte-identical for identical input: members in sorted order, mtime 0, uid/gid 0,
-fixed user/group names and mode, uncompressed USTAR tar.
+A sample is `<key>.npy` (uint8 (C, H, W)), `<key>.cls` and, for MultiMNIST, `<key>.cls2`; the key,
+the sample's index in its split as "%08d", seeds per-sample noise (and is no member of its own:
+each costs a 512-byte header). Identical input gives byte-identical shards (sorted members, mtime 0,
+fixed owner and mode, uncompressed).
 """
 
 from __future__ import annotations

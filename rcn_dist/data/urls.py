@@ -1,11 +1,9 @@
-"""Where a prepared data set lives, and reading its files from there.
+"""Where a prepared data set lives (a directory, an http(s) URL prefix, a `pipe:` command with `{}`
+for the file name, or a brace list of shards: docs/data.md, "Shard URLs"), and reading its files.
 
-`data.dir` (and `--data`) names a local directory, an http(s) URL prefix, a `pipe:` shell command
-with `{}` for the file name, or a brace-expanded list of shards (docs/data.md, "Shard URLs").
-Everything is read into memory (never extracted) and checked by the caller against the manifest's
-size and SHA-256. A remote name from the manifest must be a plain file name of [A-Za-z0-9._-]
-starting with a letter or digit: that is what makes substituting it into a URL or a shell command
-safe. A file that cannot be fetched is a DataError of one line naming the URL and the rank.
+A remote name from the manifest must be a plain file name (SAFE_NAME): that is what makes
+substituting it into a URL or a shell command safe. A file that cannot be fetched is a DataError
+of one line naming the URL and the rank; the caller checks size and SHA-256.
 """
 
 from __future__ import annotations
@@ -30,10 +28,8 @@ TIMEOUT_S = 60.0
 def rank() -> int:
     """This process's global rank from the launcher's environment (0 when started alone); the
     same precedence as rcn_dist.parallel.env.detect. DataLoader workers inherit it."""
-    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
+    names = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+    return next((int(os.environ[n]) for n in names if os.environ.get(n, "").isdigit()), 0)
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -47,7 +43,6 @@ class Source:
 
     def __init__(self, spec: str | Path) -> None:
         spec = str(spec)
-        self.spec = spec
         self.shards: list[str] | None = None
         if spec.startswith("pipe:"):
             if "{}" not in spec:
