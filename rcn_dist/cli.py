@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from rcn_dist import signals
+from rcn_dist import __version__, signals
 from rcn_dist.errors import RcnError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -45,16 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from rcn_dist import __version__
-
         print(f"rcn_dist {__version__}")
         return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"rcn: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+    if argv[0] not in COMMANDS:
+        print(f"rcn: error: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return run_main(module.main, rest)
+    return run_main(importlib.import_module(COMMANDS[argv[0]][0]).main, argv[1:])
 
 
 def run_main(fn: Callable[[list[str]], int | None], argv: list[str]) -> int:

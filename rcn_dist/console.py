@@ -4,7 +4,7 @@ output is not a terminal (logs, Slurm), nothing on other ranks."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -84,11 +84,10 @@ class TrainProgress:
             self._bar = None
 
 
-def track(it: Iterable[T], label: str, enabled: bool = True) -> Iterator[T]:
+def track(it: Iterable[T], label: str, enabled: bool = True) -> Iterable[T]:
     """Iterate with a rich progress bar when enabled and on a terminal, silently otherwise."""
     if not (enabled and sys.stdout.isatty()):
-        yield from it
-        return
+        return it
     from rich.progress import track as rich_track
 
-    yield from rich_track(it, description=label, transient=True)
+    return rich_track(it, description=label, transient=True)

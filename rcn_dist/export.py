@@ -74,8 +74,7 @@ def _card(cfg, name: str, step: int, n_params: int, sha: str, metrics: dict[str,
         f"- model.safetensors sha256: {sha}", "",
     ]
     if metrics:
-        lines += ["## Test metrics", "", f"From {source}.", "",
-                  "| metric | value |", "|---|---|"]
+        lines += ["## Test metrics", "", f"From {source}.", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
     else:
         lines.append("No test metrics were recorded for this step (run `rcn eval --run` on it).")

@@ -32,10 +32,8 @@ def _scalars(row: dict[str, Any]) -> tuple[int, dict[str, float]]:
 
 
 class Logger:
-    """Rank 0's rows into RUN_DIR: metrics.jsonl (opened per row, so a kill loses nothing) and,
-    when named, scalars in RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR/tensorboard`) and a
-    W&B run in RUN_DIR/wandb (offline unless WANDB_MODE is set; resumed runs append to it).
-    Without a run_dir (the other ranks) it does nothing."""
+    """metrics.jsonl (opened per row, so a kill loses nothing) and, when named, the scalars in
+    RUN_DIR/tensorboard and a W&B run in RUN_DIR/wandb (resumed runs append to it); no run_dir: a no-op."""
 
     def __init__(self, cfg: Config, run_dir: Path | None, names: list[str]) -> None:
         self.path, self.writer, self.run = None, None, None

@@ -4,8 +4,7 @@
 
 writes samples.png, drawing.gif, drawing_strip.png, reconstructions.png and samples_by_class.png
 into DIR (default RUN_DIR/samples); docs/evaluation.md says what each shows. The red rectangle
-spans the write filterbank, g -+ write_n/2 * delta in DRAW's pixel coordinates, where pixel
-column a (0-based) has its centre at x = a + 1 (rcn_dist.model.attention).
+spans the write filterbank (window_box).
 """
 
 from __future__ import annotations
@@ -46,8 +45,9 @@ def window_box(cx: float, cy: float, delta: float, n: int, height: int, width: i
     """The write window as an inclusive pixel box (x0, y0, x1, y1) on a tile magnified `scale`
     times, clipped to the tile; None when it lies wholly outside.
 
-    DRAW's x = a + 1 is the centre of pixel column a, whose area is [a, a + 1) in continuous
-    array coordinates u = x - 1/2; the window covers x in g -+ n/2 * delta.
+    DRAW's x = a + 1 is the centre of pixel column a (0-based; rcn_dist.model.attention), whose
+    area is [a, a + 1) in continuous array coordinates u = x - 1/2; the window covers x in
+    g -+ n/2 * delta.
     """
     half = n / 2 * delta
     u0, u1 = (cx - 0.5 - half) * scale, (cx - 0.5 + half) * scale
@@ -82,8 +82,7 @@ def drawing_frames(canvases: Tensor, windows: dict[str, Tensor] | None, write_n:
             tile = Image.fromarray(grey[i, t].numpy(), mode="L").resize((w * scale, h * scale), Image.NEAREST)
             frame.paste(tile, (ox, oy))
             if windows is not None:
-                box = window_box(float(windows["cx"][i, t]), float(windows["cy"][i, t]),
-                                 float(windows["delta"][i, t]), write_n, h, w, scale)
+                box = window_box(*(float(windows[k][i, t]) for k in ("cx", "cy", "delta")), write_n, h, w, scale)
                 if box is not None:
                     draw.rectangle((ox + box[0], oy + box[1], ox + box[2], oy + box[3]), outline=RED_INDEX)
         frames.append(frame)
@@ -93,8 +92,7 @@ def drawing_frames(canvases: Tensor, windows: dict[str, Tensor] | None, write_n:
 def labelled_rows(rows: list[tuple[str, Tensor]], ncol: int, scale: int = 2, pad: int = 2,
                   label_w: int = 90) -> Image.Image:
     """One labelled row of images per entry (label, (k, C, H, W)); rows may be empty."""
-    some = next((x for _, x in rows if len(x)), None)
-    h, w = (some.shape[2], some.shape[3]) if some is not None else (28, 28)
+    h, w = next((x.shape[2:] for _, x in rows if len(x)), (28, 28))
     row_h = h * scale + pad
     out = Image.new("RGB", (label_w + ncol * (w * scale + pad) + pad, len(rows) * row_h + pad), (40, 40, 40))
     draw = ImageDraw.Draw(out)
@@ -193,10 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             out = model(x.to(device), eps.to(device), caps_input(batch, cfg, device, keep))
             rec = torch.sigmoid(out.canvas[:, -1]).float().cpu()
             ncol = min(8, len(x))
-            rows = []  # originals, then their reconstructions, ncol per row (blank-padded)
-            for i in range(0, len(x), ncol):
-                for part in (x[i:i + ncol], rec[i:i + ncol]):
-                    rows.append(torch.cat([part, torch.zeros(ncol - len(part), *part.shape[1:])]))
+            # Originals, then their reconstructions, ncol per row (blank-padded).
+            rows = [torch.cat([part, torch.zeros(ncol - len(part), *part.shape[1:])])
+                    for i in range(0, len(x), ncol) for part in (x[i:i + ncol], rec[i:i + ncol])]
             grid(torch.cat(rows), ncol=ncol, scale=2).save(out_dir / "reconstructions.png")
             written.append(out_dir / "reconstructions.png")
 

@@ -36,10 +36,8 @@ def build_parser(prog: str = "rcn train") -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    overrides = list(args.overrides)
-    for key, value in (("data.dir", args.data or None), ("train.steps", args.steps), ("train.seed", args.seed)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    flags = (("data.dir", args.data or None), ("train.steps", args.steps), ("train.seed", args.seed))
+    overrides = list(args.overrides) + [f"{key}={value}" for key, value in flags if value is not None]
     if not args.preset and not args.config:
         raise ConfigError("give --preset NAME or --config FILE")
     return resolve(args.preset, args.config, overrides)
