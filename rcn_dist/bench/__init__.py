@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import resource
+import runpy
 import statistics
 import sys
 import tempfile
@@ -90,11 +90,9 @@ def train_step(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: tuple[T
     """One training step (zero grads, forward under the chosen precision, backward, Adam) as a
     closure over fixed inputs: what the benchmarks time and the fast == eager tests compare."""
     dev = opt.device
-    model.to(dev)
-    if opt.fast:
-        model.to(memory_format=torch.channels_last)
-    inputs = tuple(t.to(dev, memory_format=torch.channels_last) if opt.fast and t.dim() == 4 else t.to(dev)
-                   for t in inputs)
+    fmt = torch.channels_last if opt.fast else torch.preserve_format  # for the convolutions
+    model.to(dev, memory_format=fmt)
+    inputs = tuple(t.to(dev, memory_format=fmt) if t.dim() == 4 else t.to(dev) for t in inputs)
     adam = build_adam(model.parameters(), lr, fused=opt.fast)
     fn = torch.compile(loss_fn) if opt.compile else loss_fn
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opt.precision)
@@ -211,13 +209,11 @@ def bench_capsnet(batch: int, steps: int, warmup: int, opt: Options, compare_wit
         path = Path(compare_with)
         if not path.is_file():
             raise BenchError(f"--compare-with {compare_with}: no such file")
-        spec = importlib.util.spec_from_file_location("rcn_bench_driver", path)
-        driver = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        spec.loader.exec_module(driver)  # type: ignore[union-attr]
-        if not callable(getattr(driver, "make_step", None)):
+        driver = runpy.run_path(str(path))  # the file's globals
+        if not callable(driver.get("make_step")):
             raise BenchError(f"--compare-with {compare_with}: defines no make_step(batch, device)")
-        extra["compare_with"] = getattr(driver, "NAME", path.stem)
-        fns["other"] = driver.make_step(batch, str(opt.device))
+        extra["compare_with"] = driver.get("NAME", path.stem)
+        fns["other"] = driver["make_step"](batch, str(opt.device))
     return time_steps("capsnet-sabour", fns, batch, steps, warmup, opt, capsnet_flops(), **extra)
 
 
