@@ -40,10 +40,9 @@ def _rnn(n_in: int, hidden: int) -> int:
 
 def _attention(c: int, h: int, w: int, n: int, read: bool) -> int:
     # Filterbanks Fx (N, W) and Fy (N, H): difference, its scaled square, the softmax-normalised
-    # bank each; the
-    # einsum's half-contracted image (C, N, W) (twice for read: x and the error image) and the
-    # full-size image it works on (x_hat for read, the canvas increment for write); with C > 1
-    # the read's einsum keeps a contiguous copy of both x and x_hat.
+    # bank each; the einsum's half-contracted image (C, N, W) (twice for read: x and the error
+    # image) and the full-size image it works on (x_hat for read, the canvas increment for write);
+    # with C > 1 the read's einsum keeps a contiguous copy of both x and x_hat.
     k = 2 if read else 1
     full = 2 if read and c > 1 else 1
     return full * c * h * w + 3 * n * (h + w) + k * c * n * (w + n) + 16

@@ -101,11 +101,6 @@ def at_least_fp32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast switched off on `device` (the meta device, used to count FLOPs, has no autocast)."""
-    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
-
-
 class RoutedCapsules(nn.Module):
     """A fully connected capsule layer: n_child capsules of child_dim -> n_parent of parent_dim.
 
@@ -133,7 +128,9 @@ class RoutedCapsules(nn.Module):
         parents is sensitive to them.
         """
         u_hat = self.predictions(u)
-        with _autocast_off(u_hat.device):
+        # The meta device (used to count FLOPs) has no autocast to switch off.
+        device = u_hat.device.type
+        with contextlib.nullcontext() if device == "meta" else torch.autocast(device, enabled=False):
             v = dynamic_routing(at_least_fp32(u_hat), self.iters)[0]
         # Back to the weights' dtype: fp32 under autocast (no-op), bf16 where the whole module
         # was cast to bf16 (DeepSpeed's bf16 mode), so the next layer gets its own dtype.

@@ -17,10 +17,7 @@ def margin_loss(
     lengths: (B, K) capsule lengths. labels: (B,) integer classes, or (B, K) multi-hot floats
     (several objects present). Returns (B,).
     """
-    if labels.dim() == 1:
-        t = F.one_hot(labels.long(), lengths.shape[1]).to(lengths.dtype)
-    else:
-        t = labels.to(lengths.dtype)
+    t = (F.one_hot(labels.long(), lengths.shape[1]) if labels.dim() == 1 else labels).to(lengths.dtype)
     present = t * F.relu(m_plus - lengths) ** 2
     absent = lam * (1.0 - t) * F.relu(lengths - m_minus) ** 2
     return (present + absent).sum(dim=1)

@@ -13,6 +13,7 @@ RCN.forward only runs the loop; every weight lives in `encoder` or `decoder`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +112,6 @@ class Encoder(nn.Module):
         self.latent = nn.Linear(cfg.enc_hidden, 2 * cfg.z_dim)
 
     def init_state(self, batch: int, like: Tensor) -> State:
-        """Zero RNN_enc state for `batch` images, on like's device and dtype."""
         return _init_state(self.cfg.rnn, batch, self.cfg.enc_hidden, like)
 
     def step(
@@ -156,7 +156,6 @@ class Decoder(nn.Module):
         self.log_scale = nn.Parameter(torch.full((c,), -3.0)) if cfg.likelihood == "logistic" else None
 
     def init_state(self, batch: int, like: Tensor) -> State:
-        """Zero RNN_dec state for `batch` images, on like's device and dtype."""
         return _init_state(self.cfg.rnn, batch, self.cfg.dec_hidden, like)
 
     def step(self, z: Tensor, state: State, canvas_prev: Tensor) -> tuple[State, Tensor, dict[str, Tensor] | None]:
@@ -222,7 +221,7 @@ class RCNOutput:
     """Same for the write windows; None without write attention."""
 
 
-def _stack_windows(wins: list[dict[str, Tensor] | None]) -> dict[str, Tensor] | None:
+def _stack_windows(wins: Sequence[dict[str, Tensor] | None]) -> dict[str, Tensor] | None:
     if wins[0] is None:
         return None
     return {k: torch.stack([w[k] for w in wins], 1) for k in WINDOW_KEYS}
@@ -259,16 +258,13 @@ class RCN(nn.Module):
             caps_flat = x.new_zeros(b, 0)
         enc_state, dec_state = self.encoder.init_state(b, x), self.decoder.init_state(b, x)
         canvas = torch.zeros_like(x)
-        canvases, mus, logvars, rwins, wwins = [], [], [], [], []
+        steps = []  # (canvas, mu, logvar, read windows, write windows) of each step
         for t in range(self.cfg.T):
             enc_state, z, mu, logvar, rwin = self.encoder.step(x, caps_flat, canvas, dec_state[0], enc_state,
                                                                eps[:, t])
             dec_state, canvas, wwin = self.decoder.step(z, dec_state, canvas)
-            canvases.append(canvas)
-            mus.append(mu)
-            logvars.append(logvar)
-            rwins.append(rwin)
-            wwins.append(wwin)
+            steps.append((canvas, mu, logvar, rwin, wwin))
+        canvases, mus, logvars, rwins, wwins = zip(*steps)
         mu, logvar = torch.stack(mus, 1), torch.stack(logvars, 1)
         return RCNOutput(
             canvas=torch.stack(canvases, 1), class_caps=caps, class_lengths=caps.norm(dim=-1),

@@ -20,13 +20,6 @@ WHICH = ("encoder", "decoder")
 MODES = ("shuffle", "zero")
 
 
-def capsule_module(model: nn.Module, which: str) -> nn.Module | None:
-    """`model.encoder.capsules` or `model.decoder.capsules` (None where an ablation removed it)."""
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    return getattr(model, which).capsules
-
-
 def _replace(out: Tensor, mode: str) -> Tensor:
     if mode == "shuffle":
         return torch.roll(out, 1, dims=0)  # image b gets image b-1's capsules: no fixed point for B > 1
@@ -38,7 +31,9 @@ def _replace(out: Tensor, mode: str) -> Tensor:
 @contextlib.contextmanager
 def ablated(model: nn.Module, which: str, mode: str) -> Iterator[None]:
     """Inside the block, the `which` capsule network's outputs are shuffled across the batch or zeroed."""
-    handle = capsule_module(model, which).register_forward_hook(lambda _m, _i, out: _replace(out, mode))
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    handle = getattr(model, which).capsules.register_forward_hook(lambda _m, _i, out: _replace(out, mode))
     try:
         yield
     finally:
@@ -57,7 +52,7 @@ def recording(model: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
     seen: dict[str, list[Tensor]] = {f"{w}_{p}": [] for w in WHICH for p in ("caps", "primary")}
     handles = []
     for w in WHICH:
-        mod = capsule_module(model, w)
+        mod = getattr(model, w).capsules  # None where an ablation removed it
         if mod is None:
             continue
         handles.append(mod.register_forward_hook(lambda _m, _i, out, w=w: seen[f"{w}_caps"].append(out.detach())))
@@ -104,7 +99,7 @@ def ablation_elbos(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor,
     Same images, same noise."""
     out = {"none": model.loss_terms(x, y, eps, x_caps=x_caps)["elbo"]}
     for w in WHICH:
-        if capsule_module(model, w) is None:
+        if getattr(model, w).capsules is None:
             continue
         for mode in MODES:
             with ablated(model, w, mode):
