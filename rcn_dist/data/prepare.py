@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -197,6 +196,5 @@ def prepare(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `rcn prepare`."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    prepare(args)
+    prepare(_parser().parse_args(argv))
     return 0

@@ -109,18 +109,19 @@ def safe_unpickle(data: bytes, name: str) -> Any:
         raise DataError(f"{name}: not a valid CIFAR-10 batch pickle ({e})") from None
 
 
-def _key(d: dict, key: str, name: str) -> Any:
-    for k in (key.encode(), key):
-        if k in d:
-            return d[k]
-    raise DataError(f"{name}: CIFAR-10 batch is missing key {key!r} (has {sorted(map(str, d))})")
+def _fields(data: bytes, name: str, *keys: str) -> list[Any]:
+    """The values of `keys` (stored as bytes or str) in the pickled dict of a CIFAR-10 batch file."""
+    d = safe_unpickle(data, name)
+    if not isinstance(d, dict):
+        raise DataError(f"{name}: a CIFAR-10 batch file is a dict, got {type(d).__name__}")
+    missing = [k for k in keys if k.encode() not in d and k not in d]
+    if missing:
+        raise DataError(f"{name}: CIFAR-10 batch is missing key {missing[0]!r} (has {sorted(map(str, d))})")
+    return [d[k.encode()] if k.encode() in d else d[k] for k in keys]
 
 
 def _decode_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
-    d = safe_unpickle(data, name)
-    if not isinstance(d, dict):
-        raise DataError(f"{name}: a CIFAR-10 batch is a dict, got {type(d).__name__}")
-    x, y = _key(d, "data", name), _key(d, "labels", name)
+    x, y = _fields(data, name, "data", "labels")
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
         raise DataError(f"{name}: 'data' must be a uint8 array of shape (N, 3072), got "
                         f"{getattr(x, 'shape', type(x).__name__)}")
@@ -132,36 +133,28 @@ def _decode_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _decode_meta(data: bytes, name: str) -> list[str]:
-    d = safe_unpickle(data, name)
-    if not isinstance(d, dict):
-        raise DataError(f"{name}: batches.meta is a dict, got {type(d).__name__}")
-    names = _key(d, "label_names", name)
+    (names,) = _fields(data, name, "label_names")
     if not isinstance(names, list) or len(names) != 10:
         raise DataError(f"{name}: 'label_names' must be a list of 10 names")
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
-def _cifar_files(source: Path) -> dict[str, bytes]:
-    """The batch files' bytes, from a directory or streamed from the .tar.gz (never extracted)."""
-    wanted = set(CIFAR_TRAIN + CIFAR_TEST + [CIFAR_META])
-    if source.is_dir():
-        return {n: (source / n).read_bytes() for n in wanted if (source / n).is_file()}
-    if not source.is_file():
-        raise DataError(f"{source}: no such CIFAR-10 directory or archive")
-    found: dict[str, bytes] = {}
-    with open(source, "rb") as f:  # iter_files turns a corrupt archive, gzip layer too, into DataError
-        for member, data in safetar.iter_files(f, source, mode="r|*"):
-            base = member.rsplit("/", 1)[-1]
-            if base in wanted:
-                found[base] = data
-    return found
-
-
 def read_cifar10(source: str | Path) -> dict[str, Source]:
-    """CIFAR-10 "python version": {"train": ..., "test": ...} with images (N, 32, 32, 3) uint8."""
+    """CIFAR-10 "python version", the batch directory or the .tar.gz (streamed, never extracted):
+    {"train": ..., "test": ...} with images (N, 32, 32, 3) uint8."""
     src = Path(source)
-    files = _cifar_files(src)
-    missing = [n for n in CIFAR_TRAIN + CIFAR_TEST + [CIFAR_META] if n not in files]
+    wanted = [*CIFAR_TRAIN, *CIFAR_TEST, CIFAR_META]
+    if src.is_dir():
+        files = {n: (src / n).read_bytes() for n in wanted if (src / n).is_file()}
+    elif src.is_file():
+        files = {}
+        with open(src, "rb") as f:  # iter_files turns a corrupt archive, gzip layer too, into DataError
+            for member, data in safetar.iter_files(f, src, mode="r|*"):
+                if (base := member.rsplit("/", 1)[-1]) in wanted:
+                    files[base] = data
+    else:
+        raise DataError(f"{src}: no such CIFAR-10 directory or archive")
+    missing = [n for n in wanted if n not in files]
     if missing:
         raise DataError(f"{src}: missing CIFAR-10 file(s) {', '.join(missing)}")
     names = _decode_meta(files[CIFAR_META], f"{src}/{CIFAR_META}")
