@@ -34,9 +34,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) of RUN_DIR/metrics.jsonl; a half-written last line is skipped."""
     train, evals = [], []
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return train, evals
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             row = json.loads(line)
         except ValueError:

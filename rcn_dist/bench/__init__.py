@@ -368,7 +368,6 @@ def bench_quickstart(run_dir: str, execute: bool) -> dict[str, Any]:
     import subprocess
 
     run = Path(run_dir)
-    wall = None
     if execute:
         script = Path(__file__).resolve().parents[1] / "launch" / "quickstart.sh"
         t0 = time.perf_counter()
@@ -384,7 +383,7 @@ def bench_quickstart(run_dir: str, execute: bool) -> dict[str, Any]:
         raise BenchError(f"{run}: cannot read the run's eval.json / metrics.jsonl: {e}") from None
     if "test_error" not in ev or "test_elbo" not in ev:
         raise BenchError(f"{ev_path}: has no test_error / test_elbo")
-    if wall is None:
+    if not execute:
         start = run / "config.json"
         wall = ev_path.stat().st_mtime - (start.stat().st_mtime if start.is_file() else ev_path.stat().st_mtime)
     train = [r for r in rows if r.get("kind") != "eval" and r.get("img_per_s")]

@@ -118,7 +118,6 @@ def bench_rows(dev: torch.device, dry_run: bool) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of benchmark rows."""
     lines = ["| workload | batch | precision | img/s | ms/step | TFLOP/s | peak TFLOP/s | fraction | peak mem GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['workload']} | {r['batch']} | {r['precision']} | {r['img_per_s']:.1f} | "
