@@ -23,14 +23,6 @@ EXTRAS = {"tensorboard": ("tensorboard", "pip install 'rcn_dist[tensorboard]'"),
           "wandb": ("wandb", "pip install 'rcn_dist[wandb]'")}
 
 
-def _scalars(row: dict[str, Any]) -> tuple[int, dict[str, float]]:
-    """(step, {"train/loss": ..., "eval/test_elbo": ...}) from a row; non-numbers are left out."""
-    prefix = "eval" if row.get("kind") == "eval" else "train"
-    vals = {f"{prefix}/{k}": float(v) for k, v in row.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return int(row["step"]), vals
-
-
 class Logger:
     """metrics.jsonl (opened per row, so a kill loses nothing) and, when named, the scalars in
     RUN_DIR/tensorboard and a W&B run in RUN_DIR/wandb (resumed runs append to it); no run_dir: a no-op."""
@@ -59,7 +51,11 @@ class Logger:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
-        step, vals = _scalars(row)
+        # The scalars, {"train/loss": ..., "eval/test_elbo": ...}; non-numbers are left out.
+        prefix = "eval" if row.get("kind") == "eval" else "train"
+        vals = {f"{prefix}/{k}": float(v) for k, v in row.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        step = int(row["step"])
         if self.writer is not None:
             for k, v in vals.items():
                 self.writer.add_scalar(k, v, step)
