@@ -10,6 +10,7 @@ sample's index in its split; -1 for padding), and for evaluation "mask" bool (B,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -126,12 +127,10 @@ class Manifest:
         it holds a good copy, else from the source (and then into the cache)."""
         cache = self.cache_dir / f"{entry['sha256'][:16]}-{entry['file']}" if self.cache_dir else None
         if cache is not None:
-            try:
+            with contextlib.suppress(OSError):  # absent (or unreadable, or being replaced): fetch it
                 data = cache.read_bytes()
                 if len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]:
                     return data
-            except OSError:
-                pass  # absent (or unreadable, or being replaced): fetch it
         where = self.source.where(entry["file"])
         if self.source.kind == "local":
             try:
@@ -334,8 +333,7 @@ class TrainStream:
         if self.batches_per_slot == 0:
             raise DataError(f"{self.manifest.dir}: batch size {batch_size} is larger than the "
                             f"{per_slot} samples each of {slots} (rank, worker) slots is sure to get")
-        self.epoch = 0
-        self.batch_in_epoch = 0
+        self.epoch, self.batch_in_epoch = 0, 0
 
     @property
     def batches_per_epoch(self) -> int:
@@ -394,8 +392,7 @@ class TrainStream:
         if self.num_workers == 0:
             yield from iter(ds)
             return
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers)
-        it = iter(loader)
+        it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers))
         try:
             for batch in it:
                 if _ERROR in batch:

@@ -127,10 +127,8 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, tuple[np.ndarray, np.ndar
 
 def hold_out_val(data: dict[str, tuple[np.ndarray, np.ndarray]], n_val: int
                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Move min(n_val, N // 10) training images, a fixed random choice, into a "val" split.
-
-    Both parts keep the images' original order; "test" is untouched.
-    """
+    """Move min(n_val, N // 10) training images, a fixed random choice, into a "val" split; both
+    parts keep the images' original order, "test" is untouched."""
     x, y = data["train"]
     n = min(max(n_val, 0), len(x) // 10)
     if n == 0:

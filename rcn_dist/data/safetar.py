@@ -19,10 +19,9 @@ def check_member(info: tarfile.TarInfo, archive: str | Path) -> None:
     """Raise UnsafeFileError unless `info` is a plain file or directory with a relative,
     non-escaping name."""
     name = info.name
-    parts = name.split("/")
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise UnsafeFileError(f"{archive}: tar member {name!r} has an absolute path")
-    if ".." in parts or "\\" in name:
+    if ".." in name.split("/") or "\\" in name:
         raise UnsafeFileError(f"{archive}: tar member {name!r} escapes its directory")
     if info.issym() or info.islnk():
         raise UnsafeFileError(f"{archive}: tar member {name!r} is a link (to {info.linkname!r})")
@@ -31,11 +30,8 @@ def check_member(info: tarfile.TarInfo, archive: str | Path) -> None:
 
 
 def iter_files(fileobj: io.BufferedIOBase, archive: str | Path, mode: str = "r|") -> Iterator[tuple[str, bytes]]:
-    """Yield (name, content) of every regular file of a tar stream, in archive order.
-
-    Every member is checked first (UnsafeFileError); a truncated or corrupt archive raises
-    DataError naming `archive`.
-    """
+    """(name, content) of every regular file of a tar stream, in archive order, each member checked
+    first (UnsafeFileError); a truncated or corrupt archive raises DataError naming `archive`."""
     try:
         with tarfile.open(fileobj=fileobj, mode=mode) as tar:
             for info in tar:

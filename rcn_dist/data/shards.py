@@ -42,11 +42,8 @@ def to_chw(images: np.ndarray) -> np.ndarray:
 
 def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, shard_size: int,
                 advance: Callable[[int], Any] | None = None) -> dict[str, Any]:
-    """Write one split as `<split>-NNNNNN.tar` shards; return its manifest entry.
-
-    images: (N, C, H, W) uint8; labels: (N,) or (N, 2) int. `advance(k)` is called after every k
-    samples written (progress).
-    """
+    """Write one split, images (N, C, H, W) uint8 and labels (N,) or (N, 2) int, as
+    `<split>-NNNNNN.tar` shards; return its manifest entry. `advance(k)`: k more samples written."""
     import webdataset as wds  # here: it imports torch, which a failed `rcn prepare` need not wait for
 
     shards = []

@@ -1,8 +1,5 @@
-"""Source readers: each returns, per split, (images uint8, labels, class names).
-
-Images are (N, H, W) for grey data and (N, H, W, C) for colour; labels are (N,) class ids, or
-(N, 2) for MultiMNIST (the two classes of each overlapping pair).
-"""
+"""Source readers. Images are uint8 (N, H, W) for grey data and (N, H, W, C) for colour; labels
+are (N,) class ids, or (N, 2) for MultiMNIST (the two classes of each overlapping pair)."""
 
 from __future__ import annotations
 
@@ -97,11 +94,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def safe_unpickle(data: bytes, name: str) -> Any:
-    """Unpickle CIFAR-10 batch bytes, admitting only what the format holds.
-
-    Any other global (a function, a class) is refused with UnsafeFileError naming `name` before
-    it can be called; a file that is not a pickle raises DataError.
-    """
+    """Unpickle CIFAR-10 batch bytes, admitting only what the format holds: any other global (a
+    function, a class) is refused with UnsafeFileError naming `name` before it can be called; a
+    file that is not a pickle raises DataError."""
     try:
         return _RestrictedUnpickler(io.BytesIO(data), name).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
@@ -172,14 +167,11 @@ MULTI_SHIFT = 4
 
 def synth_multimnist(images: np.ndarray, labels: np.ndarray, pairs: int, seed: int,
                      limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Overlapping digit pairs as Sabour et al. built MultiMNIST.
-
-    Each 28x28 digit is padded to 36x36 and shifted by up to 4 pixels in each direction; it is
-    paired, `pairs` times, with a random digit of a different class, shifted likewise, and the two
-    are merged by pixel-wise max. Returns images (M, 36, 36) uint8 and labels (M, 2) int64 (first
-    digit's class, second digit's class), M = min(len(images) * pairs, limit). Deterministic in
-    `seed`.
-    """
+    """Overlapping digit pairs as Sabour et al. built MultiMNIST: each 28x28 digit, padded to 36x36
+    and shifted by up to 4 pixels each way, is merged by pixel-wise max with a random digit of
+    another class, shifted likewise, `pairs` times. Returns images (M, 36, 36) uint8 and labels
+    (M, 2) int64 (the first and second digit's class), M = min(len(images) * pairs, limit);
+    deterministic in `seed`."""
     n = len(images)
     if images.shape[1:] != (28, 28):
         raise DataError(f"MultiMNIST needs 28x28 digits, got {images.shape[1:]}")
