@@ -51,7 +51,7 @@ def _latin1_encode(obj: Any, encoding: str = "utf-8") -> bytes:
     return obj.encode("latin1")
 
 
-def _uint8_dtype(spec: Any, *_: Any) -> np.dtype:  # the rest: align and copy
+def _uint8_dtype(spec: Any, _align: bool = False, _copy: bool = False) -> np.dtype:
     if spec not in ("u1", "|u1", "uint8", "B", b"u1", b"|u1", b"uint8", b"B"):
         raise pickle.UnpicklingError(f"only uint8 arrays are admitted, not dtype {spec!r}")
     # A private copy: the BUILD that follows calls __setstate__ on it, which must never reach the
@@ -63,7 +63,7 @@ def _uint8_dtype(spec: Any, *_: Any) -> np.dtype:  # the rest: align and copy
 _NDARRAY = object()
 
 
-def _reconstruct(cls: Any, *_: Any) -> np.ndarray:  # the rest: shape and typecode
+def _reconstruct(cls: Any, _shape: Any, _typecode: Any) -> np.ndarray:
     if cls is not _NDARRAY:
         raise pickle.UnpicklingError("only plain numpy arrays are admitted")
     return np.ndarray.__new__(np.ndarray, (0,), np.uint8)
