@@ -156,10 +156,8 @@ def result(name: str, device: torch.device, batch: int, steps: int, img_s: float
     the CUDA allocator's peak on a GPU, this process's peak resident set on a CPU. The 1-minute load
     average goes with it: timings on a shared machine are only as good as it is low."""
     achieved = flops_per_image * img_s / 1e12
-    if device.type == "cuda":
-        mem = int(torch.cuda.max_memory_allocated(device))
-    else:
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"workload": name, "device": str(device), "batch": batch, "steps": steps,
             "img_per_s": img_s, "ms_per_step": 1e3 * batch / img_s, "peak_mem_bytes": mem,
             "flops_per_image": flops_per_image, "achieved_tflops": achieved,
