@@ -151,8 +151,7 @@ def importance_weighted(model, stream, cfg: Config, device: str, k: int, example
                           .double().cpu() for seed in seeds])  # (K, B)
         bound = torch.logsumexp(lw, dim=0) - math.log(k)
         sums += torch.stack([-bound.sum(), -lw.mean(0).sum(), torch.tensor(float(len(idx)), dtype=torch.float64)])
-    _all_reduce(sums)
-    n = max(sums[2].item(), 1.0)
+    n = max(_all_reduce(sums)[2].item(), 1.0)
     out = {"iw_nll": sums[0].item() / n, "iw_elbo_mc": sums[1].item() / n, "iw_n": int(sums[2].item()), "iw_k": k}
     if m.likelihood == "logistic":
         out["iw_bits_per_dim"] = bits_per_dim(out["iw_nll"], m.in_channels * m.height * m.width)
@@ -278,17 +277,6 @@ def load_for_eval(run: str, data: str | None, device: str):
     return cfg, model, where, data_dir, manifest
 
 
-def eval_config(cfg: Config, args: argparse.Namespace) -> Config:
-    """The run's config with --reduced caps, then --iw, then eval.* overrides applied."""
-    if args.reduced:
-        cfg.eval = dataclasses.replace(cfg.eval, **{
-            k: (v if getattr(cfg.eval, k) == 0 else min(getattr(cfg.eval, k), v)) for k, v in REDUCED.items()})
-    overrides = list(args.overrides)
-    if args.iw is not None:
-        overrides.insert(0, f"eval.iw_samples={args.iw}")
-    return apply_overrides(cfg, overrides) if overrides else cfg
-
-
 def main(argv: list[str] | None = None) -> int:
     from rcn_dist.parallel.env import detect, init_process_group
 
@@ -303,13 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
     le = detect()
-    distributed = le.world_size > 1
-    if distributed:
+    if le.world_size > 1:
         init_process_group(le)  # also binds this rank's GPU (le.device)
     elif le.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(le.device))
     cfg, model, where, data_dir, manifest = load_for_eval(args.run, args.data, le.device)
-    cfg = eval_config(cfg, args)
+    if args.reduced:  # the caps first, so that --iw and eval.* overrides (applied next) win
+        cfg.eval = dataclasses.replace(cfg.eval, **{
+            k: (v if getattr(cfg.eval, k) == 0 else min(getattr(cfg.eval, k), v)) for k, v in REDUCED.items()})
+    overrides = ([f"eval.iw_samples={args.iw}"] if args.iw is not None else []) + args.overrides
+    cfg = apply_overrides(cfg, overrides) if overrides else cfg
     rank0 = le.rank == 0
     con = console.Console(rank0)
     e, t = cfg.eval, cfg.train
@@ -346,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write(out, json.dumps(report, indent=1, sort_keys=True) + "\n")
         con.table(f"eval {where.name}" + (" (reduced)" if args.reduced else ""), metrics)
         con.info(f"wrote {out}")
-    if distributed:
+    if le.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
     return 0
