@@ -167,31 +167,26 @@ class ModelConfig:
         _require(0 <= self.m_minus < self.m_plus <= 1, "model.m_plus",
                  f"need 0 <= m_minus < m_plus <= 1, got m_minus={self.m_minus}, m_plus={self.m_plus}")
         # Every kernel must fit the map it slides over (the first one that does not is named).
-        maps = [(self.height, self.width)] + self.enc_conv_maps()
-        for i, (h, w) in enumerate(maps[:-1]):
-            _require(self.enc_conv_kernel <= min(h, w), "model.enc_conv_kernel",
-                     f"kernel {self.enc_conv_kernel} is larger than the {min(h, w)}x{min(h, w)} map "
-                     f"it meets at encoder convolution {i + 1} (image {self.height}x{self.width})")
-        size = min(maps[-1])
-        _require(self.enc_primary_kernel <= size, "model.enc_primary_kernel",
-                 f"kernel {self.enc_primary_kernel} is larger than the {size}x{size} map it meets "
-                 f"after the encoder convolutions (image {self.height}x{self.width})")
-        dec = self.dec_deconv_maps()[-1]
-        _require(self.dec_primary_kernel <= dec, "model.dec_primary_kernel",
-                 f"kernel {self.dec_primary_kernel} is larger than the decoder's {dec}x{dec} map")
+        image = f"(image {self.height}x{self.width})"
+        sizes = [min(hw) for hw in [(self.height, self.width), *self.enc_conv_maps()]]
+        for i, size in enumerate(sizes[:-1]):
+            self._fits("enc_conv_kernel", size, f"it meets at encoder convolution {i + 1} {image}")
+        self._fits("enc_primary_kernel", sizes[-1], f"it meets after the encoder convolutions {image}")
+        self._fits("dec_primary_kernel", self.dec_deconv_maps()[-1], "of the decoder")
         _require(not self.read_attn or self.read_n <= min(self.height, self.width), "model.read_n",
                  "read window larger than the image")
         _require(not self.write_attn or self.write_n <= min(self.height, self.width), "model.write_n",
                  "write window larger than the image")
 
+    def _fits(self, name: str, size: int, where: str) -> None:
+        k = getattr(self, name)
+        _require(k <= size, f"model.{name}", f"kernel {k} is larger than the {size}x{size} map {where}")
+
     # Derived sizes: the one place the layer shapes are computed (the model, memory.py, the checks).
     def enc_conv_maps(self) -> list[tuple[int, int]]:
         """(h, w) of the map after each encoder convolution (stride 1, no padding)."""
-        h, w, out = self.height, self.width, []
-        for _ in self.enc_conv_channels:
-            h, w = h - self.enc_conv_kernel + 1, w - self.enc_conv_kernel + 1
-            out.append((h, w))
-        return out
+        shrink, n = self.enc_conv_kernel - 1, len(self.enc_conv_channels)
+        return [(self.height - i * shrink, self.width - i * shrink) for i in range(1, n + 1)]
 
     def enc_primary_grid(self) -> tuple[int, int]:
         """Spatial size (h, w) of the encoder's primary-capsule map."""
@@ -421,10 +416,8 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
 
 
 def from_dict(d: dict[str, Any], base: Config | None = None) -> Config:
-    """Build a Config from a nested dict laid over `base` (default: the dataclass defaults).
-
-    Unknown sections or keys are refused, naming them.
-    """
+    """Build a Config from a nested dict laid over `base` (default: the dataclass defaults); unknown
+    sections or keys are refused, naming them."""
     cur = base.to_dict() if base is not None else Config().to_dict()
     for key, val in d.items():
         if key == "name":

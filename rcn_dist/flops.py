@@ -27,7 +27,8 @@ def _layer_flops(mod: nn.Module, x: Tensor, out: Tensor) -> tuple[str, int]:
         k = mod.kernel_size[0]
         return "deconv", 2 * mod.in_channels * mod.out_channels * k * k * x.shape[2] * x.shape[3]
     if isinstance(mod, nn.Linear):
-        return "linear", 2 * mod.in_features * mod.out_features * (x.numel() // (x.shape[0] * mod.in_features))
+        rows = x.numel() // (x.shape[0] * mod.in_features)  # of one image
+        return "linear", 2 * mod.in_features * mod.out_features * rows
     if isinstance(mod, (nn.LSTMCell, nn.GRUCell)):  # the two gate matmuls, 4 gates (LSTM) or 3 (GRU)
         gates = 4 if isinstance(mod, nn.LSTMCell) else 3
         return "rnn", 2 * (mod.input_size + mod.hidden_size) * gates * mod.hidden_size

@@ -42,27 +42,23 @@ class PrimaryCapsules(nn.Module):
 
 
 def scaled_init_(trunk: nn.Module, primary: PrimaryCapsules) -> None:
-    """Initialise a capsule network so that signal reaches its routed capsules (``caps_init="scaled"``).
+    """Initialise a capsule network so that signal reaches its routed capsules (``caps_init="scaled"``,
+    docs/model.md item 10).
 
-    trunk: the ReLU stack before the primary capsules (Linear, Conv2d, ConvTranspose2d layers).
-    He-normal weights keep the second moment of unit-scale inputs through each ReLU layer, and
+    trunk: the ReLU (or tanh) stack before the primary capsules (Linear, Conv2d, ConvTranspose2d
+    layers). He-normal weights keep the second moment of unit-scale inputs through each layer, and
     zero biases add no image-independent part. The primary convolution then gives each capsule a
-    pre-squash length of about one (a squashed length of about 0.5, where the squash has its
-    largest slope), and RoutedCapsules' own initialisation carries that to an s_j of O(1).
-    PyTorch's defaults instead shrink the signal about 3x per layer: the capsules start at
-    lengths of 1e-5..1e-3, in the flat part of the squash, and pass neither signal nor gradient.
+    pre-squash length of about one, where the squash has its largest slope; PyTorch's defaults
+    leave the capsules in its flat part, passing neither signal nor gradient.
     """
     act = "tanh" if any(isinstance(m, nn.Tanh) for m in trunk.modules()) else "relu"
     for mod in trunk.modules():
-        if isinstance(mod, nn.ConvTranspose2d):
-            # weight (in, out, k, k): an output sums in * k * k inputs, which torch calls fan_out here.
-            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity=act)
-        elif isinstance(mod, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(mod.weight, mode="fan_in", nonlinearity=act)
-        else:
-            continue
-        if mod.bias is not None:
-            nn.init.zeros_(mod.bias)
+        if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            # ConvTranspose2d's weight (in, out, k, k): an output sums in * k * k inputs, torch's fan_out.
+            mode = "fan_out" if isinstance(mod, nn.ConvTranspose2d) else "fan_in"
+            nn.init.kaiming_normal_(mod.weight, mode=mode, nonlinearity=act)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
     conv = primary.conv
     fan_in = conv.weight[0].numel()
     # |u|^2 = dim * fan_in * std^2 * E[x^2] with E[x^2] ~ 1 after the He-initialised layers.

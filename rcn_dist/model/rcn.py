@@ -38,15 +38,17 @@ def _cell(kind: str, n_in: int, hidden: int) -> nn.Module:
     return nn.LSTMCell(n_in, hidden) if kind == "lstm" else nn.GRUCell(n_in, hidden)
 
 
-def _run_cell(cell: nn.Module, inp: Tensor, state: State) -> State:
-    if isinstance(cell, nn.LSTMCell):
-        return tuple(cell(inp, (state[0], state[1])))
-    return (cell(inp, state[0]),)
+class _Stack(nn.Module):
+    """What the encoder and decoder stacks share: an RNN cell `rnn`, LSTMCell or GRUCell."""
 
+    def init_state(self, batch: int, like: Tensor) -> State:
+        h = like.new_zeros(batch, self.rnn.hidden_size)
+        return (h, h.clone()) if isinstance(self.rnn, nn.LSTMCell) else (h,)
 
-def _init_state(kind: str, batch: int, hidden: int, like: Tensor) -> State:
-    h = like.new_zeros(batch, hidden)
-    return (h, h.clone()) if kind == "lstm" else (h,)
+    def run_rnn(self, inp: Tensor, state: State) -> State:
+        if isinstance(self.rnn, nn.LSTMCell):
+            return tuple(self.rnn(inp, (state[0], state[1])))
+        return (self.rnn(inp, state[0]),)
 
 
 class EncoderCapsules(nn.Module):
@@ -99,7 +101,7 @@ class DecoderCapsules(nn.Module):
         return self.caps(self.primary(self.deconvs(m)))
 
 
-class Encoder(nn.Module):
+class Encoder(_Stack):
     """The encoder stack: capsules, the reader's window layer, RNN_enc and the latent head."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -110,9 +112,6 @@ class Encoder(nn.Module):
         self.reader = Reader(cfg.dec_hidden, c, h, w, cfg.read_n) if cfg.read_attn else None
         self.rnn = _cell(cfg.rnn, cfg.enc_rnn_in(), cfg.enc_hidden)
         self.latent = nn.Linear(cfg.enc_hidden, 2 * cfg.z_dim)
-
-    def init_state(self, batch: int, like: Tensor) -> State:
-        return _init_state(self.cfg.rnn, batch, self.cfg.enc_hidden, like)
 
     def step(
         self, x: Tensor, caps_flat: Tensor, canvas_prev: Tensor, h_dec_prev: Tensor, state: State, eps_t: Tensor
@@ -129,13 +128,13 @@ class Encoder(nn.Module):
             glimpse, win = self.reader(x, x_hat, h_dec_prev)
         else:
             glimpse, win = torch.cat([x.flatten(1), x_hat.flatten(1)], 1), None
-        state = _run_cell(self.rnn, torch.cat([caps_flat, glimpse, h_dec_prev], 1), state)
+        state = self.run_rnn(torch.cat([caps_flat, glimpse, h_dec_prev], 1), state)
         mu, logvar = self.latent(state[0]).chunk(2, dim=1)
         z = mu + torch.exp(0.5 * logvar) * eps_t
         return state, z, mu, logvar, win
 
 
-class Decoder(nn.Module):
+class Decoder(_Stack):
     """The decoder stack: capsules, RNN_dec, the writer, and the logistic likelihood's scales."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -155,9 +154,6 @@ class Decoder(nn.Module):
         # Log-scale of the discretised logistic, one per channel, in [0, 1] pixel units.
         self.log_scale = nn.Parameter(torch.full((c,), -3.0)) if cfg.likelihood == "logistic" else None
 
-    def init_state(self, batch: int, like: Tensor) -> State:
-        return _init_state(self.cfg.rnn, batch, self.cfg.dec_hidden, like)
-
     def step(self, z: Tensor, state: State, canvas_prev: Tensor) -> tuple[State, Tensor, dict[str, Tensor] | None]:
         """One decoder step: z (B, z_dim), RNN_dec state, canvas_prev (B, C, H, W) logits ->
         (state, canvas (B, C, H, W) logits, write windows or None). h_dec_t is state[0]."""
@@ -169,7 +165,7 @@ class Decoder(nn.Module):
                 inp = self.caps_norm(inp)
             if self.cfg.dec_z_skip:
                 inp = torch.cat([inp, z], 1)
-        state = _run_cell(self.rnn, inp, state)
+        state = self.run_rnn(inp, state)
         if self.cfg.write_attn:
             delta, win = self.writer(state[0])
         else:
@@ -297,11 +293,9 @@ class RCN(nn.Module):
     def generate(
         self, n: int, eps: Tensor | None = None, device: torch.device | str | None = None
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
-        """Draw n images from the prior: z_t ~ N(0, I) (or eps (n, T, z_dim)) through the decoder.
-
-        Returns the canvas after every step as means in [0, 1], (n, T, C, H, W), and the write
-        windows (each (n, T)), or None without write attention.
-        """
+        """Draw n images from the prior, z_t ~ N(0, I) (or eps (n, T, z_dim)), through the decoder:
+        the canvas after every step as means in [0, 1], (n, T, C, H, W), and the write windows
+        (each (n, T)), or None without write attention."""
         c = self.cfg
         p = next(self.parameters())
         like = torch.empty(0, device=device if device is not None else p.device, dtype=p.dtype)
@@ -333,7 +327,6 @@ def sample_noise(
     Row b is drawn from a CPU torch.Generator seeded with a hash of (seed, indices[b]), so a sample
     gets the same noise whichever batch, micro-batch or rank it lands in. For fresh noise every
     optimizer step, fold the step into `seed` (step_noise_seed).
-    The result is on `device` (default: indices' device).
     """
     gen = torch.Generator()
     key = _mix64(int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019)
@@ -362,11 +355,8 @@ def _n_params(mod: nn.Module) -> int:
 
 def describe(cfg: ModelConfig, batch: int = 128) -> dict[str, int]:
     """Sizes for docs/model.md and memory.py: parameter counts (the model built on the meta device)
-    and the routing predictions u_hat.
-
-    u_hat elements are per image (the encoder's once, the decoder's per step); the *_bytes entries
-    are fp32 bytes at `batch`, the decoder's for all T steps (all kept for the backward pass).
-    """
+    and the routing predictions u_hat, in elements per image (the encoder's once, the decoder's per
+    step) and in fp32 bytes at `batch` (the decoder's for all T steps, all kept for the backward)."""
     with torch.device("meta"):
         m = RCN(cfg)
     enc_uhat = cfg.enc_primary_caps() * cfg.n_classes * cfg.class_caps_dim
