@@ -6,13 +6,9 @@ checkpoints at the next step boundary first (rcn_dist.loop.StopFlag), then submi
 that comes before the first step stops the attempt with nothing to save, and the requeued job
 starts over from the last checkpoint (or from scratch).
 
-    from rcn_dist.submit import submit
-    job = submit(["--preset", "tiny", "--data", "data/fashion-mnist", "--out", "runs/x"],
-                 folder="runs/x/submitit", nodes=1, tasks_per_node=2, timeout_min=60)
-    job.result()
-
-`rcn submit [options] [--] <rcn train arguments>` does the same from a shell, and
-`--sweep key=v1,v2` submits one array job with a RUN_DIR per point, then compares the runs.
+`submit(train_argv, folder, nodes=..., ...)` from Python (docs/slurm.md), `rcn submit [options]
+[--] <rcn train arguments>` from a shell; `--sweep key=v1,v2` submits one array job with a
+RUN_DIR per point, then compares the runs.
 """
 
 from __future__ import annotations
@@ -46,7 +42,13 @@ class TrainJob(Checkpointable):
         # loop.StopFlag); submitit's handlers are given back when the run is over.
         owner = signals.catch()
         try:
-            rc = self._train()
+            # Threads per task: the CPUs Slurm gave it (torch would otherwise take every core). Set
+            # before torch is imported, which reads it once.
+            os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+            from rcn_dist.cli import run_main
+            from rcn_dist.train import main
+
+            rc = run_main(main, self.argv)
         finally:
             if owner:
                 signals.release()
@@ -64,15 +66,6 @@ class TrainJob(Checkpointable):
             raise RcnError(f"training exited with code {rc}")
         return {"run_dir": _out_of(self.argv), "exit": rc}
 
-    def _train(self) -> int:
-        # Threads per task: the CPUs Slurm gave it (torch would otherwise take every core). Set
-        # before torch is imported, which reads it once.
-        os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
-        from rcn_dist.cli import run_main
-        from rcn_dist.train import main
-
-        return run_main(main, self.argv)
-
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         # The state is on disk already (written by every rank at the step boundary).
         return DelayedSubmission(TrainJob(self.argv))
@@ -87,12 +80,13 @@ def _out_of(argv: list[str]) -> str:
     raise ConfigError("rcn submit needs --out RUN_DIR among the training arguments (the job resumes from it)")
 
 
-def check_train_args(train_argv: list[str]) -> None:
-    """Refuse here, before anything is queued, what `rcn train` would refuse in the job."""
+def check_train_args(train_argv: list[str]) -> str:
+    """Refuse here, before anything is queued, what `rcn train` would refuse in the job; returns RUN_DIR."""
     from rcn_dist.train import build_parser, config_from_args
 
-    _out_of(train_argv)
+    out = _out_of(train_argv)
     config_from_args(build_parser().parse_intermixed_args(train_argv))
+    return out
 
 
 def make_executor(folder: str | Path, cluster: str | None = None, nodes: int = 1, tasks_per_node: int = 1,
@@ -144,20 +138,20 @@ def submit_sweep(train_argv: list[str], specs: list[str], folder: str | Path,
     """One array job, one RUN_DIR per point: <--out>/<key>=<value>,..."""
     base = Path(_out_of(train_argv))
     i = train_argv.index("--out") if "--out" in train_argv else None
-    jobs_args = []
-    for point in sweep_points(specs):
-        name = ",".join(f"{k}={v}" for k, v in point.items()).replace("/", "_")
-        argv = list(train_argv)
-        if i is not None:
-            argv[i + 1] = str(base / name)
-        else:
-            argv = [a for a in argv if not a.startswith("--out=")] + ["--out", str(base / name)]
-        argv += [f"{k}={v}" for k, v in point.items()]
-        jobs_args.append((base / name, TrainJob(argv)))
+    points = sweep_points(specs)
     ex = make_executor(folder, **executor_kw)
+    runs = []
     with ex.batch():
-        jobs = [ex.submit(job) for _, job in jobs_args]
-    return [(d, j) for (d, _), j in zip(jobs_args, jobs)]
+        for point in points:
+            name = ",".join(f"{k}={v}" for k, v in point.items()).replace("/", "_")
+            argv = list(train_argv)
+            if i is not None:
+                argv[i + 1] = str(base / name)
+            else:
+                argv = [a for a in argv if not a.startswith("--out=")] + ["--out", str(base / name)]
+            argv += [f"{k}={v}" for k, v in point.items()]
+            runs.append((base / name, ex.submit(TrainJob(argv))))
+    return runs
 
 
 def follow(job: submitit.Job, poll_s: float = 2.0, out=sys.stdout) -> Any:
@@ -165,9 +159,8 @@ def follow(job: submitit.Job, poll_s: float = 2.0, out=sys.stdout) -> Any:
     seen = 0
     while True:
         done = job.done()
-        path = job.paths.stdout
-        if path.exists():
-            text = path.read_text(errors="replace")
+        if job.paths.stdout.exists():
+            text = job.paths.stdout.read_text(errors="replace")
             if len(text) > seen:
                 out.write(text[seen:])
                 out.flush()
@@ -204,12 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     train_argv = rest + train_argv
     if not train_argv:
         raise ConfigError("give the training arguments, e.g. rcn submit --preset tiny --data DIR --out runs/x")
-    check_train_args(train_argv)
-    out_dir = Path(_out_of(train_argv))
+    out_dir = Path(check_train_args(train_argv))
     folder = args.folder or str(out_dir / "submitit")
-    tasks = args.tasks_per_node or args.gpus_per_node or 1
-    kw = dict(cluster=args.cluster, nodes=args.nodes, tasks_per_node=tasks,
-              gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+    kw = dict(cluster=args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+              tasks_per_node=args.tasks_per_node or args.gpus_per_node or 1, cpus_per_task=args.cpus_per_task,
               timeout_min=args.timeout_min, partition=args.partition, max_requeues=args.max_requeues)
     if args.sweep:
         for point in sweep_points(args.sweep):  # a bad sweep value fails here, not in the jobs
