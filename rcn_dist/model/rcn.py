@@ -116,9 +116,7 @@ class Encoder(_Stack):
     def step(
         self, x: Tensor, caps_flat: Tensor, canvas_prev: Tensor, h_dec_prev: Tensor, state: State, eps_t: Tensor
     ) -> tuple[State, Tensor, Tensor, Tensor, dict[str, Tensor] | None]:
-        """One encoder step.
-
-        x, canvas_prev: (B, C, H, W) image and canvas logits c_{t-1};
+        """One encoder step. x, canvas_prev: (B, C, H, W) image and canvas logits c_{t-1};
         caps_flat: (B, n_classes * class_caps_dim) from `capsules(x).flatten(1)`, computed once;
         h_dec_prev: (B, dec_hidden); state: RNN_enc state; eps_t: (B, z_dim) standard normal noise.
         Returns (state, z (B, z_dim), mu (B, z_dim), logvar (B, z_dim), read windows or None).

@@ -50,14 +50,13 @@ def spread(out: Tensor) -> Tensor:
 def recording(model: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
     """Record every call's routed and primary capsule outputs of both networks (detached)."""
     seen: dict[str, list[Tensor]] = {f"{w}_{p}": [] for w in WHICH for p in ("caps", "primary")}
-    handles = []
+    mods = {}
     for w in WHICH:
-        mod = getattr(model, w).capsules  # None where an ablation removed it
-        if mod is None:
-            continue
-        handles.append(mod.register_forward_hook(lambda _m, _i, out, w=w: seen[f"{w}_caps"].append(out.detach())))
-        handles.append(mod.primary.register_forward_hook(
-            lambda _m, _i, out, w=w: seen[f"{w}_primary"].append(out.detach())))
+        caps = getattr(model, w).capsules
+        if caps is not None:  # None where an ablation removed it
+            mods.update({f"{w}_caps": caps, f"{w}_primary": caps.primary})
+    handles = [mod.register_forward_hook(lambda _m, _i, out, k=k: seen[k].append(out.detach()))
+               for k, mod in mods.items()]
     try:
         yield seen
     finally:
