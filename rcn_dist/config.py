@@ -374,9 +374,8 @@ class Config:
         _require(self.parallel.pipeline_stages == 1 or (self.model.enc_capsules and self.model.dec_capsules),
                  "parallel.pipeline_stages", "the pipeline split needs both capsule networks "
                  "(model.enc_capsules and model.dec_capsules are ablations for one stage)")
-        if self.model.likelihood == "logistic":
-            _require(self.data.binarize == "none", "data.binarize",
-                     "the logistic likelihood models grey levels: set data.binarize=none")
+        _require(self.model.likelihood != "logistic" or self.data.binarize == "none", "data.binarize",
+                 "the logistic likelihood models grey levels: set data.binarize=none")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""

@@ -38,11 +38,10 @@ def _layer_flops(mod: nn.Module, x: Tensor, out: Tensor) -> tuple[str, int]:
         n_child, n_parent, parent_dim, child_dim = mod.weight.shape
         per_pass = 2 * n_parent * n_child * parent_dim
         return "routing", per_pass * child_dim + per_pass * (2 * mod.iters - 1)
+    h, w, n = mod.h, mod.w, mod.n  # a Reader or a Writer
     if isinstance(mod, Reader):  # x and x_hat: Fy (N, H) img (H, W) Fx^T (W, N) per channel
-        h, w, n = mod.h, mod.w, mod.n
         return "filterbank", 2 * x.shape[1] * (2 * n * h * w + 2 * n * w * n)
     # Writer: Fy^T (H, N) patch (N, N) Fx (N, W) per channel.
-    h, w, n = mod.h, mod.w, mod.n
     return "filterbank", mod.c * (2 * h * n * n + 2 * h * n * w)
 
 

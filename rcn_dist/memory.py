@@ -57,13 +57,12 @@ def activation_elements(m: ModelConfig) -> dict[str, int]:
     """
     c, h, w = m.in_channels, m.height, m.width
     # Encoder capsules, once per image: input, each ReLU output, primary capsules, class capsules.
-    enc_once, columns, ch = c * h * w, 0, c
-    for out, (mh, mw) in zip(m.enc_conv_channels, m.enc_conv_maps()):
+    enc_once, columns = c * h * w, 0
+    for ch, out, (mh, mw) in zip((c, *m.enc_conv_channels), m.enc_conv_channels, m.enc_conv_maps()):
         columns = max(columns, ch * m.enc_conv_kernel**2 * mh * mw)
         enc_once += out * mh * mw
-        ch = out
     gh, gw = m.enc_primary_grid()
-    columns = max(columns, ch * m.enc_primary_kernel**2 * gh * gw)
+    columns = max(columns, m.enc_conv_channels[-1] * m.enc_primary_kernel**2 * gh * gw)
     enc_n = m.enc_primary_caps()
     enc_once += _primary(enc_n, m.enc_primary_dim)
     enc_once += _routed(enc_n, m.enc_primary_dim, m.n_classes, m.class_caps_dim)
@@ -73,13 +72,12 @@ def activation_elements(m: ModelConfig) -> dict[str, int]:
         enc_step += _attention(c, h, w, m.read_n, read=True)
     # Decoder, per step: seed map, transposed convs, primary capsules, routing, RNN_dec, write.
     dec_step = m.z_dim + m.dec_seed_channels * m.dec_seed_size**2
-    size, ch = m.dec_seed_size, m.dec_seed_channels
-    for out, grown in zip(m.dec_deconv_channels, m.dec_deconv_maps()):
+    sizes = [m.dec_seed_size, *m.dec_deconv_maps()]
+    for out, size, grown in zip(m.dec_deconv_channels, sizes, sizes[1:]):
         columns = max(columns, out * m.dec_deconv_kernel**2 * size * size)
         dec_step += out * grown * grown
-        size, ch = grown, out
     g = m.dec_primary_grid()
-    columns = max(columns, ch * m.dec_primary_kernel**2 * g * g)
+    columns = max(columns, m.dec_deconv_channels[-1] * m.dec_primary_kernel**2 * g * g)
     dec_n = m.dec_primary_caps()
     dec_step += _primary(dec_n, m.dec_primary_dim)
     dec_step += _routed(dec_n, m.dec_primary_dim, m.dec_caps, m.dec_caps_dim)

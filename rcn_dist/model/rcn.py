@@ -20,15 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from rcn_dist.config import ModelConfig
+from rcn_dist.model import losses
 from rcn_dist.model.attention import WINDOW_KEYS, Reader, Writer
 from rcn_dist.model.capsules import PrimaryCapsules, RoutedCapsules, scaled_init_
-from rcn_dist.model.losses import (
-    bernoulli_nll,
-    discretized_logistic_nll,
-    kl_standard_normal,
-    margin_loss,
-    top_k_correct,
-)
 
 State = tuple[Tensor, ...]
 """RNN state: (h, c) for an LSTM, (h,) for a GRU; h is always state[0]."""
@@ -155,9 +149,8 @@ class Decoder(_Stack):
     def step(self, z: Tensor, state: State, canvas_prev: Tensor) -> tuple[State, Tensor, dict[str, Tensor] | None]:
         """One decoder step: z (B, z_dim), RNN_dec state, canvas_prev (B, C, H, W) logits ->
         (state, canvas (B, C, H, W) logits, write windows or None). h_dec_t is state[0]."""
-        if self.capsules is None:
-            inp = z
-        else:
+        inp = z
+        if self.capsules is not None:
             inp = self.capsules(z).flatten(1)  # (B, dec_caps * dec_caps_dim)
             if self.caps_norm is not None:
                 inp = self.caps_norm(inp)
@@ -173,8 +166,8 @@ class Decoder(_Stack):
     def recon_nll(self, canvas_logits: Tensor, x: Tensor) -> Tensor:
         """-log D(x | c_T) per image (B,), nats: canvas_logits, x (B, C, H, W)."""
         if self.cfg.likelihood == "bernoulli":
-            return bernoulli_nll(canvas_logits, x)
-        return discretized_logistic_nll(canvas_logits, self.log_scale, x)
+            return losses.bernoulli_nll(canvas_logits, x)
+        return losses.discretized_logistic_nll(canvas_logits, self.log_scale, x)
 
     def loss_terms(self, out: RCNOutput, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Per-image terms of a forward pass's output, each (B,) (see RCN.loss_terms). Here, on
@@ -183,14 +176,14 @@ class Decoder(_Stack):
         c = self.cfg
         lengths = out.class_lengths
         if c.enc_capsules:
-            margin = margin_loss(lengths, y, c.m_plus, c.m_minus, c.margin_lambda)
+            margin = losses.margin_loss(lengths, y, c.m_plus, c.m_minus, c.margin_lambda)
         else:  # no classifier to train
             margin = torch.zeros_like(lengths[:, 0])
         recon = self.recon_nll(out.canvas[:, -1], x)
         kl = out.kl.sum(dim=1)
         elbo = recon + kl
         return {"margin": margin, "recon": recon, "kl": kl, "elbo": elbo,
-                "loss": elbo + c.margin_weight * margin, "correct": top_k_correct(lengths, y)}
+                "loss": elbo + c.margin_weight * margin, "correct": losses.top_k_correct(lengths, y)}
 
 
 @dataclass
@@ -262,14 +255,12 @@ class RCN(nn.Module):
         mu, logvar = torch.stack(mus, 1), torch.stack(logvars, 1)
         return RCNOutput(
             canvas=torch.stack(canvases, 1), class_caps=caps, class_lengths=caps.norm(dim=-1),
-            kl=kl_standard_normal(mu, logvar), mu=mu, logvar=logvar,
+            kl=losses.kl_standard_normal(mu, logvar), mu=mu, logvar=logvar,
             read_windows=_stack_windows(rwins), write_windows=_stack_windows(wwins),
         )
 
-    def loss_terms(
-        self, x: Tensor, y: Tensor, eps: Tensor | None = None, out: RCNOutput | None = None,
-        x_caps: Tensor | None = None,
-    ) -> dict[str, Tensor]:
+    def loss_terms(self, x: Tensor, y: Tensor, eps: Tensor | None = None, out: RCNOutput | None = None,
+                   x_caps: Tensor | None = None) -> dict[str, Tensor]:
         """Per-image terms, each (B,): margin, recon, kl (summed over T), elbo (= recon + kl, the
         negative ELBO, an upper bound on -log p(x) in nats), loss (= elbo + margin_weight *
         margin, what training minimises) and correct (bool).
@@ -288,9 +279,8 @@ class RCN(nn.Module):
         return parts["loss"], parts
 
     @torch.no_grad()
-    def generate(
-        self, n: int, eps: Tensor | None = None, device: torch.device | str | None = None
-    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+    def generate(self, n: int, eps: Tensor | None = None,
+                 device: torch.device | str | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
         """Draw n images from the prior, z_t ~ N(0, I) (or eps (n, T, z_dim)), through the decoder:
         the canvas after every step as means in [0, 1], (n, T, C, H, W), and the write windows
         (each (n, T)), or None without write attention."""
@@ -316,10 +306,8 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def sample_noise(
-    indices: Tensor, seed: int, T: int, z_dim: int, device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
+def sample_noise(indices: Tensor, seed: int, T: int, z_dim: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
     """Latent noise (B, T, z_dim) that depends only on (seed, sample index), never on the batch.
 
     Row b is drawn from a CPU torch.Generator seeded with a hash of (seed, indices[b]), so a sample

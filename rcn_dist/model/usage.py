@@ -20,20 +20,14 @@ WHICH = ("encoder", "decoder")
 MODES = ("shuffle", "zero")
 
 
-def _replace(out: Tensor, mode: str) -> Tensor:
-    if mode == "shuffle":
-        return torch.roll(out, 1, dims=0)  # image b gets image b-1's capsules: no fixed point for B > 1
-    if mode == "zero":
-        return torch.zeros_like(out)
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
 @contextlib.contextmanager
 def ablated(model: nn.Module, which: str, mode: str) -> Iterator[None]:
     """Inside the block, the `which` capsule network's outputs are shuffled across the batch or zeroed."""
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    handle = getattr(model, which).capsules.register_forward_hook(lambda _m, _i, out: _replace(out, mode))
+    if which not in WHICH or mode not in MODES:
+        raise ValueError(f"which must be one of {WHICH} and mode one of {MODES}, got {which!r} and {mode!r}")
+    # Shuffle: image b gets image b-1's capsules, no fixed point for B > 1.
+    handle = getattr(model, which).capsules.register_forward_hook(
+        lambda _m, _i, out: torch.roll(out, 1, dims=0) if mode == "shuffle" else torch.zeros_like(out))
     try:
         yield
     finally:
