@@ -468,18 +468,16 @@ def load_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
+    if p.suffix not in (".json", ".toml"):
+        raise ConfigError(f"config file {p}: unsupported format {p.suffix!r} (use .json or .toml)")
     text = p.read_bytes()
     try:
-        if p.suffix == ".toml":
-            return tomllib.loads(text.decode("utf-8"))
-        if p.suffix == ".json":
-            obj = json.loads(text)
-            if not isinstance(obj, dict):
-                raise ConfigError(f"config file {p}: the top level must be an object")
-            return obj
+        obj = tomllib.loads(text.decode("utf-8")) if p.suffix == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} does not parse: {e}") from None
-    raise ConfigError(f"config file {p}: unsupported format {p.suffix!r} (use .json or .toml)")
+    if not isinstance(obj, dict):  # a TOML file always is one
+        raise ConfigError(f"config file {p}: the top level must be an object")
+    return obj
 
 
 # ---------------------------------------------------------------- presets
