@@ -104,29 +104,27 @@ def estimate(cfg: Config, micro_batch: int, zero_stage: int, dp_size: int, preci
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"memory estimate: precision must be fp32, bf16 or fp16, got {precision!r}")
     half = precision != "fp32"
-    act_b = 2 if half else 4
+    val_b = 2 if half else 4  # bytes of a weight, gradient or activation
     n = activation_elements(cfg.model)
     counts = describe(cfg.model)
     if cfg.parallel.pipeline_stages > 1:
         # Each rank holds one stack; the loop's tensors are split between them about evenly.
         stages = [(counts["encoder_params"], n["encoder"] + n["loop"] // 2),
                   (counts["decoder_params"], n["decoder"] + n["loop"] - n["loop"] // 2)]
-        psi, act = max(stages, key=lambda s: 16 * s[0] + act_b * micro_batch * s[1])
+        psi, act = max(stages, key=lambda s: 16 * s[0] + val_b * micro_batch * s[1])
     else:
         psi, act = counts["params"], n["encoder"] + n["decoder"] + n["loop"]
     shard = max(dp_size, 1)
-    params = (2 if half else 4) * psi / (shard if zero_stage >= 3 else 1)
-    grads = (2 if half else 4) * psi / (shard if zero_stage >= 2 else 1)
-    optimizer = (12 if half else 8) * psi / (shard if zero_stage >= 1 else 1)
-    activations = act_b * micro_batch * act
     # Adam's step makes about one fp32 temporary per parameter it updates (sqrt of the second moment).
     opt_temp = 4 * psi / (shard if zero_stage >= 1 else 1)
-    workspace = act_b * micro_batch * (n["columns"] + 2 * n["u_hat"]) + opt_temp
-    parts = {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations,
-             "workspace": workspace}
+    parts = {"params": val_b * psi / (shard if zero_stage >= 3 else 1),
+             "grads": val_b * psi / (shard if zero_stage >= 2 else 1),
+             "optimizer": (12 if half else 8) * psi / (shard if zero_stage >= 1 else 1),
+             "activations": val_b * micro_batch * act,
+             "workspace": val_b * micro_batch * (n["columns"] + 2 * n["u_hat"]) + opt_temp}
     out: dict[str, Any] = {k: int(v) for k, v in parts.items()}
     out["total"] = sum(out.values())
-    out["u_hat_all_steps"] = act_b * micro_batch * n["dec_u_hat_all_steps"]
+    out["u_hat_all_steps"] = val_b * micro_batch * n["dec_u_hat_all_steps"]
     out["n_params"] = psi
     return out
 
