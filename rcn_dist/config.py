@@ -40,9 +40,9 @@ def _choice(value: Any, name: str, options: tuple) -> None:
 
 def _ints(cfg: Any, section: str, low: int, *names: str) -> None:
     """Each named field is an integer >= low (1: positive, 0: non-negative)."""
+    kind = "positive" if low else "non-negative"
     for name in names:
         v = getattr(cfg, name)
-        kind = "positive" if low else "non-negative"
         _require(isinstance(v, int) and v >= low, f"{section}.{name}", f"must be a {kind} integer, got {v!r}")
 
 

@@ -39,7 +39,7 @@ class _Stack(nn.Module):
         h = like.new_zeros(batch, self.rnn.hidden_size)
         return (h, h.clone()) if isinstance(self.rnn, nn.LSTMCell) else (h,)
 
-    def run_rnn(self, inp: Tensor, state: State) -> State:
+    def _run_rnn(self, inp: Tensor, state: State) -> State:
         if isinstance(self.rnn, nn.LSTMCell):
             return tuple(self.rnn(inp, (state[0], state[1])))
         return (self.rnn(inp, state[0]),)
@@ -120,7 +120,7 @@ class Encoder(_Stack):
             glimpse, win = self.reader(x, x_hat, h_dec_prev)
         else:
             glimpse, win = torch.cat([x.flatten(1), x_hat.flatten(1)], 1), None
-        state = self.run_rnn(torch.cat([caps_flat, glimpse, h_dec_prev], 1), state)
+        state = self._run_rnn(torch.cat([caps_flat, glimpse, h_dec_prev], 1), state)
         mu, logvar = self.latent(state[0]).chunk(2, dim=1)
         z = mu + torch.exp(0.5 * logvar) * eps_t
         return state, z, mu, logvar, win
@@ -156,7 +156,7 @@ class Decoder(_Stack):
                 inp = self.caps_norm(inp)
             if self.cfg.dec_z_skip:
                 inp = torch.cat([inp, z], 1)
-        state = self.run_rnn(inp, state)
+        state = self._run_rnn(inp, state)
         if self.cfg.write_attn:
             delta, win = self.writer(state[0])
         else:
@@ -342,7 +342,7 @@ def _n_params(mod: nn.Module) -> int:
 def describe(cfg: ModelConfig, batch: int = 128) -> dict[str, int]:
     """Sizes for docs/model.md and memory.py: parameter counts (the model built on the meta device)
     and the routing predictions u_hat, in elements per image (the encoder's once, the decoder's per
-    step) and in fp32 bytes at `batch` (the decoder's for all T steps, all kept for the backward)."""
+    step) and in fp32 bytes at `batch` (the decoder's for all T steps, all kept for the backward pass)."""
     with torch.device("meta"):
         m = RCN(cfg)
     enc_uhat = cfg.enc_primary_caps() * cfg.n_classes * cfg.class_caps_dim
