@@ -40,48 +40,37 @@ def spread(out: Tensor) -> Tensor:
     return (o - o.mean(0)).pow(2).sum(1).mean().sqrt() / o.pow(2).sum(1).mean().sqrt().clamp_min(1e-30)
 
 
-@contextlib.contextmanager
-def recording(model: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
-    """Record every call's routed and primary capsule outputs of both networks (detached)."""
-    seen: dict[str, list[Tensor]] = {f"{w}_{p}": [] for w in WHICH for p in ("caps", "primary")}
-    mods = {}
-    for w in WHICH:
-        caps = getattr(model, w).capsules
-        if caps is not None:  # None where an ablation removed it
-            mods.update({f"{w}_caps": caps, f"{w}_primary": caps.primary})
-    handles = [mod.register_forward_hook(lambda _m, _i, out, k=k: seen[k].append(out.detach()))
-               for k, mod in mods.items()]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def summarize(seen: dict[str, list[Tensor]]) -> dict[str, float]:
-    """The recorded outputs of one batch -> {which}_spread, {which}_length, {which}_primary_length.
+@torch.no_grad()
+def capsule_stats(model: nn.Module, x: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> dict[str, float]:
+    """Spread and lengths of both capsule networks on one batch x (B, C, H, W), noise eps (B, T, z)
+    (x_caps: what the encoder capsules see, RCN.forward): {which}_spread, {which}_length and
+    {which}_primary_length, for the networks the model has.
 
     The decoder's figures are means over its T calls (one per step); spread is taken per call,
     across the batch.
     """
+    seen: dict[str, list[Tensor]] = {}  # every call's routed and primary capsule outputs (no grad)
+    handles = []
+    for w in WHICH:
+        caps = getattr(model, w).capsules
+        if caps is not None:  # None where an ablation removed it
+            for k, mod in ((f"{w}_caps", caps), (f"{w}_primary", caps.primary)):
+                seen[k] = []
+                handles.append(mod.register_forward_hook(lambda _m, _i, out, k=k: seen[k].append(out)))
+    try:
+        model(x, eps, x_caps)
+    finally:
+        for h in handles:
+            h.remove()
     out = {}
     for w in WHICH:
-        caps, prim = seen[f"{w}_caps"], seen[f"{w}_primary"]
+        caps, prim = seen.get(f"{w}_caps"), seen.get(f"{w}_primary")
         if not caps:
             continue
         out[f"{w}_spread"] = torch.stack([spread(c) for c in caps]).mean().item()
         out[f"{w}_length"] = torch.stack([c.float().norm(dim=-1).mean() for c in caps]).mean().item()
         out[f"{w}_primary_length"] = torch.stack([p.float().norm(dim=-1).mean() for p in prim]).mean().item()
     return out
-
-
-@torch.no_grad()
-def capsule_stats(model: nn.Module, x: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> dict[str, float]:
-    """Spread and lengths of both capsule networks on one batch x (B, C, H, W), noise eps (B, T, z)
-    (x_caps: what the encoder capsules see, RCN.forward)."""
-    with recording(model) as seen:
-        model(x, eps, x_caps)
-    return summarize(seen)
 
 
 @torch.no_grad()
