@@ -9,9 +9,6 @@ import numpy as np
 
 from rcn_dist.errors import DataError
 
-# IDX magic: 0x00 0x00 <dtype code> <number of dimensions>; MNIST uses unsigned bytes (0x08).
-_DTYPES = {0x08: np.uint8}
-
 
 def read_idx(path: str | Path) -> np.ndarray:
     """An IDX file as images (N, H, W) or labels (N,), uint8; a wrong magic number or a body of
@@ -23,7 +20,8 @@ def read_idx(path: str | Path) -> np.ndarray:
         raw = gzip.open(p).read() if p.suffix == ".gz" else p.read_bytes()
     except (OSError, EOFError) as e:
         raise DataError(f"{p}: cannot read ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES or not 1 <= raw[3] <= 3:
+    # IDX magic: 0x00 0x00 <dtype code> <number of dimensions>; MNIST uses unsigned bytes (0x08) only.
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or not 1 <= raw[3] <= 3:
         raise DataError(f"{p}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
     ndim = raw[3]
     header = 4 + 4 * ndim
@@ -35,7 +33,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if body != need:
         raise DataError(f"{p}: IDX body holds {body} bytes, its header says {need} for shape {shape}"
                         + (" (truncated)" if body < need else ""))
-    return np.frombuffer(raw, dtype=_DTYPES[raw[2]], offset=header).reshape(shape)
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def find_idx(directory: str | Path, split: str) -> tuple[Path, Path]:

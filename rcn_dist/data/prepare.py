@@ -40,28 +40,6 @@ MNIST_MD5 = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rcn prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--source", help="IDX directory, CIFAR-10 batch directory or .tar.gz "
-                   f"(fashion-mnist and multimnist default to {sources.FASHION_MNIST_DIR})")
-    p.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
-    p.add_argument("--shard-size", type=int, default=shards.DEFAULT_SHARD_SIZE,
-                   help=f"samples per shard (default {shards.DEFAULT_SHARD_SIZE})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the MultiMNIST synthesis (recorded)")
-    p.add_argument("--limit", type=int, help="keep only the first N samples of each split")
-    p.add_argument("--pairs", type=int, default=1, help="multimnist: pairs per source digit (default 1)")
-    p.add_argument("--base", choices=("mnist", "fashion-mnist"),
-                   help="multimnist: class names of the IDX source (default: fashion-mnist without "
-                   "--source, mnist with it)")
-    p.add_argument("--val", type=int, default=None,
-                   help=f"training images held out as the validation split (default {DEFAULT_VAL} where the "
-                   f"training set holds at least {10 * DEFAULT_VAL}, else none; at most a tenth; 0: none)")
-    p.add_argument("--download", action="store_true", help="mnist: fetch the IDX files into --source first")
-    p.add_argument("--force", action="store_true", help="replace --out even if it holds something else")
-    return p
-
-
 def download_mnist(directory: Path) -> None:
     """Fetch the MNIST IDX files missing from `directory` and check their MD5 (needs network)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -116,8 +94,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, tuple[np.ndarray, np.ndar
                 x, y = sources.synth_multimnist(x, y, args.pairs, seed=args.seed * 2 + i, limit=args.limit)
                 extra = {"pairs_per_image": args.pairs, "base": base}
             data[split] = (x, y)
-    if args.limit is not None:
-        data = {s: (x[: args.limit], y[: args.limit]) for s, (x, y) in data.items()}
+    data = {s: (x[: args.limit], y[: args.limit]) for s, (x, y) in data.items()}  # limit None: all
     # By default DEFAULT_VAL images where that is at most a tenth of the training set (the real
     # MNIST, Fashion-MNIST, CIFAR-10 and MultiMNIST), else none (small or --limit'ed sets).
     n_val = DEFAULT_VAL if len(data["train"][0]) >= 10 * DEFAULT_VAL else 0
@@ -156,11 +133,10 @@ def prepare(args: argparse.Namespace) -> Path:
             raise DataError("--download is for --dataset mnist with --source DIR")
         download_mnist(Path(args.source))
     data, names, extra = _load(args)
-    c, h, w = data["train"][0].shape[1:]
     manifest: dict[str, Any] = {
         "format": shards.FORMAT, "format_version": shards.FORMAT_VERSION, "dataset": args.dataset,
-        "tool_version": __version__, "seed": args.seed, "limit": args.limit,
-        "image_shape": [int(c), int(h), int(w)], "dtype": "uint8", "class_names": list(names),
+        "tool_version": __version__, "seed": args.seed, "limit": args.limit, "dtype": "uint8",
+        "image_shape": [int(v) for v in data["train"][0].shape[1:]], "class_names": list(names),
         "label_kind": "multi" if data["train"][1].ndim == 2 else "single", "splits": {}, **extra,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +169,23 @@ def prepare(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `rcn prepare`."""
-    prepare(_parser().parse_args(argv))
+    p = argparse.ArgumentParser(prog="rcn prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--source", help="IDX directory, CIFAR-10 batch directory or .tar.gz "
+                   f"(fashion-mnist and multimnist default to {sources.FASHION_MNIST_DIR})")
+    p.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    p.add_argument("--shard-size", type=int, default=shards.DEFAULT_SHARD_SIZE,
+                   help=f"samples per shard (default {shards.DEFAULT_SHARD_SIZE})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MultiMNIST synthesis (recorded)")
+    p.add_argument("--limit", type=int, help="keep only the first N samples of each split")
+    p.add_argument("--pairs", type=int, default=1, help="multimnist: pairs per source digit (default 1)")
+    p.add_argument("--base", choices=("mnist", "fashion-mnist"),
+                   help="multimnist: class names of the IDX source (default: fashion-mnist without "
+                   "--source, mnist with it)")
+    p.add_argument("--val", type=int, default=None,
+                   help=f"training images held out as the validation split (default {DEFAULT_VAL} where the "
+                   f"training set holds at least {10 * DEFAULT_VAL}, else none; at most a tenth; 0: none)")
+    p.add_argument("--download", action="store_true", help="mnist: fetch the IDX files into --source first")
+    p.add_argument("--force", action="store_true", help="replace --out even if it holds something else")
+    prepare(p.parse_args(argv))
     return 0

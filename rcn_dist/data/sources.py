@@ -127,13 +127,6 @@ def _decode_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y
 
 
-def _decode_meta(data: bytes, name: str) -> list[str]:
-    (names,) = _fields(data, name, "label_names")
-    if not isinstance(names, list) or len(names) != 10:
-        raise DataError(f"{name}: 'label_names' must be a list of 10 names")
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-
-
 def read_cifar10(source: str | Path) -> dict[str, Source]:
     """CIFAR-10 "python version", the batch directory or the .tar.gz (streamed, never extracted):
     {"train": ..., "test": ...} with images (N, 32, 32, 3) uint8."""
@@ -152,7 +145,10 @@ def read_cifar10(source: str | Path) -> dict[str, Source]:
     missing = [n for n in wanted if n not in files]
     if missing:
         raise DataError(f"{src}: missing CIFAR-10 file(s) {', '.join(missing)}")
-    names = _decode_meta(files[CIFAR_META], f"{src}/{CIFAR_META}")
+    (names,) = _fields(files[CIFAR_META], f"{src}/{CIFAR_META}", "label_names")
+    if not isinstance(names, list) or len(names) != 10:
+        raise DataError(f"{src}/{CIFAR_META}: 'label_names' must be a list of 10 names")
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     out = {}
     for split, batches in (("train", CIFAR_TRAIN), ("test", CIFAR_TEST)):
         parts = [_decode_batch(files[b], f"{src}/{b}") for b in batches]
