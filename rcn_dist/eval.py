@@ -260,8 +260,7 @@ def load_for_eval(run: str, data: str | None, device: str):
     if not run_path.is_dir():
         raise CheckpointError(f"{run_path}: no such run directory")
     cfg, model, where = load_model(run_path, device)
-    diff = model_diff(run_path / "config.json", cfg) if where != run_path else []
-    if diff:
+    if where != run_path and (diff := model_diff(run_path / "config.json", cfg)):
         raise CheckpointError(f"{where} was saved with a different model config than {run_path / 'config.json'} "
                               f"(model.{', model.'.join(diff[:4])} differ)")
     data_dir = data or cfg.data.dir
@@ -285,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if not parts or parts - set(PARTS):
         raise ConfigError(f"--parts takes a comma-separated subset of {','.join(PARTS)}, got {args.parts!r}")
     # Only eval.* may be overridden: anything else would not describe the checkpoint.
-    bad = [o for o in args.overrides if not o.strip().startswith("eval.")]
-    if bad:
+    if bad := [o for o in args.overrides if not o.strip().startswith("eval.")]:
         raise ConfigError(f"rcn eval takes only eval.* overrides, got {bad[0]!r}")
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)

@@ -23,7 +23,7 @@ from safetensors.torch import save
 from rcn_dist import __version__
 from rcn_dist.errors import CheckpointError
 from rcn_dist.files import atomic_write
-from rcn_dist.parallel.checkpoint import COMPLETE, ckpt_root, find_latest, load_model, tag_for
+from rcn_dist.parallel.checkpoint import COMPLETE, ckpt_root, find_latest, load_model, saved_layout, tag_for
 
 
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
@@ -88,7 +88,7 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Pat
     run_dir, out = Path(run_dir), Path(out)
     ckpt = find_checkpoint(run_dir, step)
     cfg, model, _ = load_model(ckpt)  # checks that the weights fit the stored config
-    step = json.loads((ckpt / COMPLETE).read_text()).get("step", int(ckpt.name[5:]))
+    step = saved_layout(ckpt).get("step", int(ckpt.name[5:]))
     weights = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "model.safetensors", save(weights, metadata={
@@ -102,7 +102,6 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`rcn export`: consolidated safetensors weights + config JSON + model card."""
     ap = argparse.ArgumentParser(prog="rcn export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="run directory (holds checkpoints/)")
     ap.add_argument("--out", required=True, help="directory to write the export into")

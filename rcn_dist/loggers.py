@@ -19,9 +19,6 @@ from typing import Any
 
 from rcn_dist.config import Config, ConfigError
 
-EXTRAS = {"tensorboard": ("tensorboard", "pip install 'rcn_dist[tensorboard]'"),
-          "wandb": ("wandb", "pip install 'rcn_dist[wandb]'")}
-
 
 class Logger:
     """metrics.jsonl (opened per row, so a kill loses nothing) and, when named, the scalars in
@@ -72,7 +69,7 @@ class Logger:
 def logger_names(cfg: Config) -> list[str]:
     """train.loggers as a list, "jsonl" first and always present."""
     names = [n.strip() for n in cfg.train.loggers.split(",") if n.strip()]
-    return ["jsonl"] + [n for n in dict.fromkeys(names) if n != "jsonl"]
+    return list(dict.fromkeys(["jsonl", *names]))
 
 
 def make_loggers(cfg: Config, run_dir: str | Path, rank: int) -> Logger:
@@ -82,8 +79,8 @@ def make_loggers(cfg: Config, run_dir: str | Path, rank: int) -> Logger:
     alike with one line (ConfigError) instead of only rank 0.
     """
     names = logger_names(cfg)
-    for n in names[1:]:
-        module, hint = EXTRAS[n]
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"train.loggers asks for {n}, but the {module} package is not installed: {hint}")
+    for n in names[1:]:  # each one's package and extra are named after it
+        if importlib.util.find_spec(n) is None:
+            raise ConfigError(f"train.loggers asks for {n}, but the {n} package is not installed: "
+                              f"pip install 'rcn_dist[{n}]'")
     return Logger(cfg, Path(run_dir) if rank == 0 else None, names)

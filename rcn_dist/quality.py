@@ -159,10 +159,8 @@ def feature_classifier(data_dir: str | Path, cache_dir: Path, steps: int, seed: 
         batch = next(batches)
         logits, y = net(batch["image"].to(device)), batch["label"].to(device)
         # integer labels (B,): cross-entropy; multi-hot (B, K): per-class binary cross-entropy
-        if y.dim() == 1:
-            loss = F.cross_entropy(logits, y)
-        else:
-            loss = F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))
+        loss = (F.cross_entropy(logits, y) if y.dim() == 1
+                else F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -17,8 +17,6 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from rcn_dist import console
-
 RED = (255, 0, 0)
 GREY_LEVELS = 255
 """GIF frames use palette indices 0..254 for grey levels and 255 for red."""
@@ -150,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     m = cfg.model
     out_dir = Path(args.out) if args.out else (Path(args.run) / "samples")
     out_dir.mkdir(parents=True, exist_ok=True)
-    con = console.Console(True)
 
     canvases, windows = generate(model, max(args.n, args.animate), args.seed, device)
     final = canvases[:, -1]
@@ -181,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             manifest = Manifest.load(data_dir)
         except DataError as e:
-            con.info(f"no reconstructions: {e} (pass --data DIR)")
+            print(f"no reconstructions: {e} (pass --data DIR)", flush=True)
         else:
             binarize = "none" if cfg.data.binarize == "none" else "fixed"
             batch = next(iter(EvalStream(data_dir, args.recon, 0, 1, binarize=binarize)))
@@ -206,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                               ncol=8).save(out_dir / "samples_by_class.png")
                 written.append(out_dir / "samples_by_class.png")
 
-    con.info(f"{where}: wrote " + ", ".join(str(p) for p in written))
+    print(f"{where}: wrote " + ", ".join(str(p) for p in written), flush=True)
     return 0
 
 

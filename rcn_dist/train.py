@@ -88,8 +88,7 @@ def prepare_run(args: argparse.Namespace):
     if shape != want:
         raise ConfigError(f"data {cfg.data.dir} holds {shape[0]}x{shape[1]}x{shape[2]} images, the model "
                           f"expects model.in_channels/height/width = {want[0]}x{want[1]}x{want[2]}")
-    diff = model_diff(run_dir / "config.json", cfg)  # another model's run is refused, not overwritten
-    if diff:
+    if diff := model_diff(run_dir / "config.json", cfg):  # another model's run is refused, not overwritten
         raise CheckpointError(f"{run_dir} holds a run with a different model config "
                               f"(model.{', model.'.join(diff[:4])} differ): use another --out")
     if cfg.parallel.pipeline_stages == 1:
