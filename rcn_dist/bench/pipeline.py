@@ -155,17 +155,10 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
     def dp_step() -> None:
         dp.grads(x[half], y[half], eps[half], 1)
         grads = [p.grad for p in dp.model.parameters()]
-        flat = torch.cat([g.flatten() for g in grads])
+        flat = torch.nn.utils.parameters_to_vector(grads)  # one all-reduce for all the gradients
         dist.all_reduce(flat)
-        flat /= 2
-        for g, f in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(f.view_as(g))
+        torch.nn.utils.vector_to_parameters(flat / 2, grads)
         dp.update()
-
-    def pipe_step(key: tuple[str, int]) -> None:
-        r = runners[key]
-        r.forward_backward(x, y, eps, b)
-        r.optimizer_step(r.reduce_gradients())
 
     for _ in range(warmup + steps):
         for m in ms:
@@ -175,8 +168,10 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
                 timed(f"accum{m}", lambda: None)
             for sched in schedules:
                 key = f"{sched}:{m}"
-                events = runners[(sched, m)].record_events()
-                timed(f"pipeline{key}", lambda k=(sched, m): pipe_step(k))
+                r = runners[(sched, m)]
+                events = r.record_events()
+                timed(f"pipeline{key}", lambda r=r: (r.forward_backward(x, y, eps, b),
+                                                     r.optimizer_step(r.reduce_gradients())))
                 t.setdefault(f"busy{key}", []).append(sum(e[4] - e[3] for e in events))
         timed("dp", dp_step)
     res = {k: statistics.median(v[warmup:]) for k, v in t.items()}
