@@ -229,10 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--runs", nargs="+", help="several run directories: a comparison page")
     ap.add_argument("--out", help="--runs: output directory (default runs/compare)")
     args = ap.parse_args(argv)
-    if args.run:
-        path = run_report(Path(args.run))
-    else:
-        path = compare_report([Path(r) for r in args.runs], Path(args.out or "runs/compare"))
+    path = (run_report(Path(args.run)) if args.run
+            else compare_report([Path(r) for r in args.runs], Path(args.out or "runs/compare")))
     print(f"report: {path}")
     return 0
 
