@@ -55,7 +55,7 @@ class Manifest:
         if src.local_dir is not None and not Path(path).is_file():
             raise DataError(f"{src.local_dir}: no {MANIFEST} (run `rcn prepare`)")
         try:
-            m = json.loads((Path(path).read_bytes() if src.local_dir else src.read(MANIFEST)).decode())
+            m = json.loads(src.read(MANIFEST).decode())
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -132,13 +132,10 @@ class Manifest:
                 if len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]:
                     return data
         where = self.source.where(entry["file"])
-        if self.source.kind == "local":
-            try:
-                data = Path(where).read_bytes()
-            except OSError as e:
-                raise DataError(f"{where}: cannot read shard ({e.strerror or e})") from None
-        else:
+        try:
             data = self.source.read(entry["file"])
+        except OSError as e:  # a local file (remote sources raise DataError)
+            raise DataError(f"{where}: cannot read shard ({e.strerror or e})") from None
         if len(data) != entry["bytes"]:
             raise DataError(f"{where}: shard holds {len(data)} bytes, the manifest says {entry['bytes']} "
                             + ("(truncated)" if len(data) < entry["bytes"] else "(changed)"))

@@ -85,9 +85,11 @@ class Source:
                             "([A-Za-z0-9._-], as `rcn prepare` writes them)")
 
     def read(self, name: str) -> bytes:
-        """The whole file `name` (DataError "rank R: cannot open WHERE: why" if it cannot be had).
-        Local files are not read here: their errors keep the loader's own messages."""
+        """The whole file `name` (DataError "rank R: cannot open WHERE: why" if it cannot be had);
+        a local file's OSError is left to the caller, whose message names what it was reading."""
         where = self.where(name)
+        if self.kind == "local":
+            return Path(where).read_bytes()
         if self.kind == "pipe":
             # WebDataset's pipe: runs the command through the shell too; stderr is kept for the message.
             try:
