@@ -220,13 +220,13 @@ def sample_quality(model, cfg: Config, data_dir: str, run_dir: Path, device: str
         train = EvalStream(data_dir, 1024, 0, 1, split="train", binarize="none")  # grey (B, D), shard by shard
         batches = console.track((b["image"][b["mask"]].flatten(1) for b in train), "nearest neighbours",
                                 enabled=progress)
-        figs, search = quality.nearest_neighbours(gen.flatten(1), test_x.flatten(1), batches,
-                                                  limit=e.nn_train_images)
+        figs, nearest = quality.nearest_neighbours(gen.flatten(1), test_x.flatten(1), batches,
+                                                   limit=e.nn_train_images)
         out |= figs
         if pictures is not None:
             pictures.mkdir(parents=True, exist_ok=True)
             k = min(16, len(gen))
-            near = search.nearest[:k].float().view(k, *gen.shape[1:])
+            near = nearest[:k].float().view(k, *gen.shape[1:])
             grid(torch.cat([gen[:k], near]), ncol=k, scale=2).save(pictures / "nearest.png")
     if "fd" in parts:
         net = quality.feature_classifier(data_dir, run_dir / "eval_classifier", e.classifier_steps,

@@ -29,51 +29,33 @@ FEATURE_DIM = 64
 
 
 # ---------------------------------------------------------------- nearest neighbour
-class NearestNeighbours:
-    """Running nearest-training-image search for a fixed set of queries, fed one batch at a time.
-
-    queries: (Q, D) grey images, flattened. After `update` has seen the training images,
-    `dist` (Q,) holds each query's L2 distance to its nearest one, `nearest` (Q, D) that image.
-    Memory is O(Q * (D + batch)), whatever the size of the training set.
-    """
-
-    def __init__(self, queries: Tensor) -> None:
-        self.queries = queries.double()
-        self.dist = torch.full((len(queries),), float("inf"), dtype=torch.float64)
-        self.nearest = torch.zeros_like(self.queries)
-        self.seen = 0
-
-    def update(self, batch: Tensor) -> None:
-        """batch: (B, D) training images."""
-        b = batch.double()
-        arg = torch.cdist(self.queries, b).argmin(dim=1)  # (Q,); cdist's matmul form is not exact
-        best = (self.queries - b[arg]).norm(dim=1)  # exact, so that a copy is at distance 0
-        better = best < self.dist
-        self.dist[better] = best[better]
-        self.nearest[better] = b[arg[better]]
-        self.seen += len(b)
-
-
 def nearest_neighbours(generated: Tensor, test: Tensor, train_batches: Iterable[Tensor],
-                       limit: int = 0) -> tuple[dict[str, float | bool], NearestNeighbours]:
+                       limit: int = 0) -> tuple[dict[str, float | bool], Tensor]:
     """Nearest-training-image distances of generated samples and of test images.
 
     generated (N, D), test (M, D): grey images in [0, 1]; train_batches yields (B, D) training
-    images, of which the first `limit` are searched (0: all). Returns the summary of both sets'
-    distances, the memorisation flag and nn_train_images (how many were searched), and the search
-    itself (its first N rows are the generated samples, for pictures).
+    images, of which the first `limit` are searched (0: all), one batch at a time: memory is
+    O((N + M) * (D + B)), whatever the size of the training set. Returns the summary of both sets'
+    distances, the memorisation flag and nn_train_images (how many were searched), and the nearest
+    training image of each generated sample (N, D), for pictures.
     """
-    search = NearestNeighbours(torch.cat([generated, test]))
+    queries = torch.cat([generated, test]).double()
+    dist = torch.full((len(queries),), float("inf"), dtype=torch.float64)
+    nearest, seen = torch.zeros_like(queries), 0
     for batch in train_batches:
-        if limit:
-            batch = batch[: limit - search.seen]
-        if len(batch):
-            search.update(batch)
-        if limit and search.seen >= limit:
+        b = (batch[: limit - seen] if limit else batch).double()
+        if len(b):
+            arg = torch.cdist(queries, b).argmin(dim=1)  # (Q,); cdist's matmul form is not exact
+            best = (queries - b[arg]).norm(dim=1)  # exact, so that a copy is at distance 0
+            better = best < dist
+            dist[better] = best[better]
+            nearest[better] = b[arg[better]]
+            seen += len(b)
+        if limit and seen >= limit:
             break
-    if search.seen == 0:
+    if seen == 0:
         raise ValueError("no training images to search")
-    gen_dist, test_dist = search.dist[:len(generated)], search.dist[len(generated):]
+    gen_dist, test_dist = dist[:len(generated)], dist[len(generated):]
     g_med, t_med = gen_dist.median().item(), test_dist.median().item()
     ratio = g_med / t_med if t_med > 0 else float("inf")
     copies = (gen_dist < NN_COPY_FRAC * t_med).double().mean().item()
@@ -81,8 +63,8 @@ def nearest_neighbours(generated: Tensor, test: Tensor, train_batches: Iterable[
         "nn_gen_median": g_med, "nn_gen_mean": gen_dist.mean().item(), "nn_gen_min": gen_dist.min().item(),
         "nn_test_median": t_med, "nn_test_mean": test_dist.mean().item(),
         "nn_ratio": ratio, "nn_copy_share": copies,
-        "memorised": bool(ratio < NN_RATIO_FLAG or copies > NN_COPY_SHARE), "nn_train_images": search.seen,
-    }, search
+        "memorised": bool(ratio < NN_RATIO_FLAG or copies > NN_COPY_SHARE), "nn_train_images": seen,
+    }, nearest[:len(generated)]
 
 
 # ---------------------------------------------------------------- Frechet distance
