@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -170,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes (implied by --device cpu)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: error: --device cuda but no CUDA device is visible", file=sys.stderr)
-        return 2
+        ap.error("--device cuda but no CUDA device is visible")  # exit status 2
     ok = run_checks(torch.device(args.device), Path(args.out), args.dry_run or args.device == "cpu")
     print("gpu_check: all checks passed" if ok else "gpu_check: SOME CHECKS FAILED", flush=True)
     return 0 if ok else 1

@@ -41,7 +41,7 @@ def to_chw(images: np.ndarray) -> np.ndarray:
 
 
 def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, shard_size: int,
-                advance: Callable[[int], Any] | None = None) -> dict[str, Any]:
+                advance: Callable[[int], Any]) -> dict[str, Any]:
     """Write one split, images (N, C, H, W) uint8 and labels (N,) or (N, 2) int, as
     `<split>-NNNNNN.tar` shards; return its manifest entry. `advance(k)`: k more samples written."""
     import webdataset as wds  # here: it imports torch, which a failed `rcn prepare` need not wait for
@@ -63,8 +63,7 @@ def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarra
         (out_dir / name).write_bytes(data)
         shards.append({"file": name, "samples": stop - start, "bytes": len(data),
                        "sha256": hashlib.sha256(data).hexdigest()})
-        if advance is not None:
-            advance(stop - start)
+        advance(stop - start)
     return {"num_samples": n, "shards": shards}
 
 
