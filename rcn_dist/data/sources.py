@@ -135,11 +135,9 @@ def read_cifar10(source: str | Path) -> dict[str, Source]:
     if src.is_dir():
         files = {n: (src / n).read_bytes() for n in wanted if (src / n).is_file()}
     elif src.is_file():
-        files = {}
         with open(src, "rb") as f:  # iter_files turns a corrupt archive, gzip layer too, into DataError
-            for member, data in safetar.iter_files(f, src, mode="r|*"):
-                if (base := member.rsplit("/", 1)[-1]) in wanted:
-                    files[base] = data
+            files = {base: data for member, data in safetar.iter_files(f, src, mode="r|*")
+                     if (base := member.rsplit("/", 1)[-1]) in wanted}
     else:
         raise DataError(f"{src}: no such CIFAR-10 directory or archive")
     missing = [n for n in wanted if n not in files]
