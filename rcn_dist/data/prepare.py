@@ -17,13 +17,12 @@ import hashlib
 import json
 import os
 import shutil
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rcn_dist.data import shards, sources
+from rcn_dist.data import shards, sources, urls
 from rcn_dist.errors import DataError
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "multimnist")
@@ -47,11 +46,7 @@ def download_mnist(directory: Path) -> None:
         target = directory / name
         if target.is_file():
             continue
-        try:
-            with urllib.request.urlopen(MNIST_MIRROR + name, timeout=60) as r:
-                data = r.read()
-        except OSError as e:
-            raise DataError(f"cannot download {MNIST_MIRROR + name}: {e}") from None
+        data = urls.Source(MNIST_MIRROR).read(name)  # DataError naming the URL if it cannot be had
         if hashlib.md5(data).hexdigest() != md5:
             raise DataError(f"{MNIST_MIRROR + name}: MD5 mismatch, refusing the download")
         target.write_bytes(data)
