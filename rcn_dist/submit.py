@@ -171,7 +171,6 @@ def follow(job: submitit.Job, poll_s: float = 2.0, out=sys.stdout) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`rcn submit [options] [--] <rcn train arguments>`"""
     argv = list(sys.argv[1:] if argv is None else argv)
     train_argv: list[str] = []
     if "--" in argv:
