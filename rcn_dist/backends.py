@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from rcn_dist.errors import CheckpointError
-from rcn_dist.loop import TERMS, Backend, LossModule, Run, caps_input, evaluate, periodic_stream
+from rcn_dist.loop import TERMS, Backend, LossModule, Run, caps_input, evaluate
 from rcn_dist.model import noise_for, step_noise_seed
 
 
@@ -103,7 +103,6 @@ def deepspeed_backend(run: Run, ds: dict[str, Any]) -> Backend:
         return parts
 
     def load(d: Path) -> dict[str, Any]:
-        ckpt.set_aside_damaged(run.run_dir, d, le.rank)  # newer ones find_latest found damaged
         state = ckpt.load(engine, d, le.rank, universal=universal)
         if universal:
             _verify_loaded_weights(engine, d, rank0, out)
@@ -114,8 +113,7 @@ def deepspeed_backend(run: Run, ds: dict[str, Any]) -> Backend:
 
     return Backend(
         forward_backward=forward_backward, update=engine.step, lr=lambda: scheduler.get_last_lr()[0],
-        evaluate=lambda at_end: evaluate(engine, periodic_stream(cfg, t.micro_batch, le.dp_rank, le.dp_size),
-                                         cfg, device, max_batches=0 if at_end else t.eval_batches),
+        evaluate=lambda stream, max_batches: evaluate(engine, stream, cfg, device, max_batches),
         save=lambda step, loop_state: ckpt.save(engine, run.run_dir, step, loop_state, cfg, le.rank, le.world_size,
                                                 t.keep_last),
         load=load, loss_ranks=le.world_size)
@@ -150,20 +148,10 @@ def pipeline_backend(run: Run) -> Backend:
     def update() -> None:
         runner.optimizer_step(runner.reduce_gradients())
 
-    def evaluate_pipeline(at_end: bool) -> dict:
-        ev_stream = periodic_stream(cfg, t.micro_batch, le.dp_rank, le.dp_size)
-        return evaluate(runner, pp.masked_on_encoder_rank(ev_stream, le.pp_rank), cfg, le.device,
-                        max_batches=0 if at_end else t.eval_batches)
-
-    def load(d: Path) -> dict[str, Any]:
-        from rcn_dist.parallel import checkpoint as ckpt
-
-        ckpt.set_aside_damaged(run.run_dir, d, le.rank)  # newer ones find_latest found damaged
-        return pp.load_checkpoint(runner, d, le)
-
     return Backend(
         forward_backward=forward_backward, update=update, lr=lambda: runner.scheduler.get_last_lr()[0],
-        evaluate=evaluate_pipeline,
+        evaluate=lambda stream, max_batches: evaluate(
+            runner, pp.masked_on_encoder_rank(stream, le.pp_rank), cfg, le.device, max_batches),
         save=lambda step, loop_state: pp.save_checkpoint(runner, run.run_dir, step, loop_state, cfg, le,
                                                          t.keep_last),
-        load=load, loss_ranks=le.dp_size)
+        load=lambda d: pp.load_checkpoint(runner, d, le), loss_ranks=le.dp_size)

@@ -14,6 +14,7 @@ configuration; 4 the loss became NaN/inf.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -94,9 +95,8 @@ def evaluate(engine_or_module, stream, cfg: Config, device: str, max_batches: in
     module.eval()
     keys = ("correct", "elbo", "recon", "kl", "margin")
     sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
-    n_batches = 0
     caps: dict[str, float] = {}
-    for batch in console.track(stream, "eval", enabled=progress):
+    for n_batches, batch in enumerate(console.track(stream, "eval", enabled=progress), 1):
         x, y = batch["image"].to(device), batch["label"].to(device)
         eps = noise_for(batch, cfg.train.seed + EVAL_NOISE_SEED, cfg).to(device)
         x_caps = caps_input(batch, cfg, device)
@@ -107,10 +107,7 @@ def evaluate(engine_or_module, stream, cfg: Config, device: str, max_batches: in
             xc = None if x_caps is None else x_caps[keep].to(dtype)
             caps = {f"caps_{k}": v for k, v in capsule_stats(rcn, x[keep].to(dtype), eps[keep].to(dtype), xc).items()}
         mask = batch["mask"].to(device).double()
-        for i, k in enumerate(keys):
-            sums[i] += (terms[k].double() * mask).sum().cpu()
-        sums[-1] += mask.sum().cpu()
-        n_batches += 1
+        sums += torch.stack([(terms[k].double() * mask).sum() for k in keys] + [mask.sum()]).cpu()
         if max_batches and n_batches >= max_batches:
             break
     if dist.is_available() and dist.is_initialized():
@@ -251,14 +248,11 @@ def min_step_seconds() -> float:
     long (the loop sleeps the rest of it), so that a test knows how many steps fit into a time
     limit whatever the machine's speed (tests/test_slurm_train.py, tests/test_submitit.py).
     Unset (0): no effect. Not for training: it only wastes time."""
-    value = os.environ.get("RCN_TEST_MIN_STEP_S", "") or "0"
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < 3600:
-        raise ConfigError(f"RCN_TEST_MIN_STEP_S={value!r} is not a number of seconds in [0, 3600)")
-    return seconds
+    value = os.environ.get("RCN_TEST_MIN_STEP_S") or "0"
+    with contextlib.suppress(ValueError):
+        if 0 <= float(value) < 3600:
+            return float(value)
+    raise ConfigError(f"RCN_TEST_MIN_STEP_S={value!r} is not a number of seconds in [0, 3600)")
 
 
 @dataclass
@@ -274,8 +268,8 @@ class Backend:
     """The optimizer step, after every rank agreed the losses are finite."""
     lr: Callable[[], float]
     """The learning rate after the update."""
-    evaluate: Callable[[bool], dict[str, Any]]
-    """(at_end) -> test metrics (collective)."""
+    evaluate: Callable[[Any, int], dict[str, Any]]
+    """(stream, max_batches) -> `evaluate`'s metrics of this layout's model on the stream (collective)."""
     save: Callable[[int, dict[str, Any]], Path]
     """(step, loop_state) -> the checkpoint directory written (collective)."""
     load: Callable[[Path], dict[str, Any]]
@@ -335,6 +329,8 @@ def setup_run(cfg: Config, le, run_dir: Path, deepspeed: bool) -> Run:
     latest, notes = ckpt.find_latest(run_dir)
     for n in notes:
         out.info(n)
+    if latest is not None:
+        ckpt.set_aside_damaged(run_dir, latest, le.rank)  # newer ones find_latest found damaged
     return Run(cfg, le, run_dir, out, logger, stop, latest)
 
 
@@ -399,7 +395,9 @@ def _steps(run: Run, backend: Backend, stream, step: int, samples: int, progress
 
         at_end = step == t.steps
         if (t.eval_every and step % t.eval_every == 0) or at_end:
-            ev = backend.evaluate(at_end) | {"step": step, "kind": "eval", "full": at_end or not t.eval_batches}
+            ev_stream = periodic_stream(run.cfg, t.micro_batch, run.le.dp_rank, run.le.dp_size)
+            ev = backend.evaluate(ev_stream, 0 if at_end else t.eval_batches) | {
+                "step": step, "kind": "eval", "full": at_end or not t.eval_batches}
             if rank == 0:
                 logger.log(ev)
             progress.eval(ev)
