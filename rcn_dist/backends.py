@@ -14,7 +14,6 @@ import torch
 
 from rcn_dist.errors import CheckpointError
 from rcn_dist.loop import TERMS, Backend, LossModule, Run, caps_input, evaluate
-from rcn_dist.model import noise_for, step_noise_seed
 
 
 def _verify_loaded_weights(engine, ckpt_dir: Path, rank0: bool, out) -> None:
@@ -89,17 +88,13 @@ def deepspeed_backend(run: Run, ds: dict[str, Any]) -> Backend:
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     engine, _, scheduler = initialize(LossModule(RCN(cfg.model)), cfg, ds)
 
-    def forward_backward(batches, step: int) -> torch.Tensor:
-        parts = torch.zeros(len(TERMS), dtype=torch.float64)
-        for micro in range(t.grad_accum):
-            batch = next(batches)
-            x, y = batch["image"].to(device), batch["label"].to(device)
-            eps = noise_for(batch, step_noise_seed(t.seed, step), cfg).to(device)
-            terms = engine(x, y, eps, x_caps=caps_input(batch, cfg, device))
-            engine.backward(terms["loss"].mean())
-            parts += torch.stack([terms[k].detach().mean().double().cpu() for k in TERMS])
-            if micro < t.grad_accum - 1:
-                engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+    def forward_backward(batch: dict, eps: torch.Tensor, last: bool) -> torch.Tensor:
+        x, y = batch["image"].to(device), batch["label"].to(device)
+        terms = engine(x, y, eps.to(device), x_caps=caps_input(batch, cfg, device))
+        engine.backward(terms["loss"].mean())
+        parts = torch.stack([terms[k].detach().mean().double().cpu() for k in TERMS])
+        if not last:
+            engine.step()  # not a boundary: DeepSpeed only counts the micro-step
         return parts
 
     def load(d: Path) -> dict[str, Any]:
@@ -134,16 +129,11 @@ def pipeline_backend(run: Run) -> Backend:
              f"{t.grad_accum} x {le.dp_size}")
     runner = pp.PipelineRank(cfg, le.pp_rank, pp_group, dp_group, device=le.device)
 
-    def forward_backward(batches, step: int) -> torch.Tensor:
-        parts = torch.zeros(len(TERMS), dtype=torch.float64)
-        for _ in range(t.grad_accum):
-            batch = next(batches)
-            eps = noise_for(batch, step_noise_seed(t.seed, step), cfg)
-            terms = runner.forward_backward(batch["image"], batch["label"], eps, t.micro_batch * t.grad_accum,
-                                            x_caps=caps_input(batch, cfg, le.device))
-            if terms is not None:  # the decoder rank holds the loss terms
-                parts += terms[:, :len(TERMS)].double().mean(0).cpu()
-        return parts
+    def forward_backward(batch: dict, eps: torch.Tensor, last: bool) -> torch.Tensor | None:
+        terms = runner.forward_backward(batch["image"], batch["label"], eps, t.micro_batch * t.grad_accum,
+                                        x_caps=caps_input(batch, cfg, le.device))
+        # The decoder rank holds the loss terms.
+        return None if terms is None else terms[:, :len(TERMS)].double().mean(0).cpu()
 
     def update() -> None:
         runner.optimizer_step(runner.reduce_gradients())

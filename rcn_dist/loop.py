@@ -18,7 +18,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from rcn_dist import console, signals
 from rcn_dist.config import Config, ConfigError
 from rcn_dist.errors import RcnError
 from rcn_dist.files import atomic_write
-from rcn_dist.model import bits_per_dim, noise_for
+from rcn_dist.model import bits_per_dim, noise_for, step_noise_seed
 
 EXIT_STOPPED = signals.EXIT_STOPPED
 EXIT_DIVERGED = 4
@@ -134,16 +134,6 @@ def position_from_samples(stream, samples: int, dp_size: int) -> dict[str, int]:
     per_batch = stream.batch_size * dp_size
     per_epoch = stream.batches_per_epoch * per_batch
     return stream.state_dict() | {"epoch": samples // per_epoch, "batch": (samples % per_epoch) // per_batch}
-
-
-def train_stream(cfg: Config, dp_rank: int, dp_size: int):
-    """The training split of data-parallel rank `dp_rank`, micro-batches of train.micro_batch."""
-    from rcn_dist.data.loader import TrainStream
-
-    t = cfg.train
-    return TrainStream(cfg.data.dir, t.micro_batch, dp_rank, dp_size, t.seed,
-                       num_workers=cfg.data.num_workers, binarize=cfg.data.binarize,
-                       shuffle=cfg.data.shuffle, cache_dir=cfg.data.cache_dir or None)
 
 
 def test_stream(cfg: Config, data_dir: str, batch_size: int, dp_rank: int, dp_size: int, split: str = "test"):
@@ -260,10 +250,10 @@ class Backend:
     """What differs between layouts (one DeepSpeed engine per rank, or one pipeline stack per
     rank); run_loop() does the rest: agreement, logging, eval and checkpoint cadence, stops."""
 
-    forward_backward: Callable[[Iterator[dict[str, torch.Tensor]], int], torch.Tensor]
-    """(batches, step) -> (5,) float64: run train.grad_accum micro-steps (forward and backward)
-    on batches from the iterator, leave the gradients ready for the update, return the summed
-    TERMS batch means (zeros on ranks that hold no loss)."""
+    forward_backward: Callable[[dict[str, torch.Tensor], torch.Tensor, bool], torch.Tensor | None]
+    """(batch, eps, last) -> forward and backward of one of a step's train.grad_accum micro-batches,
+    latent noise eps (B, T, z_dim); the TERMS batch means (5,) float64, None on ranks that hold no
+    loss. After the `last` one the gradients are ready for the update."""
     update: Callable[[], Any]
     """The optimizer step, after every rank agreed the losses are finite."""
     lr: Callable[[], float]
@@ -338,8 +328,12 @@ def run_loop(run: Run, backend: Backend) -> int:
     """Resume from run.latest if there is one, train to cfg.train.steps, then tear the process
     group down. Returns the exit code: 0, or EXIT_STOPPED after a stop signal (and a
     checkpoint). Raises Diverged, before the update, when any rank's loss is not finite."""
+    from rcn_dist.data.loader import TrainStream
+
     cfg, le, out = run.cfg, run.le, run.out
-    stream = train_stream(cfg, le.dp_rank, le.dp_size)
+    t, d = cfg.train, cfg.data
+    stream = TrainStream(d.dir, t.micro_batch, le.dp_rank, le.dp_size, t.seed, num_workers=d.num_workers,
+                         binarize=d.binarize, shuffle=d.shuffle, cache_dir=d.cache_dir or None)
     step, samples = 0, 0
     if run.latest is not None:
         state = backend.load(run.latest)
@@ -347,14 +341,14 @@ def run_loop(run: Run, backend: Backend) -> int:
         loader = state["loader"]
         stream.load_state_dict(loader if loader is not None else position_from_samples(stream, samples, le.dp_size))
         out.info(f"resumed from {run.latest} (step {step})")
-    progress = out.progress(total=cfg.train.steps, start=step, label=f"train {cfg.name}")
+    progress = out.progress(total=t.steps, start=step, label=f"train {cfg.name}")
     try:
         try:
             stopped = _steps(run, backend, stream, step, samples, progress)
         finally:
             progress.close()
             run.logger.close()
-        return _end_run(stopped, cfg.train.steps, out, run.run_dir, run.stop)
+        return _end_run(stopped, t.steps, out, run.run_dir, run.stop)
     finally:
         run.stop.restore()  # after the teardown: a signal during it must not kill the rank
 
@@ -372,7 +366,13 @@ def _steps(run: Run, backend: Backend, stream, step: int, samples: int, progress
     while step < t.steps:
         ckpt.fault_point("step", step, rank)
         tic = time.perf_counter()
-        parts = backend.forward_backward(batches, step)
+        parts = torch.zeros(len(TERMS), dtype=torch.float64)
+        for micro in range(t.grad_accum):
+            batch = next(batches)
+            eps = noise_for(batch, step_noise_seed(t.seed, step), run.cfg)
+            terms = backend.forward_backward(batch, eps, micro == t.grad_accum - 1)
+            if terms is not None:
+                parts += terms
         if min_step_s:  # test-only: before the collective, so a signal during the sleep stops this step
             time.sleep(max(0.0, min_step_s - (time.perf_counter() - tic)))
         # One collective per step: the loss parts, any rank's stop signal, any non-finite loss,

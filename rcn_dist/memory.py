@@ -123,10 +123,8 @@ def estimate(cfg: Config, micro_batch: int, zero_stage: int, dp_size: int, preci
              "activations": val_b * micro_batch * act,
              "workspace": val_b * micro_batch * (n["columns"] + 2 * n["u_hat"]) + opt_temp}
     out: dict[str, Any] = {k: int(v) for k, v in parts.items()}
-    out["total"] = sum(out.values())
-    out["u_hat_all_steps"] = val_b * micro_batch * n["dec_u_hat_all_steps"]
-    out["n_params"] = psi
-    return out
+    return out | {"total": sum(out.values()),
+                  "u_hat_all_steps": val_b * micro_batch * n["dec_u_hat_all_steps"], "n_params": psi}
 
 
 def available_bytes(device: str, local_world_size: int = 1) -> int:

@@ -139,10 +139,8 @@ class Decoder(_Stack):
         self.caps_norm = nn.LayerNorm(n_caps, bias=False) if cfg.dec_capsules and cfg.dec_caps_norm else None
         c, h, w = cfg.in_channels, cfg.height, cfg.width
         self.rnn = _cell(cfg.rnn, cfg.dec_rnn_in(), cfg.dec_hidden)
-        if cfg.write_attn:
-            self.writer: nn.Module = Writer(cfg.dec_hidden, c, h, w, cfg.write_n)
-        else:
-            self.writer = nn.Linear(cfg.dec_hidden, c * h * w)
+        self.writer: nn.Module = (Writer(cfg.dec_hidden, c, h, w, cfg.write_n) if cfg.write_attn
+                                  else nn.Linear(cfg.dec_hidden, c * h * w))
         # Log-scale of the discretised logistic, one per channel, in [0, 1] pixel units.
         self.log_scale = nn.Parameter(torch.full((c,), -3.0)) if cfg.likelihood == "logistic" else None
 
