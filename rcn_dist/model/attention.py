@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-WINDOW_KEYS = ("cx", "cy", "delta", "sigma2", "gamma")
-
 
 def window_params(p: Tensor, height: int, width: int, n: int) -> dict[str, Tensor]:
     """Map the 5 raw outputs (B, 5) of a linear layer to DRAW's window parameters, each (B,).

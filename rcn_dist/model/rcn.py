@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from rcn_dist.config import ModelConfig
 from rcn_dist.model import losses
-from rcn_dist.model.attention import WINDOW_KEYS, Reader, Writer
+from rcn_dist.model.attention import Reader, Writer
 from rcn_dist.model.capsules import PrimaryCapsules, RoutedCapsules, scaled_init_
 
 State = tuple[Tensor, ...]
@@ -209,7 +209,7 @@ class RCNOutput:
 def _stack_windows(wins: Sequence[dict[str, Tensor] | None]) -> dict[str, Tensor] | None:
     if wins[0] is None:
         return None
-    return {k: torch.stack([w[k] for w in wins], 1) for k in WINDOW_KEYS}
+    return {k: torch.stack([w[k] for w in wins], 1) for k in wins[0]}
 
 
 class RCN(nn.Module):
