@@ -149,6 +149,11 @@ def test_eval_refuses_runs_without_a_usable_checkpoint(fmnist_small, tmp_path, c
     (other / "config.json").write_text(apply_overrides(cfg, ["model.z_dim=4"]).to_json())
     rc, err = _eval_cli(capsys, "--run", other, "--data", fmnist_small)
     assert rc == 2 and len(err) == 1 and "different model config" in err[0] and "model.z_dim" in err[0], err
+    # The check lives in checkpoint.load_model, so `rcn sample` refuses it alike.
+    rc = cli.main(["sample", "--run", str(other), "--out", str(tmp_path / "samples")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "different model config" in err[0], err
+    assert not (tmp_path / "samples").exists()
 
     # Weights that do not fit the config saved beside them.
     bad = tmp_path / "bad"

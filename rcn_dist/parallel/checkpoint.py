@@ -41,7 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rcn_dist.config import Config, from_dict
+from rcn_dist.config import Config, from_dict, model_diff
 from rcn_dist.errors import CheckpointError
 from rcn_dist.files import atomic_write
 
@@ -445,10 +445,15 @@ def read_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], Pat
 
 
 def load_model(path: str | Path, device: str = "cpu"):
-    """(cfg, RCN in eval mode, the checkpoint dir) from a run, checkpoint or export directory."""
+    """(cfg, RCN in eval mode, the checkpoint dir) from a run, checkpoint or export directory.
+    A run's checkpoint saved with another model config than the run's config.json is refused."""
     from rcn_dist.model import RCN
 
     cfg, sd, where = read_weights(path)
+    run_cfg = Path(path) / "config.json"
+    if where != Path(path) and (diff := model_diff(run_cfg, cfg)):
+        raise CheckpointError(f"{where} was saved with a different model config than {run_cfg} "
+                              f"(model.{', model.'.join(diff[:4])} differ)")
     model = RCN(cfg.model)
     try:
         model.load_state_dict(sd, strict=True)
