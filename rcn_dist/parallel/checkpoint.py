@@ -181,8 +181,8 @@ def find_latest(run_dir: str | Path) -> tuple[Path | None, list[str]]:
         damaged.append((d, why))
     if damaged and best is None:
         listed = "; ".join(f"{d.name}: {why}" for d, why in damaged)
-        raise CheckpointError(f"no intact checkpoint to resume in {root} ({listed}); move the damaged "
-                              "ones aside to start afresh, or use another --out")
+        raise CheckpointError(f"no intact checkpoint in {root}, every complete one is damaged ({listed}); "
+                              "to train afresh in this run directory, move them aside")
     for d in tags:
         if not (d / COMPLETE).is_file() and (best is None or d.name > best.name):
             notes.append(f"{d} is incomplete (interrupted while saving): ignored")
