@@ -136,9 +136,9 @@ def test_submitit_job_returns_its_result(
     # A fresh folder: job ids restart at 1 on a new cluster, and an old result file would be returned.
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit")
     assert executor.cluster == "slurm"
-    # submitit asks for USR2 90 s before the limit, and Slurm may send it up to 60 s earlier still:
-    # with a 2-minute limit it could come at the job's start and kill a task that had already
-    # returned (the job FAILED once so). 5 minutes keeps it out of this seconds-long job.
+    # submitit asks for USR2 90 s before the limit, and slurmctld (checking every 30 s) sends it up
+    # to 30 s earlier still (slurm_util.py): with a 2-minute limit it came 20 s after the start and
+    # killed a task that had already returned (the job ended FAILED). 5 minutes keep it away.
     executor.update_parameters(slurm_partition="debug", timeout_min=5, nodes=1, tasks_per_node=2)
     # A stdlib callable: the job unpickles it without importing this test module.
     job = executor.submit(os.getenv, "SLURM_PROCID")
