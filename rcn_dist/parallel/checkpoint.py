@@ -163,8 +163,8 @@ def find_latest(run_dir: str | Path) -> tuple[Path | None, list[str]]:
 
     Deterministic over the files, so every rank of a run picks the same one (each reads the
     candidates itself; no collective). `latest` is never read: it is written for people and
-    other tools, and a resume cannot be led outside the run by it. Raises CheckpointError when complete checkpoints exist
-    but every one is damaged: starting afresh over them would lose them.
+    other tools, and a resume cannot be led outside the run by it. Raises CheckpointError when
+    complete checkpoints exist but every one is damaged: starting afresh over them would lose them.
     """
     root = ckpt_root(run_dir)
     notes: list[str] = []
