@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from rcn_dist.errors import CheckpointError
-from rcn_dist.loop import TERMS, Backend, LossModule, Run, caps_input, evaluate
+from rcn_dist.loop import TERMS, Backend, LossModule, Run, caps_input, evaluate, to_device
+from rcn_dist.parallel import collectives
 
 
 def _verify_loaded_weights(engine, ckpt_dir: Path, rank0: bool, out) -> None:
@@ -59,7 +60,6 @@ def deepspeed_backend(run: Run, ds: dict[str, Any]) -> Backend:
 
     A checkpoint saved by another world size or ZeRO stage is converted to DeepSpeed's universal
     format first (rank 0) and loaded from it."""
-    import torch.distributed as dist
 
     from rcn_dist.model import RCN
     from rcn_dist.parallel import checkpoint as ckpt
@@ -82,17 +82,17 @@ def deepspeed_backend(run: Run, ds: dict[str, Any]) -> Backend:
             check_checkpoint_dir(latest)  # every rank: a bad file is refused on all, none waits
             if rank0:
                 ckpt.to_universal(latest)
-            dist.barrier()
+            collectives.barrier()
             ds = ds | {"checkpoint": {"load_universal": True}}
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     engine, _, scheduler = initialize(LossModule(RCN(cfg.model)), cfg, ds)
 
     def forward_backward(batch: dict, eps: torch.Tensor, last: bool) -> torch.Tensor:
-        x, y = batch["image"].to(device), batch["label"].to(device)
-        terms = engine(x, y, eps.to(device), x_caps=caps_input(batch, cfg, device))
+        x, y = to_device(batch["image"], device), to_device(batch["label"], device)
+        terms = engine(x, y, eps, x_caps=caps_input(batch, cfg, device))
         engine.backward(terms["loss"].mean())
-        parts = torch.stack([terms[k].detach().mean().double().cpu() for k in TERMS])
+        parts = torch.stack([terms[k].detach().mean() for k in TERMS]).double()  # (5,) on the device
         if not last:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
         return parts
@@ -132,8 +132,8 @@ def pipeline_backend(run: Run) -> Backend:
     def forward_backward(batch: dict, eps: torch.Tensor, last: bool) -> torch.Tensor | None:
         terms = runner.forward_backward(batch["image"], batch["label"], eps, t.micro_batch * t.grad_accum,
                                         x_caps=caps_input(batch, cfg, le.device))
-        # The decoder rank holds the loss terms.
-        return None if terms is None else terms[:, :len(TERMS)].double().mean(0).cpu()
+        # The decoder rank holds the loss terms; (5,) on the device.
+        return None if terms is None else terms[:, :len(TERMS)].double().mean(0)
 
     def update() -> None:
         runner.optimizer_step(runner.reduce_gradients())

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from rcn_dist import console
@@ -33,6 +32,7 @@ from rcn_dist.files import atomic_write
 from rcn_dist.loop import EVAL_NOISE_SEED, LossModule, caps_input, evaluate, test_stream
 from rcn_dist.model import bits_per_dim, sample_noise, step_noise_seed
 from rcn_dist.model.losses import top_k_correct
+from rcn_dist.parallel import collectives
 
 PARTS = ("test", "caps", "iw", "nn", "fd")
 REDUCED = {"iw_samples": 10, "iw_examples": 500, "caps_examples": 1000, "nn_samples": 128, "nn_train_images": 10000,
@@ -123,12 +123,6 @@ def _kept(stream, examples: int, label: str, progress: bool, least: int = 1):
             yield batch, keep
 
 
-def _all_reduce(sums: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-    return sums
-
-
 @torch.no_grad()
 def importance_weighted(model, stream, cfg: Config, device: str, k: int, examples: int = 0,
                         progress: bool = False) -> dict[str, float]:
@@ -151,7 +145,8 @@ def importance_weighted(model, stream, cfg: Config, device: str, k: int, example
                           .double().cpu() for seed in seeds])  # (K, B)
         bound = torch.logsumexp(lw, dim=0) - math.log(k)
         sums += torch.stack([-bound.sum(), -lw.mean(0).sum(), torch.tensor(float(len(idx)), dtype=torch.float64)])
-    n = max(_all_reduce(sums)[2].item(), 1.0)
+    sums = collectives.all_reduce(sums)
+    n = max(sums[2].item(), 1.0)
     out = {"iw_nll": sums[0].item() / n, "iw_elbo_mc": sums[1].item() / n, "iw_n": int(sums[2].item()), "iw_k": k}
     if m.likelihood == "logistic":
         out["iw_bits_per_dim"] = bits_per_dim(out["iw_nll"], m.in_channels * m.height * m.width)
@@ -185,7 +180,8 @@ def capsule_usage(model, stream, cfg: Config, device: str, examples: int = 0,
         sums = row if sums is None else sums + row
     if sums is None:
         raise ConfigError("capsule usage needs at least two test images in one batch")
-    n = _all_reduce(sums)[-1].item()
+    sums = collectives.all_reduce(sums)
+    n = sums[-1].item()
     return {f"caps_{k}": sums[i].item() / n for i, k in enumerate(names)} | {"caps_n": int(n)}
 
 
@@ -332,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         con.table(f"eval {where.name}" + (" (reduced)" if args.reduced else ""), metrics)
         con.info(f"wrote {out}")
     if le.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        collectives.destroy()
     return 0
 
 

@@ -31,6 +31,8 @@ from rcn_dist.config import Config, ConfigError
 from rcn_dist.errors import RcnError
 from rcn_dist.files import atomic_write
 from rcn_dist.model import bits_per_dim, noise_for, step_noise_seed
+from rcn_dist.model.capsules import at_least_fp32
+from rcn_dist.parallel import collectives
 
 EXIT_STOPPED = signals.EXIT_STOPPED
 EXIT_DIVERGED = 4
@@ -47,8 +49,12 @@ class LossModule(nn.Module):
     """The RCN and its per-sample loss terms in one forward: what the DeepSpeed engine wraps and
     what `evaluate` calls.
 
-    Inputs are cast to the parameters' dtype (bf16 under DeepSpeed bf16); the terms come back
-    in fp32 so that sums over a test set stay exact enough to compare across layouts.
+    Inputs pass as they come (fp32), whatever dtype DeepSpeed's bf16/fp16 engine cast the weights
+    to: the model casts each layer's input to that layer's weights and keeps the canvas, the
+    likelihoods, the KL and the latent noise eps in fp32 (docs/training.md, "Precision"). Rounding
+    eps or x to bf16 here would change the sample and the likelihood, not just the arithmetic.
+    The terms come back in fp32 at least, so that sums over a test set stay exact enough to
+    compare across layouts.
     """
 
     def __init__(self, rcn: nn.Module):
@@ -57,11 +63,8 @@ class LossModule(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
                 x_caps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        dtype = next(self.rcn.parameters()).dtype
-        y = y.to(dtype) if y.is_floating_point() else y
-        x_caps = None if x_caps is None else x_caps.to(dtype)
-        terms = self.rcn.loss_terms(x.to(dtype), y, eps=eps.to(dtype), x_caps=x_caps)
-        return {k: v.float() if v.is_floating_point() else v for k, v in terms.items()}
+        terms = self.rcn.loss_terms(x, y, eps=eps, x_caps=x_caps)
+        return {k: at_least_fp32(v) if v.is_floating_point() else v for k, v in terms.items()}
 
 
 def caps_input(batch: dict[str, torch.Tensor], cfg: Config, device: str | torch.device,
@@ -71,7 +74,14 @@ def caps_input(batch: dict[str, torch.Tensor], cfg: Config, device: str | torch.
     if cfg.data.caps_input != "grey" or "grey" not in batch:
         return None
     grey = batch["grey"] if keep is None else batch["grey"][keep.cpu()]
-    return grey.to(device)
+    return to_device(grey, device)
+
+
+def to_device(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A loader tensor on the rank's device. On a GPU the copy does not block the host: the
+    training loader pins its batches (TrainStream pin_memory), so the copy overlaps the step;
+    an unpinned tensor is copied synchronously as before."""
+    return t.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -86,39 +96,37 @@ def evaluate(engine_or_module, stream, cfg: Config, device: str, max_batches: in
     spread across images and lengths, rcn_dist/model/usage.py), so that capsules that stop
     carrying the image show while the run trains.
     """
-    import torch.distributed as dist
-
     from rcn_dist.model.usage import capsule_stats
 
     module = getattr(engine_or_module, "module", engine_or_module)
     was_training = module.training
     module.eval()
     keys = ("correct", "elbo", "recon", "kl", "margin")
-    sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
+    # The sums stay on the device until the one all-reduce at the end: no host sync per batch.
+    sums = torch.zeros(len(keys) + 1, dtype=torch.float64, device=device)
     caps: dict[str, float] = {}
     for n_batches, batch in enumerate(console.track(stream, "eval", enabled=progress), 1):
-        x, y = batch["image"].to(device), batch["label"].to(device)
-        eps = noise_for(batch, cfg.train.seed + EVAL_NOISE_SEED, cfg).to(device)
+        x, y = to_device(batch["image"], device), to_device(batch["label"], device)
+        eps = noise_for(batch, cfg.train.seed + EVAL_NOISE_SEED, cfg).to(device, non_blocking=True)
         x_caps = caps_input(batch, cfg, device)
         terms = engine_or_module(x, y, eps, x_caps=x_caps)
         rcn = getattr(module, "rcn", None)
         if not caps and rcn is not None and int(batch["mask"].sum()) > 1:
-            keep, dtype = batch["mask"].to(device), next(rcn.parameters()).dtype
-            xc = None if x_caps is None else x_caps[keep].to(dtype)
-            caps = {f"caps_{k}": v for k, v in capsule_stats(rcn, x[keep].to(dtype), eps[keep].to(dtype), xc).items()}
-        mask = batch["mask"].to(device).double()
-        sums += torch.stack([(terms[k].double() * mask).sum() for k in keys] + [mask.sum()]).cpu()
+            keep = batch["mask"].to(device)
+            xc = None if x_caps is None else x_caps[keep]
+            caps = {f"caps_{k}": v for k, v in capsule_stats(rcn, x[keep], eps[keep], xc).items()}
+        mask = to_device(batch["mask"], device).double()
+        sums += torch.stack([(terms[k].double() * mask).sum() for k in keys] + [mask.sum()])
         if max_batches and n_batches >= max_batches:
             break
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
+    sums = collectives.all_reduce(sums).tolist()
     module.train(was_training)
-    n = max(sums[-1].item(), 1.0)
+    n = max(sums[-1], 1.0)
     split = "val" if getattr(stream, "split", "test") == "val" else "test"
-    out = {f"{split}_{k}": sums[i].item() / n for i, k in enumerate(keys) if k != "correct"}
+    out = {f"{split}_{k}": sums[i] / n for i, k in enumerate(keys) if k != "correct"}
     # No classifier (model.enc_capsules=False): the error is undefined, not 90%.
-    out[f"{split}_error"] = 1.0 - sums[0].item() / n if cfg.model.enc_capsules else float("nan")
-    out[f"{split}_n"] = int(sums[-1].item())
+    out[f"{split}_error"] = 1.0 - sums[0] / n if cfg.model.enc_capsules else float("nan")
+    out[f"{split}_n"] = int(sums[-1])
     if cfg.model.likelihood == "logistic":
         m = cfg.model
         out[f"{split}_bits_per_dim"] = bits_per_dim(out[f"{split}_elbo"], m.in_channels * m.height * m.width)
@@ -193,13 +201,10 @@ class StopFlag:
         got = signals.received()
         return got[0] if got else 0
 
-    def any_rank(self, device: str | torch.device = "cpu") -> bool:
+    def any_rank(self) -> bool:
         """Whether any rank received a stop signal (a collective: every rank calls it)."""
-        import torch.distributed as dist
-
-        flag = torch.tensor([float(self.signum != 0)], dtype=torch.float64, device=device)
-        dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+        flag = torch.tensor([float(self.signum != 0)], dtype=torch.float64)
+        return bool(collectives.all_reduce(flag, op="max").item() > 0)
 
     def restore(self) -> None:
         """Give the signals back where install() caught them (an in-process run); an entry point
@@ -243,6 +248,24 @@ def min_step_seconds() -> float:
         if 0 <= float(value) < 3600:
             return float(value)
     raise ConfigError(f"RCN_TEST_MIN_STEP_S={value!r} is not a number of seconds in [0, 3600)")
+
+
+@dataclass(frozen=True)
+class StepFlag:
+    """What the step's one all-reduce agreed on, read back to the host once."""
+
+    parts: tuple[float, ...]
+    """The TERMS batch means summed over the ranks that hold a loss."""
+    stopping: bool
+    """Some rank received a stop signal."""
+    diverged: bool
+    """Some rank's loss parts are not finite."""
+
+    @classmethod
+    def from_list(cls, values: list[float]) -> StepFlag:
+        """The all-reduced vector: len(TERMS) parts, then the stop and non-finite counts."""
+        n = len(TERMS)
+        return cls(tuple(values[:n]), values[n] > 0, values[n + 1] > 0)
 
 
 @dataclass
@@ -301,7 +324,7 @@ def setup_run(cfg: Config, le, run_dir: Path, deepspeed: bool) -> Run:
     stop = StopFlag().install()
     init_process_group(le, deepspeed=deepspeed)
     out = console.Console(le.rank == 0)
-    if stop.any_rank(le.device):
+    if stop.any_rank():
         # A signal before the first step (e.g. while torch was imported), on any rank: stop now,
         # all ranks alike, before the model is built. Nothing was trained, so nothing is saved;
         # the next attempt starts (or resumes) from what the run directory already holds.
@@ -355,39 +378,38 @@ def run_loop(run: Run, backend: Backend) -> int:
 
 def _steps(run: Run, backend: Backend, stream, step: int, samples: int, progress) -> bool:
     # The loop of run_loop(); True when a stop signal ended it early.
-    import torch.distributed as dist
-
     from rcn_dist.parallel import checkpoint as ckpt
 
-    t, rank, stop, logger = run.cfg.train, run.le.rank, run.stop, run.logger
+    t, rank, stop, logger, device = run.cfg.train, run.le.rank, run.stop, run.logger, run.le.device
     last_good = str(run.latest) if run.latest else "none"
     min_step_s = min_step_seconds()
     batches = iter(stream)
     while step < t.steps:
         ckpt.fault_point("step", step, rank)
         tic = time.perf_counter()
-        parts = torch.zeros(len(TERMS), dtype=torch.float64)
+        # The loss parts stay on the device (float64) until the step's one collective: no host
+        # sync inside the micro-batches.
+        parts = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
         for micro in range(t.grad_accum):
             batch = next(batches)
-            eps = noise_for(batch, step_noise_seed(t.seed, step), run.cfg)
+            eps = noise_for(batch, step_noise_seed(t.seed, step), run.cfg).to(device, non_blocking=True)
             terms = backend.forward_backward(batch, eps, micro == t.grad_accum - 1)
             if terms is not None:
                 parts += terms
         if min_step_s:  # test-only: before the collective, so a signal during the sleep stops this step
             time.sleep(max(0.0, min_step_s - (time.perf_counter() - tic)))
         # One collective per step: the loss parts, any rank's stop signal, any non-finite loss,
-        # agreed before the update so that a NaN never reaches the weights.
-        flag = torch.cat([parts / t.grad_accum, torch.tensor(
-            [float(stop.signum != 0), float(not torch.isfinite(parts).all())], dtype=torch.float64)])
-        dist.all_reduce(flag)
-        if flag[6] > 0:
+        # agreed before the update so that a NaN never reaches the weights. Then one host read.
+        stopped_here = torch.tensor([float(stop.signum != 0)], dtype=torch.float64).to(device, non_blocking=True)
+        flag = StepFlag.from_list(collectives.all_reduce(torch.cat([
+            parts / t.grad_accum, stopped_here, (~torch.isfinite(parts).all()).double().reshape(1)])).tolist())
+        if flag.diverged:
             raise Diverged(f"loss is not finite at step {step + 1}; last good checkpoint: {last_good}")
         backend.update()
-        parts = flag[:5] / backend.loss_ranks
         step += 1
         samples += t.batch_size
         dt = time.perf_counter() - tic
-        row = {"step": step} | {k: parts[i].item() for i, k in enumerate(TERMS)} | {
+        row = {"step": step} | {k: v / backend.loss_ranks for k, v in zip(TERMS, flag.parts)} | {
             "lr": backend.lr(), "img_per_s": t.batch_size / dt, "samples": samples}
         if rank == 0 and (step % t.log_every == 0 or step == t.steps):
             logger.log(row)
@@ -401,7 +423,7 @@ def _steps(run: Run, backend: Backend, stream, step: int, samples: int, progress
             if rank == 0:
                 logger.log(ev)
             progress.eval(ev)
-        stopping = flag[5] > 0
+        stopping = flag.stopping
         if (t.ckpt_every and step % t.ckpt_every == 0) or at_end or stopping:
             loop_state = {"step": step, "samples": samples, "loader": stream.state_dict()}
             last_good = str(backend.save(step, loop_state))
@@ -417,15 +439,10 @@ def _end_run(stopped: bool, steps: int, out, run_dir: Path, stop: StopFlag) -> i
     """After the loop, on every rank: the last line, the process group's teardown and, under
     submitit after a stop, the requeue. Returns the exit code. The stop signals stay caught
     throughout: one that comes now is recorded, and a finished run still ends with 0."""
-    import torch.distributed as dist
-
     if not stopped:
         out.info(f"done: {steps} steps; run directory {run_dir}")
     signals.pause_for_test("teardown")
-    # Without this barrier, 2 of 6 gloo runs ended with SIGABRT ("terminate called without an
-    # active exception") at teardown; with it, 0 of 30.
-    dist.barrier()
-    dist.destroy_process_group()
+    collectives.destroy()
     if stopped:
         stop.hand_over()  # under submitit: task 0 requeues the job and exits here
         return EXIT_STOPPED

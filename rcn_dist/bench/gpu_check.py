@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from rcn_dist.bench import CapsNetSabour, Options, bench_capsnet, bench_rcn, rcn_inputs, rcn_step, train_step
+from rcn_dist.parallel import collectives
 
 
 def _rel(a: float, b: float) -> float:
@@ -156,9 +157,7 @@ def run_checks(dev: torch.device, out: Path, dry_run: bool) -> bool:
     (out / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "bench.md").write_text(table(rows))
     print(table(rows))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    collectives.destroy()
     return ok
 
 

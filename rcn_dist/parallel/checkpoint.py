@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from rcn_dist.config import Config, from_dict, model_diff
 from rcn_dist.errors import CheckpointError
 from rcn_dist.files import atomic_write
+from rcn_dist.parallel import collectives
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -196,10 +197,7 @@ def set_aside_damaged(run_dir: str | Path, resumed: Path, rank: int) -> list[Pat
     """Collective, when a run resumes from `resumed`: rank 0 moves every complete checkpoint
     newer than it (find_latest passed over them as damaged) to damaged_<tag>, where neither a
     save of the same step nor pruning touches it. Returns the new paths (rank 0)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # every rank is done reading them (find_latest)
+    collectives.barrier()  # every rank is done reading them (find_latest); a no-op without a group
     moved = []
     if rank == 0:
         for d in sorted(ckpt_root(run_dir).glob("step_*")):
@@ -221,8 +219,6 @@ def commit(run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Conf
     after every rank is done, COMPLETE (step, world size, ZeRO stage and `layout`), `latest`,
     and prunes to the newest `keep_last` complete checkpoints.
     """
-    import torch.distributed as dist
-
     root = ckpt_root(run_dir)
     d = root / tag_for(step)
     if rank == 0:
@@ -231,7 +227,7 @@ def commit(run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Conf
         elif d.exists():  # a leftover of an interrupted save of this very step
             shutil.rmtree(d)
         d.mkdir(parents=True)
-    dist.barrier()
+    collectives.barrier()
     write_state(d)
     fault_point("checkpoint", step, rank)
     atomic_write(d / f"loop_rank{rank}.json", json.dumps(loop_state, sort_keys=True))
@@ -240,7 +236,7 @@ def commit(run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Conf
     if rank == 0:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in full.items()}, str(d / "model.safetensors"))
         atomic_write(d / "config.json", cfg.to_json())
-    dist.barrier()
+    collectives.barrier()
     if rank == 0:
         summary = {"step": step, "world_size": world_size, "zero_stage": cfg.parallel.zero_stage,
                    **(layout or {}), "time": time.time(), "files": _manifest(d)}
@@ -248,7 +244,7 @@ def commit(run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Conf
         fault_point("complete", step, rank)
         atomic_write(root / LATEST, d.name)
         _prune(root, keep_last, step)
-    dist.barrier()
+    collectives.barrier()
     return d
 
 
