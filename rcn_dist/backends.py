@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from rcn_dist import speed
 from rcn_dist.errors import CheckpointError
 from rcn_dist.loop import TERMS, Backend, LossModule, Run, caps_input, evaluate, to_device
 from rcn_dist.parallel import collectives
@@ -86,9 +87,11 @@ def deepspeed_backend(run: Run, ds: dict[str, Any]) -> Backend:
             ds = ds | {"checkpoint": {"load_universal": True}}
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
-    engine, _, scheduler = initialize(LossModule(RCN(cfg.model)), cfg, ds)
+    model = speed.prepare(LossModule(RCN(cfg.model)), run.speed)
+    engine, _, scheduler = initialize(model, cfg, ds, fused_adam=run.speed.fused_adam)
 
     def forward_backward(batch: dict, eps: torch.Tensor, last: bool) -> torch.Tensor:
+        speed.step_begins(run.speed)
         x, y = to_device(batch["image"], device), to_device(batch["label"], device)
         terms = engine(x, y, eps, x_caps=caps_input(batch, cfg, device))
         engine.backward(terms["loss"].mean())
@@ -128,8 +131,10 @@ def pipeline_backend(run: Run) -> Backend:
              f"ZeRO {p.zero_stage}, {t.precision}, global batch {t.batch_size} = {t.micro_batch} x "
              f"{t.grad_accum} x {le.dp_size}")
     runner = pp.PipelineRank(cfg, le.pp_rank, pp_group, dp_group, device=le.device)
+    speed.prepare(runner.stack, run.speed)
 
     def forward_backward(batch: dict, eps: torch.Tensor, last: bool) -> torch.Tensor | None:
+        speed.step_begins(run.speed)
         terms = runner.forward_backward(batch["image"], batch["label"], eps, t.micro_batch * t.grad_accum,
                                         x_caps=caps_input(batch, cfg, le.device))
         # The decoder rank holds the loss terms; (5,) on the device.

@@ -242,15 +242,17 @@ class DataConfig:
     caps_input: str = "grey"
     """What the encoder capsules (the classifier) see: "grey" (the image before binarisation, as
     CapsNet; docs/model.md) or "binarized". The RNNs and the likelihood see the binarised image."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    num_workers: int = -1
+    """DataLoader worker processes per rank; -1: 0 on a CPU (workers would compete with the
+    training threads for its cores), 2 on a GPU (decoding and binarising overlap the step), fewer
+    where the shards do not go round (rcn_dist.loop.loader_workers)."""
     shuffle: bool = True
     """Shuffle shards and samples, seeded by (seed, epoch)."""
 
     def __post_init__(self) -> None:
         _choice(self.binarize, "data.binarize", ("dynamic", "fixed", "none"))
         _choice(self.caps_input, "data.caps_input", ("grey", "binarized"))
-        _ints(self, "data", 0, "num_workers")
+        _ints(self, "data", -1, "num_workers")
 
 
 @dataclass
@@ -292,6 +294,17 @@ class TrainConfig:
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
     log_every: int = 1
     """Write a metrics.jsonl line every N steps."""
+    compile: str = "off"
+    """"off" or "steps": torch.compile the encoder and decoder step functions, one graph each
+    reused at all T drawing steps (rcn_dist/speed.py; docs/performance.md has its speed and
+    compile time). Not with ZeRO-3, whose parameter gathering hooks run inside the step."""
+    cuda_graphs: bool = False
+    """Replay the compiled drawing steps' forward and backward as CUDA graphs (implies
+    compile=steps; GPU only, refused on the CPU): a launch-bound step then costs one launch per
+    graph instead of one per kernel."""
+    deterministic: bool = False
+    """Deterministic algorithms (cuDNN without autotuning, torch.use_deterministic_algorithms):
+    what bit-exact resume on a GPU costs (docs/training.md). The CPU path is deterministic anyway."""
     loggers: str = "jsonl"
     """Comma-separated metric sinks (rank 0): "jsonl" (RUN_DIR/metrics.jsonl, always written: eval
     and report read it), "tensorboard" (RUN_DIR/tensorboard/, needs `pip install
@@ -304,6 +317,7 @@ class TrainConfig:
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _choice(self.precision, "train.precision", ("auto", "fp32", "bf16", "fp16"))
         _choice(self.lr_schedule, "train.lr_schedule", ("cosine", "constant"))
+        _choice(self.compile, "train.compile", ("off", "steps"))
         unknown = {n.strip() for n in self.loggers.split(",") if n.strip()} - {"jsonl", "tensorboard", "wandb"}
         _require(not unknown, "train.loggers",
                  f"unknown logger(s) {', '.join(sorted(unknown))}: use jsonl, tensorboard, wandb")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcn_dist import console, signals
+from rcn_dist import console, signals, speed
 from rcn_dist.config import Config, ConfigError
 from rcn_dist.errors import RcnError
 from rcn_dist.files import atomic_write
@@ -131,6 +131,25 @@ def evaluate(engine_or_module, stream, cfg: Config, device: str, max_batches: in
         m = cfg.model
         out[f"{split}_bits_per_dim"] = bits_per_dim(out[f"{split}_elbo"], m.in_channels * m.height * m.width)
     return out | caps
+
+
+AUTO_WORKERS_GPU = 2
+"""data.num_workers=-1 on a GPU: two workers decode and binarise a batch of 64 paper-size images
+in well under a paper-size step; more would only hold more batches in memory."""
+
+
+def loader_workers(d, device: str, dp_size: int) -> int:
+    """DataLoader workers per rank for `d` (the DataConfig): data.num_workers, or for -1 ("auto")
+    none on a CPU and AUTO_WORKERS_GPU on a GPU, as many as the training shards go round to
+    (each (rank, worker) slot needs a shard of its own)."""
+    if d.num_workers >= 0:
+        return d.num_workers
+    if not device.startswith("cuda"):
+        return 0
+    from rcn_dist.data.loader import Manifest
+
+    shards = len(Manifest.load(d.dir, d.cache_dir or None).shards("train"))
+    return max(0, min(AUTO_WORKERS_GPU, shards // max(dp_size, 1)))
 
 
 def position_from_samples(stream, samples: int, dp_size: int) -> dict[str, int]:
@@ -305,6 +324,9 @@ class Run:
     stop: StopFlag
     latest: Path | None
     """The newest complete checkpoint in run_dir, to resume from."""
+    speed: speed.Speed
+    """The step's speed settings (rcn_dist.speed), applied to torch already; the backend lays its
+    model out with speed.prepare."""
 
 
 def setup_run(cfg: Config, le, run_dir: Path, deepspeed: bool) -> Run:
@@ -323,6 +345,9 @@ def setup_run(cfg: Config, le, run_dir: Path, deepspeed: bool) -> Run:
     logger = make_loggers(cfg, run_dir, le.rank)  # before the process group: a missing package stops all ranks
     stop = StopFlag().install()
     init_process_group(le, deepspeed=deepspeed)
+    t = cfg.train
+    settings = speed.choose(le.device, t.deterministic, t.compile, t.cuda_graphs)
+    speed.apply(settings)
     out = console.Console(le.rank == 0)
     if stop.any_rank():
         # A signal before the first step (e.g. while torch was imported), on any rank: stop now,
@@ -344,7 +369,7 @@ def setup_run(cfg: Config, le, run_dir: Path, deepspeed: bool) -> Run:
         out.info(n)
     if latest is not None:
         ckpt.set_aside_damaged(run_dir, latest, le.rank)  # newer ones find_latest found damaged
-    return Run(cfg, le, run_dir, out, logger, stop, latest)
+    return Run(cfg, le, run_dir, out, logger, stop, latest, settings)
 
 
 def run_loop(run: Run, backend: Backend) -> int:
@@ -355,8 +380,10 @@ def run_loop(run: Run, backend: Backend) -> int:
 
     cfg, le, out = run.cfg, run.le, run.out
     t, d = cfg.train, cfg.data
-    stream = TrainStream(d.dir, t.micro_batch, le.dp_rank, le.dp_size, t.seed, num_workers=d.num_workers,
-                         binarize=d.binarize, shuffle=d.shuffle, cache_dir=d.cache_dir or None)
+    cuda = le.device.startswith("cuda")
+    workers = loader_workers(d, le.device, le.dp_size)
+    stream = TrainStream(d.dir, t.micro_batch, le.dp_rank, le.dp_size, t.seed, num_workers=workers,
+                         binarize=d.binarize, shuffle=d.shuffle, cache_dir=d.cache_dir or None, pin_memory=cuda)
     step, samples = 0, 0
     if run.latest is not None:
         state = backend.load(run.latest)

@@ -309,14 +309,16 @@ class TrainStream:
     def __init__(self, data_dir: str | Path, batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  num_workers: int = 0, binarize: str = "dynamic", shuffle: bool = True,
                  split: str = "train", shuffle_buffer: int = 1000,
-                 cache_dir: str | Path | None = None) -> None:
+                 cache_dir: str | Path | None = None, pin_memory: bool = False) -> None:
+        """pin_memory: hand out batches in page-locked memory (for a GPU: its copies then run
+        asynchronously, overlapping the step)."""
         _check_stream(dp_rank, dp_size, batch_size, binarize)
         if num_workers < 0 or shuffle_buffer < 1:
             raise DataError("shuffle_buffer must be positive, num_workers >= 0")
         self.manifest = Manifest.load(data_dir, cache_dir)
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.num_workers, self.binarize, self.shuffle, self.split = num_workers, binarize, shuffle, split
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.pin_memory = shuffle_buffer, pin_memory
         self._w = max(1, num_workers)
         entries = self.manifest.shards(split)
         slots = dp_size * self._w
@@ -387,9 +389,11 @@ class TrainStream:
             return
         ds = _EpochSlots(self, epoch, skip)
         if self.num_workers == 0:
-            yield from iter(ds)
+            for batch in ds:
+                yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
             return
-        it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers))
+        it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                              pin_memory=self.pin_memory))
         try:
             for batch in it:
                 if _ERROR in batch:

@@ -231,7 +231,7 @@ def commit(run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Conf
     write_state(d)
     fault_point("checkpoint", step, rank)
     atomic_write(d / f"loop_rank{rank}.json", json.dumps(loop_state, sort_keys=True))
-    save_file({"cpu": torch.get_rng_state()}, str(d / f"rng_rank{rank}.safetensors"))
+    save_file(rng_state(), str(d / f"rng_rank{rank}.safetensors"))
     full = weights(d)
     if rank == 0:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in full.items()}, str(d / "model.safetensors"))
@@ -402,8 +402,23 @@ def load(engine, ckpt_dir: Path, rank: int, universal: bool = False) -> dict[str
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
     rng = ckpt_dir / f"rng_rank{rank}.safetensors"
     if rng.is_file() and not universal:
-        torch.set_rng_state(read_safetensors(rng)["cpu"])
+        set_rng_state(read_safetensors(rng))
     return state
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This rank's RNG states: "cpu", and "cuda" (its current GPU's) where the rank uses CUDA."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore what rng_state() saved (a "cuda" state only where this rank has a GPU)."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def read_json(path: Path) -> Any:

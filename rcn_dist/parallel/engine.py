@@ -71,6 +71,9 @@ def resolve_engine_settings(cfg: Config, ds: dict[str, Any], dp_size: int, devic
         clash("train.precision", t.precision, f"{json_prec}.enabled", True)
     if t.precision == "fp16" and not device.startswith("cuda"):
         raise ConfigError("train.precision=fp16 needs a GPU (fp16 is not supported on CPU); use bf16 or fp32")
+    if t.cuda_graphs and not device.startswith("cuda"):
+        raise ConfigError("train.cuda_graphs=true needs a GPU (CUDA graphs do not exist on the CPU); "
+                          "use train.compile=steps there")
 
     zero = ds.get("zero_optimization") or {}
     if not isinstance(zero, dict):
@@ -109,6 +112,9 @@ def resolve_engine_settings(cfg: Config, ds: dict[str, Any], dp_size: int, devic
             raise ConfigError(f"optimizer.type={opt.get('type')} in {src}: only Adam/AdamW is supported")
     if "scheduler" in ds:
         raise ConfigError(f"'scheduler' in {src}: the LR schedule lives in the config (train.lr_schedule)")
+    if (t.compile == "steps" or t.cuda_graphs) and p.zero_stage == 3:
+        raise ConfigError("train.compile=steps with ZeRO stage 3: its parameter-gathering hooks run inside the "
+                          "compiled steps; use ZeRO stage 0-2 or train.compile=off")
     return cfg
 
 
@@ -201,11 +207,12 @@ def init_distributed(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
-def initialize(model: torch.nn.Module, cfg: Config, ds: dict[str, Any]):
-    """deepspeed.initialize with build_adam (torch's default kernel) and our LR schedule."""
+def initialize(model: torch.nn.Module, cfg: Config, ds: dict[str, Any], fused_adam: bool | None = None):
+    """deepspeed.initialize with build_adam (fused_adam: as there) and our LR schedule."""
     import deepspeed
 
-    opt = build_adam([p for p in model.parameters() if p.requires_grad], cfg.train.lr, cfg.train.weight_decay)
+    opt = build_adam([p for p in model.parameters() if p.requires_grad], cfg.train.lr, cfg.train.weight_decay,
+                     fused=fused_adam)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=build_ds_config(cfg, ds),
