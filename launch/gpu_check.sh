@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check for one H100/H200-class machine without network access: correctness of a bf16
-# step against fp32, fp16 with loss scaling, ZeRO-2/3 on NCCL (a 1-GPU DeepSpeed engine), then
-# the benchmark table (rcn_dist/bench/gpu_check.py). A few minutes in all.
+# The GPU check for one H100/H200-class machine without network access (rcn_dist/bench/gpu_check.py),
+# at most 8 minutes on one H100: the real training path first (`torchrun --nproc_per_node 1
+# launch/train.py --deepspeed configs/ds.json --preset mnist` for 30 steps, again with a SIGTERM at
+# step 12 and the exact resume, then `rcn eval --reduced`), the bf16- and fp16-engine numerics at
+# T = 64, a bf16 step against fp32, fp16 with loss scaling, ZeRO-2/3 on NCCL; then the benchmark
+# table: a batch sweep, kernels per step and the GPU's busy fraction, eager against
+# train.compile=steps against train.cuda_graphs.
 #
-#   bash launch/gpu_check.sh [--wheels DIR] [--out DIR] [--device cuda|cpu]
+#   bash launch/gpu_check.sh [--wheels DIR] [--out DIR] [--device cuda|cpu] [--data DIR]
 #
 # --wheels DIR: wheels to install offline where the image lacks them (pip install --no-index):
 #   deepspeed (pure: `pip wheel --no-deps deepspeed==0.19.8`), hjson, pydantic, pydantic-core
@@ -12,15 +16,18 @@
 #   --python-version 3.12 --no-deps ...` plus the deepspeed wheel.
 # --out DIR: where checks.jsonl, bench.jsonl and bench.md go (default: $OUT if set, else
 #   runs/gpu_check). --device cpu: the dry run (tiny sizes, gloo), what the tests run.
+# --data DIR: prepared 28x28 shards (default data/fashion-mnist, prepared from Debian's
+#   dataset-fashion-mnist files where they are missing and the files are there).
 # Exit status: 0 all checks passed, 1 a check failed, 2 the machine is not usable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-wheels="" out="${OUT:-runs/gpu_check}" device=cuda
+wheels="" out="${OUT:-runs/gpu_check}" device=cuda data=data/fashion-mnist
 while (( $# )); do
   case "$1" in
     --wheels) wheels="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
+    --data) data="$2"; shift 2 ;;
     *) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -49,4 +56,7 @@ fi
 if [[ "$device" == cuda ]]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-"$py" -m rcn_dist.bench.gpu_check --device "$device" --out "$out"
+if [[ ! -f "$data/manifest.json" && -d /usr/share/datasets/fashion-mnist ]]; then
+  "$py" -m rcn_dist prepare --dataset fashion-mnist --out "$data"
+fi
+"$py" -m rcn_dist.bench.gpu_check --device "$device" --out "$out" --data "$data"

@@ -141,7 +141,7 @@ def importance_weighted(model, stream, cfg: Config, device: str, k: int, example
     for batch, keep in _kept(stream, examples, f"IW bound (K={k})", progress):
         x, idx = batch["image"][keep].to(device), batch["index"][keep]
         x_caps = caps_input(batch, cfg, device, keep)
-        lw = torch.stack([log_weights(model, x, sample_noise(idx, seed, m.T, m.z_dim).to(device), x_caps)
+        lw = torch.stack([log_weights(model, x, sample_noise(idx, seed, m.T, m.z_dim, device=device), x_caps)
                           .double().cpu() for seed in seeds])  # (K, B)
         bound = torch.logsumexp(lw, dim=0) - math.log(k)
         sums += torch.stack([-bound.sum(), -lw.mean(0).sum(), torch.tensor(float(len(idx)), dtype=torch.float64)])
@@ -171,7 +171,7 @@ def capsule_usage(model, stream, cfg: Config, device: str, examples: int = 0,
     for batch, keep in _kept(stream, examples, "capsule usage", progress, least=2):  # a shuffle needs two
         x, y, idx = batch["image"][keep].to(device), batch["label"][keep].to(device), batch["index"][keep]
         x_caps = caps_input(batch, cfg, device, keep)
-        eps = sample_noise(idx, cfg.train.seed + EVAL_NOISE_SEED, m.T, m.z_dim).to(device)
+        eps = sample_noise(idx, cfg.train.seed + EVAL_NOISE_SEED, m.T, m.z_dim, device=device)
         elbos = ablation_elbos(model, x, y, eps, x_caps)
         figs = {k: (v - elbos["none"]).double().sum().item() for k, v in elbos.items() if k != "none"}
         figs |= {k: v * len(idx) for k, v in capsule_stats(model, x, eps, x_caps).items()}

@@ -31,7 +31,7 @@ from rcn_dist.config import Config, ConfigError
 from rcn_dist.errors import RcnError
 from rcn_dist.files import atomic_write
 from rcn_dist.model import bits_per_dim, noise_for, step_noise_seed
-from rcn_dist.model.capsules import at_least_fp32
+from rcn_dist.model.precision import at_least_fp32
 from rcn_dist.parallel import collectives
 
 EXIT_STOPPED = signals.EXIT_STOPPED
@@ -107,7 +107,7 @@ def evaluate(engine_or_module, stream, cfg: Config, device: str, max_batches: in
     caps: dict[str, float] = {}
     for n_batches, batch in enumerate(console.track(stream, "eval", enabled=progress), 1):
         x, y = to_device(batch["image"], device), to_device(batch["label"], device)
-        eps = noise_for(batch, cfg.train.seed + EVAL_NOISE_SEED, cfg).to(device, non_blocking=True)
+        eps = noise_for(batch, cfg.train.seed + EVAL_NOISE_SEED, cfg, device=device)
         x_caps = caps_input(batch, cfg, device)
         terms = engine_or_module(x, y, eps, x_caps=x_caps)
         rcn = getattr(module, "rcn", None)
@@ -419,7 +419,7 @@ def _steps(run: Run, backend: Backend, stream, step: int, samples: int, progress
         parts = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
         for micro in range(t.grad_accum):
             batch = next(batches)
-            eps = noise_for(batch, step_noise_seed(t.seed, step), run.cfg).to(device, non_blocking=True)
+            eps = noise_for(batch, step_noise_seed(t.seed, step), run.cfg, device=device)
             terms = backend.forward_backward(batch, eps, micro == t.grad_accum - 1)
             if terms is not None:
                 parts += terms

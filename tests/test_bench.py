@@ -168,20 +168,36 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
     assert "--compare-with" in error("--workload", "capsnet-sabour", "--compare-with", tmp_path / "nope.py")
     assert "--nproc" in error("--workload", "capsnet-sabour", "--nproc", "2")
     assert "eval.json" in error("--workload", "quickstart", "--run", tmp_path)
+    assert "--preset" in error("--workload", "rcn-small", "--preset", "tiny")
+    assert "--profile-t" in error("--workload", "ops", "--profile-t", "2", "1")
+    assert "unknown preset" in error("--workload", "ops", "--preset", "nope")
+    assert "--precision" in error("--workload", "ops", "--precision", "bf16")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # five checks, each a short training run
-def test_gpu_check_dry_run_on_cpu(tmp_path):
-    p = run(["bash", "launch/gpu_check.sh", "--device", "cpu", "--out", str(tmp_path)],
+def test_gpu_check_dry_run_on_cpu(fmnist_small, tmp_path):
+    p = run(["bash", "launch/gpu_check.sh", "--device", "cpu", "--out", str(tmp_path), "--data", str(fmnist_small)],
             env=cli_env(RCN_PYTHON=PY), timeout=900)
     assert "gpu_check: all checks passed" in p.stdout
     checks = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()]
-    assert [c["check"] for c in checks] == ["fast_fp32", "bf16", "fp16_scaled", "zero2", "zero3"]
-    assert all(c["ok"] for c in checks)
-    assert checks[2]["skipped"]  # fp16 is a GPU-only check
+    assert [c["check"] for c in checks] == ["train_resume", "engine_numerics_T64", "fast_fp32", "bf16",
+                                            "fp16_scaled", "zero2", "zero3"]
+    assert all(c["ok"] for c in checks), checks
+    train = checks[0]  # the real command: torchrun launch/train.py --deepspeed configs/ds.json
+    assert train["stopped_exit_3"] and train["resumed_exit"] == 0 and train["bit_identical_after_resume"]
+    assert train["eval_reduced_exit"] == 0 and train["test_elbo"] > 0
+    assert checks[1]["bf16"]["rel_err"] <= 5e-3
+    assert checks[4]["skipped"]  # fp16 is a GPU-only check
     rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert {r["workload"] for r in rows} == {"capsnet-sabour", "rcn-small"}
+    assert not [r for r in rows if "error" in r]
+    sweep = [r["batch"] for r in rows if r["workload"] == "rcn-small" and "kernels_per_step" not in r]
+    assert sweep == [2, 4, 8]
+    variants = {r["variant"]: r for r in rows if "kernels_per_step" in r}
+    assert set(variants) == {"eager", "steps"}  # no CUDA graphs on a CPU
+    # Compiled steps dispatch fewer ops than eager ones (inductor fuses them).
+    assert 0 < variants["steps"]["kernels_per_step"] < variants["eager"]["kernels_per_step"]
     assert (tmp_path / "bench.md").read_text().startswith("| workload |")
 
 
@@ -192,3 +208,67 @@ def test_gpu_check_refuses_cuda_without_a_gpu(tmp_path):
     p = subprocess.run([PY, "-m", "rcn_dist.bench.gpu_check", "--device", "cuda", "--out", str(tmp_path)],
                        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "no CUDA device" in p.stderr
+
+
+# ------------------------------------------------------------------ op counts
+def _totals(counts: dict) -> dict:
+    return {p: {k: v for k, v in c.items() if k != "by_name"} for p, c in counts.items()}
+
+
+def test_views_and_no_op_conversions_launch_no_kernel():
+    from torch.profiler import ProfilerActivity, profile
+
+    from rcn_dist.bench.base import count_events
+
+    a = torch.randn(3, 4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        a.view(12)
+        a.t().reshape(12)  # a copy: the transpose is not contiguous
+        a.flatten()
+        a.to(torch.float32)  # already float32: returns a
+        a.to(torch.float64)
+        a + 1
+    c = count_events(prof.events())
+    assert c["aten"] == 7  # view, t, reshape, flatten, to, to, add; reshape's internals not again
+    assert c["launching"] == 3  # the copying reshape, the converting to, the add
+    assert c["kernels"] == c["memops"] == 0
+
+
+def test_op_count_is_positive_and_deterministic():
+    from rcn_dist.bench.base import PHASES, count_ops
+
+    cfg = preset("tiny")
+    first, second = count_ops(cfg, batch=2, T=2), count_ops(cfg, batch=2, T=2)
+    assert first == second  # by op name too
+    for p in PHASES:
+        assert first[p]["aten"] >= first[p]["launching"] > 0 and first[p]["kernels"] == 0
+    assert first["backward"]["aten"] > first["forward"]["aten"]
+
+
+def test_ops_per_drawing_step_is_the_difference_and_extrapolates_exactly():
+    from rcn_dist.bench.base import PHASES, count_ops, ops_report
+
+    cfg = preset("tiny")
+    c1, c2, cT = (_totals(count_ops(cfg, batch=2, T=t)) for t in (1, 2, cfg.model.T))
+    r = ops_report(cfg, batch=2)
+    assert r["T"] == cfg.model.T == 4 and r["T_profiled"] == [1, 2]
+    assert r["forward_ops_per_drawing_step"] == c2["forward"]["aten"] - c1["forward"]["aten"] > 0
+    assert r["backward_ops_per_drawing_step"] == c2["backward"]["aten"] - c1["backward"]["aten"] > 0
+    assert r["ops_per_drawing_step"] == sum(c2[p]["aten"] - c1[p]["aten"] for p in PHASES)
+    assert r["launching_ops_per_drawing_step"] == sum(c2[p]["launching"] - c1[p]["launching"] for p in PHASES)
+    # the count is linear in T: once per image + T x per drawing step is the count at T = 4
+    assert r["ops_per_step"] == sum(cT[p]["aten"] for p in PHASES)
+    assert r["ops_per_step"] == r["ops_once_per_image"] + 4 * r["ops_per_drawing_step"]
+    assert (r["forward_ops"], r["backward_ops"], r["optimizer_ops"]) == tuple(cT[p]["aten"] for p in PHASES)
+    assert r["launching_ops_per_step"] == sum(cT[p]["launching"] for p in PHASES)
+
+
+def test_ops_workload_prints_one_line_per_preset(capsys):
+    r = _bench(capsys, "--workload", "ops", "--preset", "tiny", "--check-linear")
+    assert r["workload"] == "ops" and r["preset"] == "tiny" and r["device"] == "cpu" and r["batch"] == 2
+    assert r["linear"] and r["ops_per_step_measured"] == r["ops_per_step"] > r["launching_ops_per_step"] > 0
+    assert r["forward_ops"] + r["backward_ops"] + r["optimizer_ops"] == r["ops_per_step"]
+    assert r["launch_bound_ms_at_10us"] == pytest.approx(r["launching_ops_per_step"] * 0.01)
+    assert r["launch_bound_ms_at_20us"] == pytest.approx(2 * r["launch_bound_ms_at_10us"])
+    assert sum(r["top_ops_per_drawing_step"].values()) <= r["ops_per_drawing_step"]
+    assert bench.OPS_PRESETS == ("small", "mnist", "cifar10")  # what a bare --workload ops counts

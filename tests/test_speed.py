@@ -38,14 +38,29 @@ def test_apply_sets_the_switches_and_deterministic_mode(monkeypatch):
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cuda.matmul.allow_tf32
 
 
-def test_the_loop_and_the_benchmark_take_the_same_settings():
-    """Both go through speed.choose: the loop in setup_run, the benchmark's train step."""
+def test_the_loop_and_the_benchmark_take_the_same_settings(monkeypatch):
+    """Both go through speed.choose: the loop in setup_run (read from its source: it needs a
+    process group), the benchmark's train step (seen: what choose answers is what it runs)."""
+    import dataclasses
     import inspect
 
     from rcn_dist import bench, loop
 
     assert "speed.choose(" in inspect.getsource(loop.setup_run)
-    assert "speed.choose(" in inspect.getsource(bench.train_step)
+    asked = []
+    real = speed.choose
+
+    def choose(*args, **kwargs):
+        asked.append(args)
+        return dataclasses.replace(real(*args, **kwargs), channels_last=True)  # a GPU's answer
+
+    monkeypatch.setattr(speed, "choose", choose)
+    cfg = preset("tiny")
+    model = RCN(cfg.model)
+    step = bench.train_step(model, lambda x, y, eps: model.loss(x, y, eps)[0], rcn_inputs(cfg, 2, 0),
+                            bench.Options(torch.device("cpu"), "fp32", fast=True))
+    assert asked and model.encoder.capsules.primary.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(step())
 
 
 def test_cuda_graphs_on_the_cpu_and_compile_with_zero3_are_refused():

@@ -2,7 +2,9 @@
 
 Each workload prints one JSON line (`result`): img/s and ms per step (the median step, timed
 after warm-up, with CUDA events on a GPU), peak memory, model FLOPs per image (rcn_dist.flops)
-and their fraction of a matmul peak measured on the same device in the same run.
+and their fraction of a matmul peak measured on the same device in the same run. The ops workload
+prints one line per RCN preset instead: the operators (aten ops; CUDA kernels on a GPU) that one
+training step dispatches (rcn_dist.bench.base.ops_report).
 docs/performance.md has the workloads, the options and measured tables.
 """
 
@@ -27,15 +29,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rcn_dist.bench.base import rcn_inputs
+from rcn_dist import speed
+from rcn_dist.bench.base import ops_report, rcn_inputs
 from rcn_dist.errors import RcnError
 from rcn_dist.flops import count_forward, rcn_flops, train_flops_per_image
 from rcn_dist.model import PrimaryCapsules, RoutedCapsules, margin_loss
+from rcn_dist.parallel import collectives
 from rcn_dist.parallel.engine import build_adam
 
-WORKLOADS = ("capsnet-sabour", "rcn-small", "rcn-mnist", "rcn-cifar10", "loader", "pipeline", "quickstart")
+WORKLOADS = ("capsnet-sabour", "rcn-small", "rcn-mnist", "rcn-cifar10", "ops", "noise", "loader", "pipeline",
+             "quickstart")
 RCN_PRESETS = {"rcn-small": "small", "rcn-mnist": "mnist", "rcn-cifar10": "cifar10"}
-CPU_BATCH = {"capsnet-sabour": 128, "rcn-small": 32, "rcn-mnist": 2, "rcn-cifar10": 2, "loader": 64}
+OPS_PRESETS = ("small", "mnist", "cifar10")
+"""What `--workload ops` counts without --preset."""
+OPS_BATCH = 2
+"""Op counts do not depend on the batch: 2 images keep a paper-size profile at T = 1, 2 to seconds on CPU."""
+CPU_BATCH = {"capsnet-sabour": 128, "rcn-small": 32, "rcn-mnist": 2, "rcn-cifar10": 2, "loader": 64, "noise": 64}
 """Default batches on CPU: paper-size RCNs take ~84 GFLOP per training image, so a CPU step stays short."""
 QUICKSTART_TARGETS = {"wall_s": 20 * 60, "test_error": 0.13}
 
@@ -80,9 +89,18 @@ class Options:
     precision: str = "fp32"
     """"fp32", "bf16" (autocast; routing and squash in fp32) or "fp16" (autocast with a GradScaler)."""
     fast: bool = True
-    """channels-last convolutions and fused Adam; False: the plain eager step."""
+    """What `rcn train` runs on this device (rcn_dist.speed.choose: channels-last where it pays,
+    fused Adam); False: the plain eager step."""
     compile: bool = False
     """torch.compile the loss function (GPU; needs a C++ compiler on CPU and minutes)."""
+    compile_steps: str = "off"
+    """"off", "steps" (train.compile=steps: the RCN's drawing steps compiled) or "graphs"
+    (train.cuda_graphs: and replayed as CUDA graphs; GPU only)."""
+
+    def speed(self) -> speed.Speed:
+        """The speed settings `rcn train` would run this step with."""
+        return speed.choose(self.device, compile="steps" if self.compile_steps != "off" else "off",
+                            cuda_graphs=self.compile_steps == "graphs")
 
 
 def train_step(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: tuple[Tensor, ...],
@@ -90,15 +108,20 @@ def train_step(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: tuple[T
     """One training step (zero grads, forward under the chosen precision, backward, Adam) as a
     closure over fixed inputs: what the benchmarks time and the fast == eager tests compare."""
     dev = opt.device
-    fmt = torch.channels_last if opt.fast else torch.preserve_format  # for the convolutions
+    settings = opt.speed()  # the choice of speed.choose, as in rcn train (its global switches: run_workload)
+    fast = opt.fast and settings.channels_last
+    fmt = torch.channels_last if fast else torch.preserve_format  # for the convolutions
     model.to(dev, memory_format=fmt)
+    if opt.compile_steps != "off":
+        speed.compile_steps(model, cuda_graphs=settings.cuda_graphs)
     inputs = tuple(t.to(dev, memory_format=fmt) if t.dim() == 4 else t.to(dev) for t in inputs)
-    adam = build_adam(model.parameters(), lr, fused=opt.fast)
+    adam = build_adam(model.parameters(), lr, fused=opt.fast and settings.fused_adam)
     fn = torch.compile(loss_fn) if opt.compile else loss_fn
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opt.precision)
     scaler = torch.amp.GradScaler(dev.type) if opt.precision == "fp16" else None  # dynamic loss scaling
 
     def step() -> Tensor:
+        speed.step_begins(settings)
         adam.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=half or torch.bfloat16, enabled=half is not None):
             loss = fn(*inputs)
@@ -240,12 +263,26 @@ def bench_rcn(workload: str, batch: int, steps: int, warmup: int, opt: Options,
                       forward_flops_by_kind={k: v for k, v in fwd.items() if k != "total"})
 
 
+def bench_noise(batch: int, steps: int, warmup: int, opt: Options) -> dict[str, Any]:
+    """noise: a step's latent noise (sample_noise, `small`'s T and z_dim, on the device) against
+    the `small` training step at the same batch, timed alternately: the noise's share of a step."""
+    from rcn_dist.config import preset
+    from rcn_dist.model import sample_noise
+
+    cfg = preset("small")
+    idx = torch.randperm(60_000)[:batch]
+    fns = {"noise": lambda: sample_noise(idx, 1234, cfg.model.T, cfg.model.z_dim, device=opt.device),
+           "step": rcn_step(cfg, batch, opt)}
+    med = {k: statistics.median(v) for k, v in time_alternating(fns, steps, warmup, opt.device).items()}
+    return {"workload": "noise", "device": str(opt.device), "batch": batch, "steps": steps, "preset": cfg.name,
+            "noise_ms": 1e3 * med["noise"], "step_ms": 1e3 * med["step"], "noise_share_of_step": med["noise"] / med["step"],
+            "threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0]}
+
+
 # ------------------------------------------------------------------ data-parallel scaling
 def _scaling_worker(rank: int, mode: str, world: int, port: int, batch: int, steps: int, warmup: int,
                     out_dir: str) -> None:
     """One process of a scaling phase, 1 thread. mode "ddp": DDP over gloo; "solo": no process group."""
-    import torch.distributed as dist
-
     from rcn_dist.config import preset
     from rcn_dist.loop import LossModule
     from rcn_dist.model import RCN
@@ -270,8 +307,7 @@ def _scaling_worker(rank: int, mode: str, world: int, port: int, batch: int, ste
 
     times = time_alternating({"s": step}, steps, warmup, torch.device("cpu"))["s"]
     if mode == "ddp":
-        dist.barrier()
-        dist.destroy_process_group()
+        collectives.destroy()
     Path(out_dir, f"{mode}{world}_{rank}.json").write_text(json.dumps(times))
 
 
@@ -309,6 +345,27 @@ def bench_scaling(nproc: int, batch: int, steps: int, warmup: int, rounds: int =
                   batch_per_rank=batch, single_img_per_s=single, ceiling_img_per_s=ceiling,
                   fraction_of_ceiling=ddp / ceiling, speedup_vs_1=ddp / single, ceiling_vs_1=ceiling / single,
                   rounds=res, cpus=os.cpu_count())
+
+
+# ------------------------------------------------------------------ op counts
+def bench_ops(presets: list[str], batch: int, device: torch.device, ts: tuple[int, int],
+              check_linear: bool = False) -> list[dict[str, Any]]:
+    """ops: one ops_report per preset (profiles at T = ts[0] and ts[1], extrapolated to the
+    preset's T). check_linear: also profile at the preset's own T and report that count
+    (ops_per_step_measured) and whether the extrapolation hit it (linear)."""
+    from rcn_dist.bench.base import PHASES, count_ops
+    from rcn_dist.config import preset
+
+    rows = []
+    for name in presets:
+        cfg = preset(name)
+        row = ops_report(cfg, batch, device, ts)
+        if check_linear:
+            measured = count_ops(cfg, batch, device)
+            row["ops_per_step_measured"] = sum(measured[p]["aten"] for p in PHASES)
+            row["linear"] = row["ops_per_step_measured"] == row["ops_per_step"]
+        rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------ data, pipeline, quickstart
@@ -391,7 +448,8 @@ def bench_quickstart(run_dir: str, execute: bool) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ command line
-def run_workload(args: argparse.Namespace) -> dict[str, Any]:
+def run_workload(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
+    """The result of the chosen workload: one row, or (ops) one row per preset."""
     w = args.workload
     if args.steps < 1 or args.warmup < 0:
         raise BenchError("--steps must be >= 1 and --warmup >= 0")
@@ -401,6 +459,8 @@ def run_workload(args: argparse.Namespace) -> dict[str, Any]:
         raise BenchError("--device cuda: no CUDA device is available")
     if args.compare_with and w != "capsnet-sabour":
         raise BenchError("--compare-with applies to --workload capsnet-sabour only")
+    if (args.preset or args.profile_t or args.check_linear) and w != "ops":
+        raise BenchError("--preset, --profile-t and --check-linear apply to --workload ops only")
     if args.nproc:
         if w != "rcn-small" or args.device != "cpu":
             raise BenchError("--nproc measures rcn-small on CPU: use --workload rcn-small --device cpu")
@@ -411,11 +471,26 @@ def run_workload(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = args.batch or (CPU_BATCH.get(w, 32) if args.device == "cpu" else 128)
-    opt = Options(torch.device(args.device), args.precision, fast=not args.eager, compile=args.compile)
+    if args.compile_steps == "graphs" and args.device != "cuda":
+        raise BenchError("--compile-steps graphs needs --device cuda (CUDA graphs do not exist on the CPU)")
+    opt = Options(torch.device(args.device), args.precision, fast=not args.eager, compile=args.compile,
+                  compile_steps=args.compile_steps)
+    if opt.fast:
+        speed.apply(opt.speed())  # TF32 and cuDNN autotuning on a GPU, as `rcn train` sets them
     if w == "capsnet-sabour":
         return bench_capsnet(batch, args.steps, args.warmup, opt, args.compare_with, args.with_eager)
     if w in RCN_PRESETS:
         return bench_rcn(w, batch, args.steps, args.warmup, opt, args.with_eager)
+    if w == "ops":
+        if args.precision != "fp32" or args.compile:
+            raise BenchError("--workload ops counts the fp32 eager step: --precision and --compile do not apply")
+        ts = tuple(args.profile_t or (1, 2))
+        if not 1 <= ts[0] < ts[1]:
+            raise BenchError(f"--profile-t needs 1 <= T1 < T2, got {ts[0]} {ts[1]}")
+        return bench_ops(args.preset or list(OPS_PRESETS), args.batch or OPS_BATCH, opt.device, ts,
+                         args.check_linear)
+    if w == "noise":
+        return bench_noise(batch, args.steps, args.warmup, opt)
     if w == "loader":
         return bench_loader(args.data, batch, args.workers, args.seconds)
     if w == "pipeline":
@@ -434,20 +509,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eager", action="store_true", help="the plain eager step (no channels-last, no fused Adam)")
     ap.add_argument("--with-eager", action="store_true", help="also time the eager fp32 step, alternately")
     ap.add_argument("--compile", action="store_true", help="torch.compile the loss function (GPU)")
+    ap.add_argument("--compile-steps", choices=("off", "steps", "graphs"), default="off",
+                    help="the RCN's drawing steps as train.compile=steps (or, 'graphs', train.cuda_graphs) runs them")
     ap.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     ap.add_argument("--nproc", type=int, default=0, help="rcn-small: data-parallel scaling over N CPU processes")
     ap.add_argument("--rounds", type=int, default=2, help="--nproc: rounds of the three phases (best counts)")
     ap.add_argument("--compare-with", metavar="DRIVER",
                     help="capsnet-sabour: a .py file with make_step(batch, device) timed alternately with ours")
+    ap.add_argument("--preset", action="append",
+                    help=f"ops: an RCN preset to count (repeatable; default {', '.join(OPS_PRESETS)})")
+    ap.add_argument("--profile-t", type=int, nargs=2, metavar=("T1", "T2"),
+                    help="ops: the two numbers of drawing steps profiled (default 1 2)")
+    ap.add_argument("--check-linear", action="store_true",
+                    help="ops: also profile at the preset's own T and compare with the extrapolation")
     ap.add_argument("--data", help="loader: a prepared data directory (default: a small temporary one)")
     ap.add_argument("--workers", type=int, default=0, help="loader: DataLoader workers")
     ap.add_argument("--seconds", type=float, default=5.0, help="loader: seconds to read")
     ap.add_argument("--run", default="runs/quickstart", help="quickstart: the run directory")
     ap.add_argument("--execute", action="store_true", help="quickstart: run launch/quickstart.sh first")
     res = run_workload(ap.parse_args(argv))
-    print(json.dumps(res, sort_keys=True), flush=True)
+    rows = res if isinstance(res, list) else [res]
+    for row in rows:
+        print(json.dumps(row, sort_keys=True), flush=True)
     try:
-        json.dumps(res, allow_nan=False)  # a NaN or infinity anywhere: exit status 1
+        json.dumps(rows, allow_nan=False)  # a NaN or infinity anywhere: exit status 1
     except ValueError:
         return 1
     return 0

@@ -3,8 +3,11 @@
     python -m rcn_dist.bench.gpu_check --device cuda --out DIR   # an H100/H200 machine
     python -m rcn_dist.bench.gpu_check --device cpu --out DIR    # the dry run (tiny sizes, gloo)
 
-Writes DIR/checks.jsonl (fast_fp32, bf16, fp16_scaled, zero2, zero3: each check's tolerance is in
-docs/performance.md), DIR/bench.jsonl and DIR/bench.md. Exit status 1 if any check failed.
+Writes DIR/checks.jsonl (train_resume: the real training command, a SIGTERM and the exact
+resume, `rcn eval --reduced`; engine_numerics_T64; fast_fp32, bf16, fp16_scaled, zero2, zero3:
+each check's tolerance is in docs/performance.md), DIR/bench.jsonl and DIR/bench.md (the batch
+sweep, kernels per step and busy fraction, eager / compile=steps / cuda_graphs). Exit status 1 if
+any check or benchmark variant failed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import argparse
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -20,6 +25,7 @@ from typing import Any
 
 import torch
 
+from rcn_dist import speed
 from rcn_dist.bench import CapsNetSabour, Options, bench_capsnet, bench_rcn, rcn_inputs, rcn_step, train_step
 from rcn_dist.parallel import collectives
 
@@ -105,29 +111,175 @@ def check_zero(dev: torch.device, batch: int, preset_name: str, stage: int, step
             "rel_err_first": err}
 
 
-def bench_rows(dev: torch.device, dry_run: bool) -> list[dict[str, Any]]:
-    """The benchmark table's rows. The dry run uses batch 2 and one step of each, and leaves out
-    rcn-mnist (84 GFLOP per training image: a minute on a CPU)."""
-    steps, warmup = (1, 0) if dry_run else (20, 5)
-    rows = [bench_capsnet(batch, steps, warmup, Options(dev, precision))
-            for batch in ((2,) if dry_run else (128, 512)) for precision in ("fp32", "bf16")]
+# ------------------------------------------------------------------ the training loop itself
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _train_rows(run_dir: Path) -> dict[int, float]:
+    """step -> loss of a run's metrics.jsonl (training rows only)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r.get("kind") != "eval"}
+
+
+def check_train_resume(dev: torch.device, data: str, dry_run: bool) -> dict[str, Any]:
+    """What a user runs: `torchrun --nproc_per_node 1 launch/train.py --deepspeed configs/ds.json
+    --preset mnist` (ZeRO-2, bf16; on the CPU dry run the tiny preset on gloo) straight for S
+    steps, and again with a SIGTERM at step K (the stop protocol: checkpoint at the step boundary,
+    exit 3) and a restart that resumes; with train.deterministic the losses after K must be
+    bit-identical. Then `rcn eval --reduced` on the resumed run."""
+    import subprocess
+    import sys
+
+    preset_name, steps, stop = ("tiny", 6, 3) if dry_run else ("mnist", 30, 12)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+           str(REPO / "launch" / "train.py"), "--deepspeed", str(REPO / "configs" / "ds.json"), "--preset",
+           preset_name, "--data", data, "--steps", str(steps), "train.eval_every=0", f"train.ckpt_every={steps}",
+           "train.deterministic=true", "train.warmup_steps=2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT", "RCN_FAULT")}
+    t0 = time.perf_counter()
+
+    def train(run_dir: Path, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cmd, "--out", str(run_dir)], cwd=REPO, env=env | extra, capture_output=True,
+                              text=True, timeout=900)
+
+    work = Path(tempfile.mkdtemp(prefix="rcn-gpu-check-"))  # checkpoints stay out of --out
+    try:
+        straight, split = work / "straight", work / "split"
+        a = train(straight)
+        t_straight = time.perf_counter() - t0
+        if a.returncode != 0:
+            return {"check": "train_resume", "ok": False, "error": "straight run failed: " + a.stderr[-2000:]}
+        b = train(split, RCN_FAULT=f"step:{stop}:SIGTERM")
+        stopped = b.returncode != 0 and "exitcode  : 3" in b.stderr  # torchrun reports the child's 3
+        c = train(split)
+        la, lb = _train_rows(straight), _train_rows(split)
+        exact = sorted(lb) == list(range(1, steps + 1)) and all(la[s] == lb[s] for s in range(stop + 1, steps + 1))
+        ev = subprocess.run([sys.executable, "-m", "rcn_dist", "eval", "--run", str(split), "--reduced"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=900)
+        evaluated = ev.returncode == 0 and (split / "eval.json").is_file()
+        metrics = json.loads((split / "eval.json").read_text())["metrics"] if evaluated else {}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"check": "train_resume", "ok": bool(stopped and c.returncode == 0 and "resumed from" in c.stdout
+                                                and exact and evaluated),
+            "preset": preset_name, "steps": steps, "stopped_at": stop, "stopped_exit_3": stopped,
+            "resumed_exit": c.returncode, "bit_identical_after_resume": exact, "eval_reduced_exit": ev.returncode,
+            "test_elbo": metrics.get("test_elbo"), "test_error": metrics.get("test_error"),
+            "straight_run_s": t_straight, "ms_per_step_straight": 1e3 * t_straight / steps,
+            "errors": (b.stderr[-800:] if not stopped else "") + (c.stderr[-800:] if c.returncode else "")
+            + (ev.stderr[-800:] if not evaluated else "")}
+
+
+def check_engine_numerics(dev: torch.device, batch: int, preset_name: str) -> dict[str, Any]:
+    """A model held in bf16 (and fp16 on a GPU) as DeepSpeed's engines hold it, at T = 64,
+    against the same weights in fp32: the negative ELBO's relative difference (<= 0.5%)."""
+    from rcn_dist.config import apply_overrides, preset
+    from rcn_dist.loop import LossModule
+    from rcn_dist.model import RCN
+
+    cfg = apply_overrides(preset("tiny"), ["model.T=64"])
+    x, y, eps = (t.to(dev) for t in rcn_inputs(cfg, 16))
+    torch.manual_seed(0)
+    ref = LossModule(RCN(cfg.model)).to(dev)
+    with torch.no_grad():
+        fp32 = float(ref(x, y, eps)["elbo"].mean())
+        rows: dict[str, Any] = {}
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            if dtype == torch.float16 and dev.type != "cuda":
+                continue
+            half = LossModule(RCN(cfg.model)).to(dev)
+            half.load_state_dict(ref.state_dict())
+            elbo = float(half.to(dtype)(x, y, eps)["elbo"].mean())
+            rows[name] = {"elbo": elbo, "rel_err": _rel(elbo, fp32)}
+    ok = all(math.isfinite(r["elbo"]) and r["rel_err"] <= 5e-3 for r in rows.values())
+    return {"check": "engine_numerics_T64", "ok": ok, "fp32_elbo": fp32, **rows}
+
+
+def profile_step(step, dev: torch.device) -> dict[str, Any]:
+    """One (warm) training step under torch.profiler: the kernels it launches (CUDA; on the CPU the
+    top-level aten ops, their proxy) and the GPU's busy fraction, kernel time over the step's wall
+    time (a launch-bound step leaves the GPU idle between its kernels)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from rcn_dist.bench.base import count_events
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        sync()
+    wall_us = 1e6 * (time.perf_counter() - t0)
+    events = prof.events()
+    counts = count_events(events)
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+    return {"kernels_per_step": counts["kernels"] if dev.type == "cuda" else counts["launching"],
+            "aten_ops_per_step": counts["aten"], "busy_fraction": busy_us / wall_us if kernels else None}
+
+
+def _timed_rcn(workload: str, batch: int, steps: int, warmup: int, opt: Options, variant: str) -> dict[str, Any]:
+    """bench_rcn's row for `opt`, the first call (compilation, graph capture) timed apart, and
+    the same step's profile (profile_step)."""
+    from rcn_dist.bench import RCN_PRESETS, time_steps
+    from rcn_dist.config import preset
+    from rcn_dist.flops import rcn_flops, train_flops_per_image
+
+    cfg = preset(RCN_PRESETS[workload])
+    t0 = time.perf_counter()
+    step = rcn_step(cfg, batch, opt)
+    step()
+    if opt.device.type == "cuda":
+        torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    row = time_steps(workload, {"ours": step}, batch, steps, warmup, opt, train_flops_per_image(rcn_flops(cfg.model)),
+                     preset=cfg.name)
+    return row | {"variant": variant, "first_step_s": first_s} | profile_step(step, opt.device)
+
+
+def bench_rows(dev: torch.device, dry_run: bool, errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The benchmark table's rows: CapsNet (fp32, bf16); the RCN in bf16 at three batches (a
+    launch-bound step shows as a flat ms/step); kernels per step and the busy fraction; eager
+    against train.compile=steps against train.cuda_graphs (a variant that fails goes to `errors`). The dry run: tiny batches, one step,
+    rcn-small instead of rcn-mnist (84 GFLOP per training image: a minute on a CPU)."""
+    steps, warmup = (1, 0) if dry_run else (10, 3)
+    rows = [bench_capsnet(batch, steps, warmup, Options(dev, precision)) | {"variant": "eager"}
+            for batch in ((2,) if dry_run else (128,)) for precision in ("fp32", "bf16")]
     steps, warmup = (1, 0) if dry_run else (5, 2)
-    rcn = (("rcn-small", 2),) if dry_run else (("rcn-small", 256), ("rcn-mnist", 64))
-    return rows + [bench_rcn(workload, batch, steps, warmup, Options(dev, precision))
-                   for workload, batch in rcn for precision in ("fp32", "bf16")]
+    workload, sweep, batch = ("rcn-small", (2, 4, 8), 4) if dry_run else ("rcn-mnist", (32, 128, 512), 128)
+    rows += [bench_rcn(workload, b, steps, warmup, Options(dev, "bf16")) | {"variant": "eager"} for b in sweep]
+    for variant in ("eager", "steps", "graphs"):
+        if variant == "graphs" and dev.type != "cuda":
+            continue  # CUDA graphs exist on a GPU only (train.cuda_graphs is refused on the CPU)
+        opt = Options(dev, "bf16", compile_steps="off" if variant == "eager" else variant)
+        try:
+            rows.append(_timed_rcn(workload, batch, steps, warmup, opt, variant))
+        except Exception as e:  # a variant that fails is a row that says so; the table still comes
+            errors.append({"workload": workload, "variant": variant, "error": f"{type(e).__name__}: {e}"})
+    return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| workload | batch | precision | img/s | ms/step | TFLOP/s | peak TFLOP/s | fraction | peak mem GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['workload']} | {r['batch']} | {r['precision']} | {r['img_per_s']:.1f} | "
-              f"{r['ms_per_step']:.1f} | {r['achieved_tflops']:.3f} | {r['matmul_peak_tflops']:.1f} | "
-              f"{100 * r['fraction_of_peak']:.1f}% | {r['peak_mem_bytes'] / 2**30:.2f} |" for r in rows]
+    def opt(r: dict[str, Any], key: str, fmt: str) -> str:
+        return format(r[key], fmt) if r.get(key) is not None else ""
+
+    lines = ["| workload | variant | batch | precision | img/s | ms/step | TFLOP/s | fraction of peak | "
+             "kernels/step | GPU busy | first step s | peak mem GiB |", "|---" * 12 + "|"]
+    lines += [f"| {r['workload']} | {r.get('variant', '')} | {r['batch']} | {r['precision']} | "
+              f"{r['img_per_s']:.1f} | {r['ms_per_step']:.1f} | {r['achieved_tflops']:.3f} | "
+              f"{100 * r['fraction_of_peak']:.1f}% | {opt(r, 'kernels_per_step', 'd')} | "
+              f"{opt(r, 'busy_fraction', '.0%')} | {opt(r, 'first_step_s', '.1f')} | "
+              f"{r['peak_mem_bytes'] / 2**30:.2f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def run_checks(dev: torch.device, out: Path, dry_run: bool) -> bool:
-    """All checks, then the benchmark table; True if every check passed."""
+def run_checks(dev: torch.device, out: Path, dry_run: bool, data: str) -> bool:
+    """All checks, then the benchmark table; True if every check passed. `data`: prepared
+    Fashion-MNIST (or MNIST) shards for the training run."""
     out.mkdir(parents=True, exist_ok=True)
     preset_name, batch = ("tiny", 4) if dry_run else ("small", 16)
     ok = True
@@ -136,8 +288,9 @@ def run_checks(dev: torch.device, out: Path, dry_run: bool) -> bool:
                           "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST")}))
         # Equality checks compare true fp32 arithmetic.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    checks = {"fast_fp32": check_fast_fp32, "bf16": check_bf16, "fp16_scaled": check_fp16_scaled,
-              "zero2": partial(check_zero, stage=2), "zero3": partial(check_zero, stage=3)}
+    checks = {"train_resume": lambda d, b, p: check_train_resume(d, data, dry_run),
+              "engine_numerics_T64": check_engine_numerics, "fast_fp32": check_fast_fp32, "bf16": check_bf16,
+              "fp16_scaled": check_fp16_scaled, "zero2": partial(check_zero, stage=2), "zero3": partial(check_zero, stage=3)}
     with open(out / "checks.jsonl", "w") as f:
         for name, check in checks.items():
             t0 = time.perf_counter()
@@ -149,12 +302,13 @@ def run_checks(dev: torch.device, out: Path, dry_run: bool) -> bool:
             ok &= bool(r["ok"])
             f.write(json.dumps(r) + "\n")
             print(json.dumps(r))
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    rows = bench_rows(dev, dry_run)
-    for r in rows:
+    speed.apply(speed.choose(dev))  # the benchmark runs what `rcn train` runs: TF32, cuDNN autotuning
+    errors: list[dict[str, Any]] = []
+    rows = bench_rows(dev, dry_run, errors)
+    for r in rows + errors:
         print(json.dumps(r))
-    (out / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ok &= not errors
+    (out / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + errors))
     (out / "bench.md").write_text(table(rows))
     print(table(rows))
     collectives.destroy()
@@ -166,10 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--out", default="gpu_check_out", help="directory for checks.jsonl, bench.jsonl, bench.md")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes (implied by --device cpu)")
+    ap.add_argument("--data", default="data/fashion-mnist", help="prepared 28x28 shards for the training run")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA device is visible")  # exit status 2
-    ok = run_checks(torch.device(args.device), Path(args.out), args.dry_run or args.device == "cpu")
+    if not (Path(args.data) / "manifest.json").is_file():
+        ap.error(f"--data {args.data}: no prepared shards (manifest.json); run `rcn prepare --dataset fashion-mnist "
+                 f"--out {args.data}` first")
+    ok = run_checks(torch.device(args.device), Path(args.out), args.dry_run or args.device == "cpu",
+                    str(Path(args.data).resolve()))
     print("gpu_check: all checks passed" if ok else "gpu_check: SOME CHECKS FAILED", flush=True)
     return 0 if ok else 1
 

@@ -125,9 +125,8 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
     """One of 2 processes, 1 thread each. Every round times each variant once, interleaved, so
     that load from elsewhere on the machine falls on all of them alike; the median round counts.
     The unsplit variants run on rank 0 while rank 1 waits (1 process, 1 core)."""
-    import torch.distributed as dist
-
     from rcn_dist.config import apply_overrides, from_dict
+    from rcn_dist.parallel import collectives
     from rcn_dist.parallel.env import detect, init_process_group
     from rcn_dist.parallel.pipeline import make_groups
 
@@ -146,17 +145,17 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
     t: dict[str, list[float]] = {}
 
     def timed(key: str, fn: Callable[[], Any]) -> None:
-        dist.barrier()
+        collectives.barrier()
         tic = time.perf_counter()
         fn()
-        dist.barrier()
+        collectives.barrier()
         t.setdefault(key, []).append(time.perf_counter() - tic)
 
     def dp_step() -> None:
         dp.grads(x[half], y[half], eps[half], 1)
         grads = [p.grad for p in dp.model.parameters()]
         flat = torch.nn.utils.parameters_to_vector(grads)  # one all-reduce for all the gradients
-        dist.all_reduce(flat)
+        flat = collectives.all_reduce(flat)
         torch.nn.utils.vector_to_parameters(flat / 2, grads)
         dp.update()
 
@@ -176,8 +175,7 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
         timed("dp", dp_step)
     res = {k: statistics.median(v[warmup:]) for k, v in t.items()}
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
-    dist.barrier()
-    dist.destroy_process_group()
+    collectives.destroy()  # its barrier first (docs/parallelism.md, Limits)
 
 
 def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5,

@@ -3,12 +3,19 @@
 Coordinates follow the DRAW paper: an image A pixels wide and B high has its pixel centres at
 x = 1..A and y = 1..B, so the array column `a` (0-based) sits at x = a + 1. The window centre
 (gx, gy), the stride delta and the variance sigma2 are in those pixel units; gamma is the intensity.
+
+Precision: the window parameters, the filterbanks, the glimpses and the write run in fp32 at least
+whatever the dtype of the window and patch layers (a bf16- or fp16-held model). In fp16 the
+exponent -(a - mu)^2 / (2 sigma2) of a window off the image overflows to -inf, and a row of -inf
+is NaN after the softmax; in bf16 a filter row has 3 significant digits.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from rcn_dist.model.precision import at_least_fp32, cast_to
 
 
 def window_params(p: Tensor, height: int, width: int, n: int) -> dict[str, Tensor]:
@@ -17,9 +24,9 @@ def window_params(p: Tensor, height: int, width: int, n: int) -> dict[str, Tenso
     p = (gx~, gy~, log sigma2, log delta~, log gamma):
       gx = (A + 1)/2 (gx~ + 1), gy = (B + 1)/2 (gy~ + 1),
       delta = (max(A, B) - 1)/(N - 1) exp(log delta~), sigma2 = exp(log sigma2), gamma = exp(log gamma).
-    With N = 1 the stride is meaningless; N - 1 is then taken as 1.
+    With N = 1 the stride is meaningless; N - 1 is then taken as 1. fp32 at least.
     """
-    gx_, gy_, log_sigma2, log_delta_, log_gamma = p.unbind(dim=1)
+    gx_, gy_, log_sigma2, log_delta_, log_gamma = at_least_fp32(p).unbind(dim=1)
     return {
         "cx": (width + 1) / 2 * (gx_ + 1),
         "cy": (height + 1) / 2 * (gy_ + 1),
@@ -39,8 +46,10 @@ def filterbank(
     whose Gaussian lies far off the image, or a sigma2 so small that every exp() underflows,
     still sums to one (it concentrates on the nearest pixels) with finite values and gradients,
     where exp() then a division would give 0/0. sigma2 is floored at `eps` (1e-6 pixel^2, already a
-    one-pixel window), so that the logits and their gradients stay finite in fp32 and bf16.
+    one-pixel window), so that the logits and their gradients stay finite in fp32 and bf16. The
+    inputs are widened to fp32 at least first: Fx and Fy are fp32 (fp64 for fp64 inputs).
     """
+    cx, cy, delta, sigma2 = (at_least_fp32(t) for t in (cx, cy, delta, sigma2))
     i = torch.arange(1, n + 1, dtype=cx.dtype, device=cx.device)
     offs = (i - n / 2 - 0.5)[None, :] * delta[:, None]  # (B, N)
     mu_x, mu_y = cx[:, None] + offs, cy[:, None] + offs
@@ -74,8 +83,11 @@ class Reader(nn.Module):
         self.window = nn.Linear(hidden, 5)
 
     def forward(self, x: Tensor, x_hat: Tensor, h_dec: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        win = window_params(self.window(h_dec), self.h, self.w, self.n)
+        """x and x_hat as they come (fp32 for a bf16-held model): the glimpse is read in the
+        filterbank's fp32 and handed on so; RNN_enc casts it to its weights where it enters."""
+        win = window_params(self.window(cast_to(h_dec, self.window.weight.dtype)), self.h, self.w, self.n)
         fx, fy = filterbank(win["cx"], win["cy"], win["delta"], win["sigma2"], self.n, self.h, self.w)
+        x, x_hat = cast_to(x, fx.dtype), cast_to(x_hat, fx.dtype)
         g = torch.cat([read_glimpse(x, fx, fy, win["gamma"]), read_glimpse(x_hat, fx, fy, win["gamma"])], 1)
         return g.flatten(1), win
 
@@ -93,7 +105,9 @@ class Writer(nn.Module):
         self.window = nn.Linear(hidden, 5)
 
     def forward(self, h_dec: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The increment comes back in fp32 at least, for the fp32 canvas it is added to."""
+        h_dec = cast_to(h_dec, self.window.weight.dtype)
         win = window_params(self.window(h_dec), self.h, self.w, self.n)
         fx, fy = filterbank(win["cx"], win["cy"], win["delta"], win["sigma2"], self.n, self.h, self.w)
-        w = self.patch(h_dec).view(-1, self.c, self.n, self.n)
+        w = cast_to(self.patch(h_dec), fx.dtype).view(-1, self.c, self.n, self.n)
         return write_patch(w, fx, fy, win["gamma"]), win

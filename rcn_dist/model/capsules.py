@@ -8,6 +8,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from rcn_dist.model.precision import at_least_fp32
+
 
 def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     """v = |s|^2 / (1 + |s|^2) * s / |s|, along `dim`.
@@ -90,11 +92,6 @@ def dynamic_routing(u_hat: Tensor, iters: int) -> tuple[Tensor, Tensor]:
         if not last:
             b = b + (u_detached @ v.unsqueeze(3)).squeeze(3)
     return v, c
-
-
-def at_least_fp32(x: Tensor) -> Tensor:
-    """bf16/fp16 -> fp32; fp32 and fp64 (the exactness tests) unchanged."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 class RoutedCapsules(nn.Module):

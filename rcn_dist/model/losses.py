@@ -1,4 +1,8 @@
-"""Losses of the RCN, all per sample and in nats: margin loss, -log D(x | c_T), per-step KL."""
+"""Losses of the RCN, all per sample and in nats: margin loss, -log D(x | c_T), per-step KL.
+
+The KL and both likelihoods are evaluated in fp32 at least: bf16/fp16 inputs are widened first
+(fp32 and fp64 are kept), so a bf16- or fp16-held model gets fp32 terms.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from rcn_dist.model.precision import at_least_fp32, common_wide
 
 
 def margin_loss(
@@ -35,7 +41,8 @@ def top_k_correct(scores: Tensor, labels: Tensor) -> Tensor:
 
 def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) = 0.5 sum_d (mu^2 + sigma^2 - log sigma^2 - 1), summed over
-    the last axis: (..., z_dim) -> (...)."""
+    the last axis: (..., z_dim) -> (...). fp32 at least."""
+    mu, logvar = at_least_fp32(mu), at_least_fp32(logvar)
     return 0.5 * (mu * mu + logvar.exp() - logvar - 1.0).sum(dim=-1)
 
 
@@ -43,7 +50,9 @@ def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
     """-log Bernoulli(x | sigmoid(logits)) summed over pixels: (B, C, H, W) -> (B,).
 
     x is expected binary (the loader binarises); grey x gives the cross-entropy, not a likelihood.
+    Evaluated in fp32 at least.
     """
+    logits, x = common_wide(logits, x)
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(dim=1)
 
 
@@ -52,8 +61,12 @@ def discretized_logistic_nll(logits: Tensor, log_scale: Tensor, x: Tensor) -> Te
     discretised to 256 bins of width 1/255 on [0, 1] (the end bins take the tails), summed over
     sub-pixels: logits, x (B, C, H, W), log_scale (C,) -> (B,).
 
-    x in [0, 1] is quantised to k/255 first. Follows PixelCNN++'s numerically safe form.
+    x in [0, 1] is quantised to k/255 first. Follows PixelCNN++'s numerically safe form, in fp32 at
+    least: in fp16 the clamp's 1e-12 flushes to 0, and a bin mass taken as the difference of two
+    sigmoids near 1 is a multiple of 2^-11 (often 0), so log(cdf_delta) would be -inf and its
+    gradient NaN even where the `where` keeps the other branch.
     """
+    logits, log_scale, x = common_wide(logits, log_scale, x)
     x = torch.round(x.clamp(0, 1) * 255) / 255
     log_s = log_scale.view(1, -1, 1, 1)
     inv_s = torch.exp(-log_s)

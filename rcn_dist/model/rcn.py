@@ -9,6 +9,14 @@ Two stacks, kept apart so that a pipeline can put them on different ranks:
 
 The only state crossing from the decoder back to the encoder each step is (h_dec_t, c_t).
 RCN.forward only runs the loop; every weight lives in `encoder` or `decoder`.
+
+Precision. The model may be held in bf16 or fp16 as a whole (DeepSpeed's bf16/fp16 engines cast
+every weight, with no autocast) while its inputs x and eps come in fp32. Each layer (Linear,
+LSTMCell/GRUCell, the convolutions) then runs in its weights' dtype: its input is cast to that dtype
+where it enters. What sums or compares across layers stays in fp32 at least (fp64 stays fp64): the
+canvas, which adds T writes (in bf16 a write below half an ulp of the canvas, 2^-6 at a logit of 4,
+would be lost), the latent noise eps and z = mu + sigma eps (bf16 would round the sample itself),
+mu and logvar, the KL and both likelihoods.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from rcn_dist.config import ModelConfig
 from rcn_dist.model import losses
 from rcn_dist.model.attention import Reader, Writer
 from rcn_dist.model.capsules import PrimaryCapsules, RoutedCapsules, scaled_init_
+from rcn_dist.model.precision import at_least_fp32, cast_to, wide_dtype
 
 State = tuple[Tensor, ...]
 """RNN state: (h, c) for an LSTM, (h,) for a GRU; h is always state[0]."""
@@ -36,12 +45,17 @@ class _Stack(nn.Module):
     """What the encoder and decoder stacks share: an RNN cell `rnn`, LSTMCell or GRUCell."""
 
     def init_state(self, batch: int, like: Tensor) -> State:
-        h = like.new_zeros(batch, self.rnn.hidden_size)
-        return (h, h.clone()) if isinstance(self.rnn, nn.LSTMCell) else (h,)
+        """Zero RNN state on like's device, in the RNN's weight dtype (like may be the fp32 image
+        of a bf16-held model): (h, c) for an LSTM, (h,) for a GRU, each (batch, hidden)."""
+        h = like.new_zeros(batch, self.rnn.hidden_size, dtype=self.rnn.weight_hh.dtype)
+        return (h, torch.zeros_like(h)) if isinstance(self.rnn, nn.LSTMCell) else (h,)
 
     def _run_rnn(self, inp: Tensor, state: State) -> State:
+        """inp (B, n_in), any float dtype: cast once to the cell's weights (its state already is,
+        being the cell's own output or init_state's)."""
+        inp = cast_to(inp, self.rnn.weight_ih.dtype)
         if isinstance(self.rnn, nn.LSTMCell):
-            return tuple(self.rnn(inp, (state[0], state[1])))
+            return self.rnn(inp, state)  # a tuple (h, c) already
         return (self.rnn(inp, state[0]),)
 
 
@@ -64,7 +78,8 @@ class EncoderCapsules(nn.Module):
             scaled_init_(self.convs, self.primary)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classes(self.primary(self.convs(x)))
+        # x (B, C, H, W) fp32 also for a bf16-held model: the first conv takes its weights' dtype.
+        return self.classes(self.primary(self.convs(cast_to(x, self.primary.conv.weight.dtype))))
 
 
 class DecoderCapsules(nn.Module):
@@ -91,7 +106,8 @@ class DecoderCapsules(nn.Module):
             scaled_init_(nn.ModuleList([self.seed, self.deconvs]), self.primary)
 
     def forward(self, z: Tensor) -> Tensor:
-        m = self.act(self.seed(z)).view(-1, *self.seed_shape)
+        # z (B, z_dim) is fp32 at least (Encoder.step); the seed layer takes its weights' dtype.
+        m = self.act(self.seed(cast_to(z, self.seed.weight.dtype))).view(-1, *self.seed_shape)
         return self.caps(self.primary(self.deconvs(m)))
 
 
@@ -114,15 +130,23 @@ class Encoder(_Stack):
         caps_flat: (B, n_classes * class_caps_dim) from `capsules(x).flatten(1)`, computed once;
         h_dec_prev: (B, dec_hidden); state: RNN_enc state; eps_t: (B, z_dim) standard normal noise.
         Returns (state, z (B, z_dim), mu (B, z_dim), logvar (B, z_dim), read windows or None).
+
+        z, mu and logvar are fp32 at least whatever the weights' dtype (fp64 for an fp64 model);
+        eps_t is used as it comes (fp32), never rounded to the weights' dtype.
         """
-        x_hat = x - torch.sigmoid(canvas_prev)
+        x_hat = x - torch.sigmoid(canvas_prev)  # (B, C, H, W), fp32 at least: the canvas is
         if self.reader is not None:
-            glimpse, win = self.reader(x, x_hat, h_dec_prev)
-        else:
-            glimpse, win = torch.cat([x.flatten(1), x_hat.flatten(1)], 1), None
-        state = self._run_rnn(torch.cat([caps_flat, glimpse, h_dec_prev], 1), state)
-        mu, logvar = self.latent(state[0]).chunk(2, dim=1)
-        z = mu + torch.exp(0.5 * logvar) * eps_t
+            # The glimpse is read in fp32 at least (the filterbank's dtype) from x and x_hat as
+            # they come; RNN_enc casts the cat below to its weights.
+            glimpse, win = self.reader(x, x_hat, h_dec_prev)  # (B, 2*C*N*N)
+            inp = torch.cat([caps_flat, glimpse, h_dec_prev], 1)
+        else:  # one cat of everything RNN_enc reads: (B, K*D + 2*C*H*W + dec_hidden)
+            inp, win = torch.cat([caps_flat, x.flatten(1), x_hat.flatten(1), h_dec_prev], 1), None
+        state = self._run_rnn(inp, state)
+        # The head in its weights' dtype, its output widened once (B, 2 * z_dim): mu, logvar, sigma
+        # and z = mu + sigma * eps in fp32 at least.
+        mu, logvar = at_least_fp32(self.latent(cast_to(state[0], self.latent.weight.dtype))).chunk(2, dim=1)
+        z = torch.addcmul(mu, torch.exp(0.5 * logvar), eps_t)
         return state, z, mu, logvar, win
 
 
@@ -146,23 +170,29 @@ class Decoder(_Stack):
 
     def step(self, z: Tensor, state: State, canvas_prev: Tensor) -> tuple[State, Tensor, dict[str, Tensor] | None]:
         """One decoder step: z (B, z_dim), RNN_dec state, canvas_prev (B, C, H, W) logits ->
-        (state, canvas (B, C, H, W) logits, write windows or None). h_dec_t is state[0]."""
+        (state, canvas (B, C, H, W) logits, write windows or None). h_dec_t is state[0].
+
+        z may be fp32 for a bf16-held decoder (each layer casts it where it enters); the canvas
+        returned is fp32 at least (fp64 for an fp64 model), whatever canvas_prev's dtype.
+        """
         inp = z
         if self.capsules is not None:
             inp = self.capsules(z).flatten(1)  # (B, dec_caps * dec_caps_dim)
             if self.caps_norm is not None:
-                inp = self.caps_norm(inp)
+                inp = self.caps_norm(cast_to(inp, self.caps_norm.weight.dtype))
             if self.cfg.dec_z_skip:
-                inp = torch.cat([inp, z], 1)
+                inp = torch.cat([inp, z], 1)  # (B, dec_caps * dec_caps_dim + z_dim), cast by _run_rnn
         state = self._run_rnn(inp, state)
         if self.cfg.write_attn:
             delta, win = self.writer(state[0])
         else:
             delta, win = self.writer(state[0]).view_as(canvas_prev), None
-        return state, canvas_prev + delta, win
+        # One add: type promotion widens a bf16 write to the fp32 canvas inside it (no cast op),
+        # and the sum of T writes is kept in fp32.
+        return state, at_least_fp32(canvas_prev) + delta, win
 
     def recon_nll(self, canvas_logits: Tensor, x: Tensor) -> Tensor:
-        """-log D(x | c_T) per image (B,), nats: canvas_logits, x (B, C, H, W)."""
+        """-log D(x | c_T) per image (B,), nats: canvas_logits, x (B, C, H, W); fp32 at least."""
         if self.cfg.likelihood == "bernoulli":
             return losses.bernoulli_nll(canvas_logits, x)
         return losses.discretized_logistic_nll(canvas_logits, self.log_scale, x)
@@ -172,13 +202,13 @@ class Decoder(_Stack):
         the decoder, because the logistic likelihood's scale lives here: the pipeline's last stage
         calls it with the class capsules and KL its encoder rank sent."""
         c = self.cfg
-        lengths = out.class_lengths
+        lengths = at_least_fp32(out.class_lengths)  # (B, n_classes): the margin loss in fp32 at least
         if c.enc_capsules:
             margin = losses.margin_loss(lengths, y, c.m_plus, c.m_minus, c.margin_lambda)
         else:  # no classifier to train
             margin = torch.zeros_like(lengths[:, 0])
         recon = self.recon_nll(out.canvas[:, -1], x)
-        kl = out.kl.sum(dim=1)
+        kl = at_least_fp32(out.kl).sum(dim=1)
         elbo = recon + kl
         return {"margin": margin, "recon": recon, "kl": kl, "elbo": elbo,
                 "loss": elbo + c.margin_weight * margin, "correct": losses.top_k_correct(lengths, y)}
@@ -222,17 +252,23 @@ class RCN(nn.Module):
         self.decoder = Decoder(cfg)
 
     def _noise(self, batch: int, like: Tensor, eps: Tensor | None) -> Tensor:
+        """eps (batch, T, z_dim) on like's device, fp32 at least: never rounded to a bf16/fp16
+        `like` (the noise is part of the sample, not of the arithmetic)."""
         shape = (batch, self.cfg.T, self.cfg.z_dim)
+        dtype = wide_dtype(like.dtype)
         if eps is None:
-            return torch.randn(shape, device=like.device, dtype=like.dtype)
+            return torch.randn(shape, device=like.device, dtype=dtype)
         if tuple(eps.shape) != shape:
             raise ValueError(f"eps must have shape {shape}, got {tuple(eps.shape)}")
-        return eps.to(device=like.device, dtype=like.dtype)
+        return eps.to(device=like.device, dtype=torch.promote_types(eps.dtype, dtype))
 
     def forward(self, x: Tensor, eps: Tensor | None = None, x_caps: Tensor | None = None) -> RCNOutput:
         """x (B, C, H, W) in [0, 1]; eps (B, T, z_dim) latent noise (None: torch.randn); x_caps
         (B, C, H, W): what the encoder capsules see instead of x (the grey image where x is its
-        binarised draw, `data.caps_input`); the RNNs and the likelihood always see x."""
+        binarised draw, `data.caps_input`); the RNNs and the likelihood always see x.
+
+        x and eps are expected in fp32 (fp64 for an fp64 model) whatever the weights' dtype; the
+        canvas, mu, logvar and kl come back in fp32 at least."""
         b = x.shape[0]
         eps = self._noise(b, x, eps)
         if self.encoder.capsules is not None:
@@ -242,7 +278,7 @@ class RCN(nn.Module):
             caps = x.new_zeros(b, self.cfg.n_classes, self.cfg.class_caps_dim)
             caps_flat = x.new_zeros(b, 0)
         enc_state, dec_state = self.encoder.init_state(b, x), self.decoder.init_state(b, x)
-        canvas = torch.zeros_like(x)
+        canvas = torch.zeros_like(x, dtype=wide_dtype(x.dtype))  # c_0 = 0, (B, C, H, W)
         steps = []  # (canvas, mu, logvar, read windows, write windows) of each step
         for t in range(self.cfg.T):
             enc_state, z, mu, logvar, rwin = self.encoder.step(x, caps_flat, canvas, dec_state[0], enc_state,
@@ -252,7 +288,7 @@ class RCN(nn.Module):
         canvases, mus, logvars, rwins, wwins = zip(*steps)
         mu, logvar = torch.stack(mus, 1), torch.stack(logvars, 1)
         return RCNOutput(
-            canvas=torch.stack(canvases, 1), class_caps=caps, class_lengths=caps.norm(dim=-1),
+            canvas=torch.stack(canvases, 1), class_caps=caps, class_lengths=at_least_fp32(caps).norm(dim=-1),
             kl=losses.kl_standard_normal(mu, logvar), mu=mu, logvar=logvar,
             read_windows=_stack_windows(rwins), write_windows=_stack_windows(wwins),
         )
@@ -286,7 +322,7 @@ class RCN(nn.Module):
         p = next(self.parameters())
         like = torch.empty(0, device=device if device is not None else p.device, dtype=p.dtype)
         eps = self._noise(n, like, eps)
-        canvas = like.new_zeros(n, c.in_channels, c.height, c.width)
+        canvas = like.new_zeros(n, c.in_channels, c.height, c.width, dtype=wide_dtype(p.dtype))
         state = self.decoder.init_state(n, like)
         canvases, wins = [], []
         for t in range(c.T):
@@ -296,29 +332,72 @@ class RCN(nn.Module):
         return torch.stack(canvases, 1), _stack_windows(wins)
 
 
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
 def _mix64(x: int) -> int:
-    """splitmix64's finaliser: a well-spread 64-bit hash of an integer."""
-    x &= 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    """splitmix64's finaliser: a well-spread 64-bit hash of an integer (a bijection on 64 bits)."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+def _int64(c: int) -> int:
+    """The int64 holding the 64 bits of c (c - 2^64 above 2^63 - 1): how torch takes the constant."""
+    c &= _MASK64
+    return c - (1 << 64) if c >> 63 else c
+
+
+_MIX_MUL = (_int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB))
+
+
+def _mix64_(x: Tensor) -> Tensor:
+    """_mix64 on an int64 tensor, in place (x must be a fresh tensor); returns x.
+
+    int64 multiplication wraps mod 2^64, which is the arithmetic splitmix64 wants. torch's >> on
+    int64 is arithmetic (it copies the sign bit), so the bits shifted in are masked off to make it
+    the logical shift: (x >> k) & (2^(64-k) - 1).
+    """
+    x ^= (x >> 30).bitwise_and_((1 << 34) - 1)
+    x *= _MIX_MUL[0]
+    x ^= (x >> 27).bitwise_and_((1 << 37) - 1)
+    x *= _MIX_MUL[1]
+    x ^= (x >> 31).bitwise_and_((1 << 33) - 1)
+    return x
 
 
 def sample_noise(indices: Tensor, seed: int, T: int, z_dim: int, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> Tensor:
     """Latent noise (B, T, z_dim) that depends only on (seed, sample index), never on the batch.
 
-    Row b is drawn from a CPU torch.Generator seeded with a hash of (seed, indices[b]), so a sample
-    gets the same noise whichever batch, micro-batch or rank it lands in. For fresh noise every
-    optimizer step, fold the step into `seed` (step_noise_seed).
+    A counter-based draw, all tensor ops on `device` (default: indices' device): entry (b, t, d) is
+    a 64-bit hash of (seed, indices[b], t, d), its top 52 bits a uniform u in (0, 1) (never 0 or
+    1), and Phi^-1(u) (torch.special.ndtri, in fp64) the standard normal (|z| < 8.3). So a sample gets the same
+    noise whichever batch, micro-batch or rank it lands in, and its (t, d) entry is the same for
+    any T and z_dim that contain it. For fresh noise every optimizer step, fold the step into
+    `seed` (step_noise_seed).
+
+    The hash: a per-sample key k_b = mix(mix(seed') ^ mix(index)) and a per-(t, d) key
+    c_td = mix((t * 2^32 + d) * phi + 1), mix being splitmix64's finaliser (a bijection), then
+    mix(k_b ^ c_td). The per-sample and per-(t, d) keys are small tensors; one mix runs over the
+    B * T * z_dim entries.
     """
-    gen = torch.Generator()
-    key = _mix64(int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019)
-    out = torch.empty(len(indices), T, z_dim)
-    for row, idx in enumerate(indices.tolist()):
-        gen.manual_seed(_mix64(key ^ _mix64(int(idx))) >> 1)  # manual_seed takes < 2**63
-        out[row] = torch.randn(T, z_dim, generator=gen)
-    return out.to(device=device if device is not None else indices.device, dtype=dtype)
+    dev = torch.device(device) if device is not None else indices.device
+    key = _mix64(int(seed) * _GOLDEN + 0x632BE59BD9B4E019)
+    row = _mix64_(indices.to(device=dev, dtype=torch.int64, copy=True))  # (B,)
+    row ^= _int64(key)
+    row = _mix64_(row)
+    t = torch.arange(T, device=dev, dtype=torch.int64)
+    d = torch.arange(z_dim, device=dev, dtype=torch.int64)
+    ctr = ((t << 32)[:, None] + d[None, :]).view(-1)  # (T * z_dim,), d < 2^32
+    col = _mix64_(ctr.mul_(_int64(_GOLDEN)).add_(1))  # (T * z_dim,)
+    bits = _mix64_(row[:, None] ^ col[None, :])  # (B, T * z_dim)
+    # The top 52 bits as a signed k in [-2^51, 2^51) (the arithmetic shift: no mask needed here)
+    # -> u = (k + 2^51 + 1/2) / 2^52 in [2^-53, 1 - 2^-53], exact in fp64: ndtri is finite.
+    u = (bits >> 12).to(torch.float64).add_(2.0**51 + 0.5).mul_(2.0**-52)
+    return torch.special.ndtri(u).view(len(indices), T, z_dim).to(dtype)
 
 
 def step_noise_seed(seed: int, step: int) -> int:
@@ -327,10 +406,11 @@ def step_noise_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**62)
 
 
-def noise_for(batch: dict[str, Tensor], seed: int, cfg) -> Tensor:
+def noise_for(batch: dict[str, Tensor], seed: int, cfg, device: torch.device | str | None = None) -> Tensor:
     """Latent noise eps (B, T, z) of a loader batch from (seed, sample index): the same whatever
-    the layout. `cfg` is the run's Config (its model.T and model.z_dim)."""
-    return sample_noise(batch["index"], seed, cfg.model.T, cfg.model.z_dim)
+    the layout. `cfg` is the run's Config (its model.T and model.z_dim). Drawn on `device` (default:
+    the indices' device): on a GPU only the (B,) indices cross from the host."""
+    return sample_noise(batch["index"], seed, cfg.model.T, cfg.model.z_dim, device=device)
 
 
 def _n_params(mod: nn.Module) -> int:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from rcn_dist.config import Config, ConfigError
 from rcn_dist.model import RCN, RCNOutput, kl_standard_normal
+from rcn_dist.parallel import collectives
 from rcn_dist.parallel.async_schedule import AsyncLoopedBFS
 
 TERMS = ("loss", "margin", "recon", "kl", "elbo")
@@ -270,7 +271,13 @@ class PipelineRank:
         """Forward without gradients, called by loop.evaluate as a DeepSpeed engine is: the per-sample
         terms on the decoder rank, zeros on the encoder rank (masked_on_encoder_rank: none count twice)."""
         out = self._run(self._kwargs(x, y, eps, x_caps), train=False)
-        out = torch.zeros(x.shape[0], len(TERMS) + 1) if out is None else torch.cat(out)
+        if out is None:
+            # (B, 6) zeros on the rank's device, in the dtype the decoder rank's last stage returns
+            # (fp32 at least): loop.evaluate multiplies them by the mask on the device.
+            odt = torch.promote_types(self.stack.latent.weight.dtype, torch.float32)
+            out = torch.zeros(x.shape[0], len(TERMS) + 1, dtype=odt, device=self.device)
+        else:
+            out = torch.cat(out)
         return {k: out[:, i] for i, k in enumerate((*TERMS, "correct"))}
 
     def reduce_gradients(self) -> Tensor:
@@ -284,14 +291,12 @@ class PipelineRank:
         if self.dp_size > 1:
             # One all-reduce of one flat buffer, then back into the .grad tensors in place.
             flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.dp_group)
-            flat /= self.dp_size
+            flat = collectives.all_reduce(flat, group=self.dp_group) / self.dp_size
             for g, part in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(part.view_as(g))
         # Per-tensor norms (no flat copy: for 4 M parameters the copy cost more than Adam).
         norms = torch.stack(torch._foreach_norm(grads)).to(torch.float64)
-        sq = norms.pow(2).sum().reshape(1)
-        dist.all_reduce(sq, group=self.pp_group)
+        sq = collectives.all_reduce(norms.pow(2).sum().reshape(1), group=self.pp_group)
         return sq.sqrt()[0]
 
     def optimizer_step(self, norm: Tensor) -> None:
@@ -344,7 +349,7 @@ def save_checkpoint(runner: PipelineRank, run_dir: Path, step: int, loop_state: 
             torch.save(opt, d / f"optim_stage{le.pp_rank}.pt")
 
     def weights(d: Path) -> dict[str, Tensor]:
-        dist.barrier()  # both stacks' parts written
+        collectives.barrier()  # both stacks' parts written
         if le.rank != 0:
             return {}
         parts = [d / f"model_stage{s}.safetensors" for s in range(2)]
