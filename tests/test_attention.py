@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from rcn_dist.model.attention import Reader, Writer, filterbank, read_glimpse, window_params, write_patch
+from rcn_dist.model.attention import (
+    WINDOW_KEYS,
+    Reader,
+    Writer,
+    filterbank,
+    read_glimpse,
+    window_dict,
+    window_params,
+    write_patch,
+)
 
 
 def _win(cx, cy, delta, sigma2, dtype=torch.float64):
@@ -93,18 +102,28 @@ def test_matches_float64_reference_from_the_paper():
 
 
 def test_reader_and_writer_modules_use_their_window_layer():
+    """The modules' one-Function forms against the functions: the glimpses of x and of
+    x_hat = x - sigmoid(canvas), and canvas + the write (a non-square image: two banks)."""
     torch.manual_seed(0)
     C, H, W, n, hid = 3, 8, 6, 2, 5
     h = torch.randn(2, hid)
-    x, x_hat = torch.rand(2, C, H, W), torch.randn(2, C, H, W)
+    x, canvas = torch.rand(2, C, H, W), torch.randn(2, C, H, W)
     reader = Reader(hid, C, H, W, n)
-    g, win = reader(x, x_hat, h)
-    assert g.shape == (2, 2 * C * n * n) and set(win) == {"cx", "cy", "delta", "sigma2", "gamma"}
+    g, packed = reader(x, canvas, h)
+    win = window_dict(packed)
+    assert g.shape == (2, 2 * C * n * n) and packed.shape == (2, 5) and tuple(win) == WINDOW_KEYS
+    torch.testing.assert_close(win["cx"], window_params(reader.window(h), H, W, n)["cx"])
     fx, fy = filterbank(win["cx"], win["cy"], win["delta"], win["sigma2"], n, H, W)
     torch.testing.assert_close(g[:, : C * n * n], read_glimpse(x, fx, fy, win["gamma"]).flatten(1))
+    x_hat = x - torch.sigmoid(canvas)
+    torch.testing.assert_close(g[:, C * n * n:], read_glimpse(x_hat, fx, fy, win["gamma"]).flatten(1))
     writer = Writer(hid, C, H, W, n)
-    out, win = writer(h)
+    out, packed = writer(h, canvas)
+    win = window_dict(packed)
     assert out.shape == (2, C, H, W) and win["cx"].shape == (2,)
+    fx, fy = filterbank(win["cx"], win["cy"], win["delta"], win["sigma2"], n, H, W)
+    patch = writer.patch(h).view(2, C, n, n)
+    torch.testing.assert_close(out, canvas + write_patch(patch, fx, fy, win["gamma"]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -8,14 +8,58 @@ Precision: the window parameters, the filterbanks, the glimpses and the write ru
 whatever the dtype of the window and patch layers (a bf16- or fp16-held model). In fp16 the
 exponent -(a - mu)^2 / (2 sigma2) of a window off the image overflows to -inf, and a row of -inf
 is NaN after the softmax; in bf16 a filter row has 3 significant digits.
+
+Two forms of the same arithmetic. The functions (`window_params`, `filterbank`, `read_glimpse`,
+`write_patch`) are the readable one, differentiated by autograd. `Reader` and `Writer` run each
+drawing step's whole attention (window, filterbanks, read or write) as one autograd Function whose
+backward is written out: autograd's own graph of those ops costs about 250 ops per drawing step
+(views, broadcasts and reductions of the filterbank's softmax, einsum's permutes), the written
+backward a few dozen. tests/test_ops.py holds both to the functions of the first release, values
+and gradients; docs/performance.md has the counts.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 from torch import Tensor, nn
 
 from rcn_dist.model.precision import at_least_fp32, cast_to
+
+SIGMA2_FLOOR = 1e-6
+"""sigma2 is floored here (pixel^2, already a one-pixel window): the filterbank's logits and their
+gradients stay finite in fp32 and bf16."""
+
+
+# ------------------------------------------------------------------ the functions
+@functools.lru_cache(maxsize=64)
+def _positions(n: int, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The filter offsets i - N/2 - 0.5 (i = 1..N), (N,), and the pixel positions 1..length,
+    (length,): constants of a geometry, made once per device and dtype (not two arange ops a step)."""
+    offs = torch.arange(1, n + 1, device=device, dtype=dtype) - (n / 2 + 0.5)
+    return offs, torch.arange(1, length + 1, device=device, dtype=dtype)
+
+
+def _affine(height: int, width: int, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """scale and shift (5,) with (gx, gy, log sigma2, log delta, log gamma) = shift + scale * p."""
+    k = math.log((max(height, width) - 1) / max(n - 1, 1))
+    scale = torch.tensor([(width + 1) / 2, (height + 1) / 2, 1.0, 1.0, 1.0], device=device, dtype=dtype)
+    shift = torch.tensor([(width + 1) / 2, (height + 1) / 2, 0.0, k, 0.0], device=device, dtype=dtype)
+    return scale, shift
+
+
+_affine_cached = functools.lru_cache(maxsize=64)(_affine)
+
+
+def _window(p: Tensor, height: int, width: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """p (B, 5) raw -> (aff (B, 5): gx, gy, log sigma2, log delta, log gamma; ex (B, 3): sigma2,
+    delta, gamma; scale (5,)), in fp32 at least."""
+    p = at_least_fp32(p)
+    scale, shift = _affine_cached(height, width, n, p.device, p.dtype)
+    aff = torch.addcmul(shift, p, scale)
+    return aff, aff[:, 2:].exp(), scale
 
 
 def window_params(p: Tensor, height: int, width: int, n: int) -> dict[str, Tensor]:
@@ -26,18 +70,12 @@ def window_params(p: Tensor, height: int, width: int, n: int) -> dict[str, Tenso
       delta = (max(A, B) - 1)/(N - 1) exp(log delta~), sigma2 = exp(log sigma2), gamma = exp(log gamma).
     With N = 1 the stride is meaningless; N - 1 is then taken as 1. fp32 at least.
     """
-    gx_, gy_, log_sigma2, log_delta_, log_gamma = at_least_fp32(p).unbind(dim=1)
-    return {
-        "cx": (width + 1) / 2 * (gx_ + 1),
-        "cy": (height + 1) / 2 * (gy_ + 1),
-        "delta": (max(height, width) - 1) / max(n - 1, 1) * torch.exp(log_delta_),
-        "sigma2": torch.exp(log_sigma2),
-        "gamma": torch.exp(log_gamma),
-    }
+    aff, ex, _ = _window(p, height, width, n)
+    return window_dict(torch.cat([aff[:, :2], ex], 1))
 
 
 def filterbank(
-    cx: Tensor, cy: Tensor, delta: Tensor, sigma2: Tensor, n: int, height: int, width: int, eps: float = 1e-6
+    cx: Tensor, cy: Tensor, delta: Tensor, sigma2: Tensor, n: int, height: int, width: int
 ) -> tuple[Tensor, Tensor]:
     """Fx (B, N, W) and Fy (B, N, H): row i is a Gaussian over pixel positions a = 1..A centred at
     mu_i = g + (i - N/2 - 0.5) delta (i = 1..N), normalised to sum to 1.
@@ -45,36 +83,191 @@ def filterbank(
     The normalisation is done in log space (a softmax of -(a - mu)^2 / (2 sigma2) over a): a row
     whose Gaussian lies far off the image, or a sigma2 so small that every exp() underflows,
     still sums to one (it concentrates on the nearest pixels) with finite values and gradients,
-    where exp() then a division would give 0/0. sigma2 is floored at `eps` (1e-6 pixel^2, already a
-    one-pixel window), so that the logits and their gradients stay finite in fp32 and bf16. The
-    inputs are widened to fp32 at least first: Fx and Fy are fp32 (fp64 for fp64 inputs).
+    where exp() then a division would give 0/0. sigma2 is floored at SIGMA2_FLOOR. The inputs are
+    widened to fp32 at least first: Fx and Fy are fp32 (fp64 for fp64 inputs). A square image
+    computes both in one bank.
     """
     cx, cy, delta, sigma2 = (at_least_fp32(t) for t in (cx, cy, delta, sigma2))
-    i = torch.arange(1, n + 1, dtype=cx.dtype, device=cx.device)
-    offs = (i - n / 2 - 0.5)[None, :] * delta[:, None]  # (B, N)
-    mu_x, mu_y = cx[:, None] + offs, cy[:, None] + offs
-    ax = torch.arange(1, width + 1, dtype=cx.dtype, device=cx.device)
-    ay = torch.arange(1, height + 1, dtype=cx.dtype, device=cx.device)
-    s2 = 2 * sigma2.clamp_min(eps)[:, None, None]
-    fx = torch.softmax(-((ax[None, None, :] - mu_x[:, :, None]) ** 2) / s2, dim=2)
-    fy = torch.softmax(-((ay[None, None, :] - mu_y[:, :, None]) ** 2) / s2, dim=2)
-    return fx, fy
+    coef = (sigma2.clamp_min(SIGMA2_FLOOR) * -2.0).reciprocal()  # -1 / (2 max(sigma2, floor))
+    if height == width:
+        return _bank_fd(torch.stack([cx, cy], 1), delta, coef, n, width)[0].unbind(1)
+    return _bank_fd(cx[:, None], delta, coef, n, width)[0][:, 0], _bank_fd(cy[:, None], delta, coef, n, height)[0][:, 0]
 
 
 def read_glimpse(img: Tensor, fx: Tensor, fy: Tensor, gamma: Tensor) -> Tensor:
     """gamma Fy img Fx^T per channel: img (B, C, H, W) -> (B, C, N, N)."""
-    return gamma[:, None, None, None] * torch.einsum("bnh,bchw,bmw->bcnm", fy, img, fx)
+    b, c, h, w = img.shape
+    t = torch.bmm(img.reshape(b, c * h, w), fx.transpose(1, 2))  # (B, C*H, N)
+    return torch.matmul(fy.unsqueeze(1), t.view(b, c, h, -1)) * gamma.view(-1, 1, 1, 1)
 
 
 def write_patch(w: Tensor, fx: Tensor, fy: Tensor, gamma: Tensor) -> Tensor:
     """(1 / gamma) Fy^T w Fx per channel: patch (B, C, N, N) -> (B, C, H, W)."""
-    return torch.einsum("bnh,bcnm,bmw->bchw", fy, w, fx) / gamma[:, None, None, None]
+    b, c, n, m = w.shape
+    t = torch.bmm(w.reshape(b, c * n, m), fx)  # (B, C*N, W)
+    return torch.matmul(fy.transpose(1, 2).unsqueeze(1), t.view(b, c, n, -1)) / gamma.view(-1, 1, 1, 1)
+
+
+# ------------------------------------------------------------------ one Function per drawing step
+WINDOW_KEYS = ("cx", "cy", "sigma2", "delta", "gamma")
+"""The columns of a packed window record (..., 5), as Reader and Writer return it."""
+
+
+def window_dict(packed: Tensor) -> dict[str, Tensor]:
+    """A packed window record (..., 5) -> {cx, cy, sigma2, delta, gamma}, each (...)."""
+    return dict(zip(WINDOW_KEYS, packed.unbind(-1)))
+
+
+@functools.lru_cache(maxsize=64)
+def _backward_constants(height: int, width: int, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """For the filterbank's backward: A = [1, offs] (N, 2), so that dmu @ A gives the sums over a
+    bank's N filters of dmu and of dmu * offs; and c (4,), the constant factors of the Jacobian
+    (see _window_backward)."""
+    offs = _positions(n, 1, device, dtype)[0]
+    a = torch.stack([torch.ones_like(offs), offs], 1)
+    scale = _affine_cached(height, width, n, device, dtype)[0]
+    return a, torch.tensor([-2 * scale[0].item(), -2 * scale[1].item(), -1.0, -2.0], device=device, dtype=dtype)
+
+
+def _forward_banks(p: Tensor, n: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, tuple]:
+    """p (B, 5) raw -> fx (B, N, W), fy (B, N, H), the packed window record (B, 5) and what the
+    backward needs: (ex, coef, banks), banks a tuple of (F, diff) per bank (one for a square
+    image, its G = 2 axes stacked; else one per axis)."""
+    aff, ex, _ = _window(p, height, width, n)
+    sigma2, delta = ex[:, 0], ex[:, 1]
+    coef = (sigma2.clamp_min(SIGMA2_FLOOR) * -2.0).reciprocal()  # -1 / (2 max(sigma2, floor)), (B,)
+    if height == width:
+        banks = (_bank_fd(aff[:, :2], delta, coef, n, width),)
+        fx, fy = banks[0][0].unbind(1)
+    else:
+        banks = (_bank_fd(aff[:, :1], delta, coef, n, width), _bank_fd(aff[:, 1:2], delta, coef, n, height))
+        fx, fy = banks[0][0][:, 0], banks[1][0][:, 0]
+    return fx, fy, torch.cat([aff[:, :2], ex], 1), (ex, coef, banks)
+
+
+def _bank_fd(centres: Tensor, delta: Tensor, coef: Tensor, n: int, length: int) -> tuple[Tensor, Tensor]:
+    """(F, diff) of _bank, the coefficient given: F (B, G, N, length) = softmax(diff^2 * coef)."""
+    offs, grid = _positions(n, length, centres.device, centres.dtype)
+    diff = grid - torch.addcmul(centres.unsqueeze(2), offs, delta.view(-1, 1, 1)).unsqueeze(3)
+    return torch.softmax(diff.square() * coef.view(-1, 1, 1, 1), dim=3), diff
+
+
+def _window_backward(dfx: Tensor, dfy: Tensor, dlog_gamma: Tensor, saved: tuple, n: int, height: int,
+                     width: int) -> Tensor:
+    """d loss / d p (B, 5) from the gradients of fx, fy and of log gamma.
+
+    With logit = diff^2 coef, diff = a - mu, mu = centre + offs delta, coef = -1 / (2 max(sigma2,
+    floor)) and p's affine map (window_params): d mu = -2 coef sum_a dlogit diff; d coef =
+    sum dlogit diff^2, and d coef / d log sigma2 = -coef above the floor (0 below: clamp_min's
+    gradient); d log delta = delta sum_i offs_i d mu_i. So dp = g * J with g = (the raw sums
+    over the filters of each centre, d coef, the raw delta sum, d log gamma) and J = (coef s_x,
+    coef s_y, coef [sigma2 >= floor], coef delta, 1) times the constants c of _backward_constants.
+    """
+    ex, coef, banks = saved
+    a, c = _backward_constants(height, width, n, coef.device, coef.dtype)
+    grads = (torch.stack([dfx, dfy], 1),) if len(banks) == 1 else (dfx.unsqueeze(1), dfy.unsqueeze(1))
+    b = coef.shape[0]
+    centres, dcoef, ddelta = [], 0, 0
+    for d_f, (f, diff) in zip(grads, banks):
+        u = torch.ops.aten._softmax_backward_data(d_f, f, 3, f.dtype) * diff  # dlogit diff, (B, G, N, L)
+        sums = u.sum(3) @ a  # (B, G, 2): per centre, sum over the filters of (1, offs) * dmu_raw
+        centres.append(sums[..., 0])
+        ddelta = ddelta + sums[..., 1].sum(1)
+        dcoef = dcoef + torch.bmm(u.view(b, 1, -1), diff.view(b, -1, 1)).view(b)  # sum dlogit diff^2
+    sigma2, delta = ex[:, 0], ex[:, 1]
+    jac = torch.stack([coef, coef, torch.where(sigma2 >= SIGMA2_FLOOR, coef, 0.0), coef * delta], 1) * c
+    return torch.cat([torch.cat([*centres, torch.stack([dcoef, ddelta], 1)], 1) * jac, dlog_gamma.unsqueeze(1)], 1)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample dot products of two (B, ...) tensors: (B,), one batched matmul."""
+    n = a.shape[0]
+    return torch.bmm(a.reshape(n, 1, -1), b.reshape(n, -1, 1)).view(n)
+
+
+class _ReadFn(torch.autograd.Function):
+    """(p (B, 5), x, canvas_prev (B, C, H, W)) -> the glimpses of x and of x_hat =
+    x - sigmoid(canvas_prev), (B, 2*C*N*N), fp32 at least, and the packed window record (B, 5;
+    not differentiable). x carries no gradient (the image)."""
+
+    @staticmethod
+    def forward(ctx, p, x, canvas, n, height, width):
+        fx, fy, record, saved = _forward_banks(p, n, height, width)
+        s = torch.sigmoid(canvas)
+        img = cast_to(torch.cat([x, x - s], 1), fx.dtype)  # (B, 2C, H, W)
+        b, k, h, w = img.shape
+        t = torch.bmm(img.view(b, k * h, w), fx.transpose(1, 2))  # (B, 2C*H, N)
+        raw = torch.matmul(fy.unsqueeze(1), t.view(b, k, h, n))  # (B, 2C, N, N), before gamma
+        gamma = saved[0][:, 2].view(-1, 1, 1, 1)
+        ctx.save_for_backward(fx, fy, img, t, raw, s, gamma)
+        ctx.saved, ctx.geometry, ctx.canvas_dtype = saved, (n, height, width), canvas.dtype
+        ctx.mark_non_differentiable(record)
+        ctx.set_materialize_grads(False)  # no zeros made for the record's gradient
+        return (raw * gamma).view(b, -1), record
+
+    @staticmethod
+    def backward(ctx, d_out, _d_record):
+        if d_out is None:  # the glimpse got no gradient (grads are not materialised: see forward)
+            return None, None, None, None, None, None
+        fx, fy, img, t, raw, s, gamma = ctx.saved_tensors
+        n, h, w = ctx.geometry
+        b, k = img.shape[:2]
+        d_raw = cast_to(d_out, fx.dtype).view(b, k, n, n) * gamma
+        dfy = torch.matmul(d_raw, t.view(b, k, h, n).transpose(2, 3)).sum(1)  # (B, N, H)
+        dt = torch.matmul(fy.transpose(1, 2).unsqueeze(1), d_raw).view(b, k * h, n)  # (B, 2C*H, N)
+        dfx = torch.bmm(dt.transpose(1, 2), img.view(b, k * h, w))  # (B, N, W)
+        d_canvas = None
+        if ctx.needs_input_grad[2]:
+            # x_hat is rows C*H.. of img's (2C*H, W): d x_hat = dt[rows] Fx; x_hat = x - sigmoid(c).
+            d_xhat = torch.bmm(dt[:, k // 2 * h:], fx).view_as(s)
+            d_canvas = cast_to(torch.ops.aten.sigmoid_backward(d_xhat, s).neg_(), ctx.canvas_dtype)
+        # d log gamma = gamma * sum d_out raw = sum d_raw raw.
+        dp = _window_backward(dfx, dfy, _dot(d_raw, raw), ctx.saved, n, h, w)
+        return dp, None, d_canvas, None, None, None
+
+
+class _WriteFn(torch.autograd.Function):
+    """(p (B, 5), patch (B, C*N*N), canvas_prev (B, C, H, W)) -> canvas_prev + (1 / gamma) Fy^T
+    patch Fx, fp32 at least, and the packed window record (B, 5; not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, p, patch, canvas, n, height, width):
+        fx, fy, record, saved = _forward_banks(p, n, height, width)
+        b, c = canvas.shape[:2]
+        wp = cast_to(patch, fx.dtype).view(b, c * n, n)
+        t = torch.bmm(wp, fx)  # (B, C*N, W)
+        raw = torch.matmul(fy.transpose(1, 2).unsqueeze(1), t.view(b, c, n, width))  # (B, C, H, W)
+        gamma = saved[0][:, 2].view(-1, 1, 1, 1)
+        ctx.save_for_backward(fx, fy, wp, t, raw, gamma)
+        ctx.saved, ctx.geometry, ctx.dtypes = saved, (n, height, width), (patch.dtype, canvas.dtype)
+        ctx.mark_non_differentiable(record)
+        ctx.set_materialize_grads(False)
+        return torch.addcdiv(cast_to(canvas, raw.dtype), raw, gamma), record
+
+    @staticmethod
+    def backward(ctx, d_out, _d_record):
+        if d_out is None:  # the canvas got no gradient (grads are not materialised: see forward)
+            return None, None, None, None, None, None
+        fx, fy, wp, t, raw, gamma = ctx.saved_tensors
+        n, h, w = ctx.geometry
+        b, c = raw.shape[:2]
+        d_raw = d_out / gamma
+        dfy = torch.matmul(t.view(b, c, n, w), d_raw.transpose(2, 3)).sum(1)  # (B, N, H)
+        dt = torch.matmul(fy.unsqueeze(1), d_raw).view(b, c * n, w)  # (B, C*N, W)
+        dfx = torch.bmm(wp.transpose(1, 2), dt)  # (B, N, W)
+        d_patch = cast_to(torch.bmm(dt, fx.transpose(1, 2)).view(b, -1), ctx.dtypes[0])
+        # d log gamma = gamma * sum d_out * (-raw / gamma^2) = -sum d_raw raw.
+        dp = _window_backward(dfx, dfy, _dot(d_raw, raw).neg_(), ctx.saved, n, h, w)
+        return dp, d_patch, cast_to(d_out, ctx.dtypes[1]), None, None, None
 
 
 class Reader(nn.Module):
-    """DRAW's read: glimpses of x and of the error image x_hat, window placed by h_dec(t-1).
+    """DRAW's read: glimpses of x and of the error image x_hat = x - sigmoid(c_{t-1}), the window
+    placed by h_dec(t-1).
 
-    forward(x, x_hat (B, C, H, W), h_dec (B, hidden)) -> (glimpse (B, 2*C*N*N), windows dict).
+    forward(x, canvas_prev (B, C, H, W), h_dec (B, hidden)) -> (glimpse (B, 2*C*N*N), fp32 at
+    least; the window record (B, 5), columns WINDOW_KEYS, which carries no gradient: windows are
+    recorded, not trained through).
     """
 
     def __init__(self, hidden: int, channels: int, height: int, width: int, n: int) -> None:
@@ -82,20 +275,16 @@ class Reader(nn.Module):
         self.h, self.w, self.n = height, width, n
         self.window = nn.Linear(hidden, 5)
 
-    def forward(self, x: Tensor, x_hat: Tensor, h_dec: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """x and x_hat as they come (fp32 for a bf16-held model): the glimpse is read in the
-        filterbank's fp32 and handed on so; RNN_enc casts it to its weights where it enters."""
-        win = window_params(self.window(cast_to(h_dec, self.window.weight.dtype)), self.h, self.w, self.n)
-        fx, fy = filterbank(win["cx"], win["cy"], win["delta"], win["sigma2"], self.n, self.h, self.w)
-        x, x_hat = cast_to(x, fx.dtype), cast_to(x_hat, fx.dtype)
-        g = torch.cat([read_glimpse(x, fx, fy, win["gamma"]), read_glimpse(x_hat, fx, fy, win["gamma"])], 1)
-        return g.flatten(1), win
+    def forward(self, x: Tensor, canvas_prev: Tensor, h_dec: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.window(cast_to(h_dec, self.window.weight.dtype))
+        return _ReadFn.apply(p, x, canvas_prev, self.n, self.h, self.w)
 
 
 class Writer(nn.Module):
     """DRAW's write: an N x N patch per channel from h_dec, placed on the canvas by a window from h_dec.
 
-    forward(h_dec (B, hidden)) -> (canvas increment (B, C, H, W), windows dict).
+    forward(h_dec (B, hidden), canvas_prev (B, C, H, W)) -> (canvas_prev + the write, fp32 at
+    least; the window record (B, 5), columns WINDOW_KEYS, which carries no gradient).
     """
 
     def __init__(self, hidden: int, channels: int, height: int, width: int, n: int) -> None:
@@ -104,10 +293,6 @@ class Writer(nn.Module):
         self.patch = nn.Linear(hidden, channels * n * n)
         self.window = nn.Linear(hidden, 5)
 
-    def forward(self, h_dec: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The increment comes back in fp32 at least, for the fp32 canvas it is added to."""
+    def forward(self, h_dec: Tensor, canvas_prev: Tensor) -> tuple[Tensor, Tensor]:
         h_dec = cast_to(h_dec, self.window.weight.dtype)
-        win = window_params(self.window(h_dec), self.h, self.w, self.n)
-        fx, fy = filterbank(win["cx"], win["cy"], win["delta"], win["sigma2"], self.n, self.h, self.w)
-        w = cast_to(self.patch(h_dec), fx.dtype).view(-1, self.c, self.n, self.n)
-        return write_patch(w, fx, fy, win["gamma"]), win
+        return _WriteFn.apply(self.window(h_dec), self.patch(h_dec), canvas_prev, self.n, self.h, self.w)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from rcn_dist.config import ModelConfig
 from rcn_dist.model import losses
-from rcn_dist.model.attention import Reader, Writer
+from rcn_dist.model.attention import Reader, Writer, window_dict
 from rcn_dist.model.capsules import PrimaryCapsules, RoutedCapsules, scaled_init_
 from rcn_dist.model.precision import at_least_fp32, cast_to, wide_dtype
 
@@ -129,18 +129,19 @@ class Encoder(_Stack):
         """One encoder step. x, canvas_prev: (B, C, H, W) image and canvas logits c_{t-1};
         caps_flat: (B, n_classes * class_caps_dim) from `capsules(x).flatten(1)`, computed once;
         h_dec_prev: (B, dec_hidden); state: RNN_enc state; eps_t: (B, z_dim) standard normal noise.
-        Returns (state, z (B, z_dim), mu (B, z_dim), logvar (B, z_dim), read windows or None).
+        Returns (state, z (B, z_dim), mu (B, z_dim), logvar (B, z_dim), the read window record (B, 5)
+        or None).
 
         z, mu and logvar are fp32 at least whatever the weights' dtype (fp64 for an fp64 model);
         eps_t is used as it comes (fp32), never rounded to the weights' dtype.
         """
-        x_hat = x - torch.sigmoid(canvas_prev)  # (B, C, H, W), fp32 at least: the canvas is
         if self.reader is not None:
-            # The glimpse is read in fp32 at least (the filterbank's dtype) from x and x_hat as
-            # they come; RNN_enc casts the cat below to its weights.
-            glimpse, win = self.reader(x, x_hat, h_dec_prev)  # (B, 2*C*N*N)
+            # The glimpses of x and of x_hat = x - sigmoid(c_{t-1}), in fp32 at least (the
+            # filterbank's dtype); RNN_enc casts the cat below to its weights.
+            glimpse, win = self.reader(x, canvas_prev, h_dec_prev)  # (B, 2*C*N*N)
             inp = torch.cat([caps_flat, glimpse, h_dec_prev], 1)
         else:  # one cat of everything RNN_enc reads: (B, K*D + 2*C*H*W + dec_hidden)
+            x_hat = x - torch.sigmoid(canvas_prev)  # (B, C, H, W), fp32 at least: the canvas is
             inp, win = torch.cat([caps_flat, x.flatten(1), x_hat.flatten(1), h_dec_prev], 1), None
         state = self._run_rnn(inp, state)
         # The head in its weights' dtype, its output widened once (B, 2 * z_dim): mu, logvar, sigma
@@ -170,7 +171,7 @@ class Decoder(_Stack):
 
     def step(self, z: Tensor, state: State, canvas_prev: Tensor) -> tuple[State, Tensor, dict[str, Tensor] | None]:
         """One decoder step: z (B, z_dim), RNN_dec state, canvas_prev (B, C, H, W) logits ->
-        (state, canvas (B, C, H, W) logits, write windows or None). h_dec_t is state[0].
+        (state, canvas (B, C, H, W) logits, the write window record (B, 5) or None). h_dec_t is state[0].
 
         z may be fp32 for a bf16-held decoder (each layer casts it where it enters); the canvas
         returned is fp32 at least (fp64 for an fp64 model), whatever canvas_prev's dtype.
@@ -184,12 +185,12 @@ class Decoder(_Stack):
                 inp = torch.cat([inp, z], 1)  # (B, dec_caps * dec_caps_dim + z_dim), cast by _run_rnn
         state = self._run_rnn(inp, state)
         if self.cfg.write_attn:
-            delta, win = self.writer(state[0])
+            canvas, win = self.writer(state[0], canvas_prev)  # c_{t-1} + write(h_dec_t), fp32 at least
         else:
-            delta, win = self.writer(state[0]).view_as(canvas_prev), None
-        # One add: type promotion widens a bf16 write to the fp32 canvas inside it (no cast op),
-        # and the sum of T writes is kept in fp32.
-        return state, at_least_fp32(canvas_prev) + delta, win
+            # One add: type promotion widens a bf16 write to the fp32 canvas inside it (no cast
+            # op), and the sum of T writes is kept in fp32.
+            canvas, win = at_least_fp32(canvas_prev) + self.writer(state[0]).view_as(canvas_prev), None
+        return state, canvas, win
 
     def recon_nll(self, canvas_logits: Tensor, x: Tensor) -> Tensor:
         """-log D(x | c_T) per image (B,), nats: canvas_logits, x (B, C, H, W); fp32 at least."""
@@ -236,10 +237,11 @@ class RCNOutput:
     """Same for the write windows; None without write attention."""
 
 
-def _stack_windows(wins: Sequence[dict[str, Tensor] | None]) -> dict[str, Tensor] | None:
+def _stack_windows(wins: Sequence[Tensor | None]) -> dict[str, Tensor] | None:
+    """The T steps' packed window records (B, 5) -> {cx, cy, sigma2, delta, gamma}, each (B, T)."""
     if wins[0] is None:
         return None
-    return {k: torch.stack([w[k] for w in wins], 1) for k in wins[0]}
+    return window_dict(torch.stack(wins, 1))
 
 
 class RCN(nn.Module):

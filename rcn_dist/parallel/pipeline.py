@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from rcn_dist.config import Config, ConfigError
 from rcn_dist.model import RCN, RCNOutput, kl_standard_normal
+from rcn_dist.model.precision import wide_dtype
 from rcn_dist.parallel import collectives
 from rcn_dist.parallel.async_schedule import AsyncLoopedBFS
 
@@ -87,7 +88,8 @@ class EncoderStep(nn.Module):
     def forward(self, *carry: Tensor, x: Tensor, eps: Tensor, caps: Tensor | None = None) -> tuple[Tensor, ...]:
         """caps: the class capsules (B, K*D) when computed outside (our schedules), else None."""
         enc, n = self.encoder, self.n
-        dtype = enc.latent.weight.dtype
+        # x and eps in fp32 at least (fp64 for the fp64 parity tests), never rounded to a bf16 stack.
+        dtype = wide_dtype(enc.latent.weight.dtype)
         x = x.to(dtype)
         with _autocast(x.device, self.bf16):
             if self.t == 0:
@@ -118,7 +120,7 @@ class DecoderStep(nn.Module):
 
     def forward(self, *carry: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, ...] | Tensor:
         dec, n, last = self.decoder, self.n, self.t == self.T - 1
-        dtype = dec.rnn.weight_hh.dtype
+        dtype = wide_dtype(dec.rnn.weight_hh.dtype)
         x = x.to(dtype)
         enc_state = () if last else carry[:n]
         rest = carry[len(enc_state):]
