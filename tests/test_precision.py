@@ -121,3 +121,18 @@ def test_fp16_held_model_trains_a_step_with_finite_gradients():
     assert all(torch.isfinite(terms[k]).all() for k in ("loss", "elbo"))
     terms["loss"].mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in held.parameters() if p.grad is not None)
+
+
+def test_under_autocast_the_attention_runs_in_fp32_forward_and_backward():
+    """`rcn bench --precision bf16` runs the fp32 model under bf16 autocast: the attention
+    Functions switch it off inside (their saved tensors and backward stay fp32)."""
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    model = RCN(cfg.model)
+    x, y, eps = _batch(cfg, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, eps)
+        loss = model.loss_terms(x, y, eps, out=out)["loss"].mean()
+    assert out.canvas.dtype == torch.float32
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

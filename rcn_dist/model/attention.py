@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from rcn_dist.model.precision import at_least_fp32, cast_to
+from rcn_dist.model.precision import at_least_fp32, cast_to, no_autocast
 
 SIGMA2_FLOOR = 1e-6
 """sigma2 is floored here (pixel^2, already a one-pixel window): the filterbank's logits and their
@@ -277,7 +277,8 @@ class Reader(nn.Module):
 
     def forward(self, x: Tensor, canvas_prev: Tensor, h_dec: Tensor) -> tuple[Tensor, Tensor]:
         p = self.window(cast_to(h_dec, self.window.weight.dtype))
-        return _ReadFn.apply(p, x, canvas_prev, self.n, self.h, self.w)
+        with no_autocast(p.device):  # the Function runs in fp32 at least, its backward too
+            return _ReadFn.apply(p, x, canvas_prev, self.n, self.h, self.w)
 
 
 class Writer(nn.Module):
@@ -295,4 +296,6 @@ class Writer(nn.Module):
 
     def forward(self, h_dec: Tensor, canvas_prev: Tensor) -> tuple[Tensor, Tensor]:
         h_dec = cast_to(h_dec, self.window.weight.dtype)
-        return _WriteFn.apply(self.window(h_dec), self.patch(h_dec), canvas_prev, self.n, self.h, self.w)
+        p, patch = self.window(h_dec), self.patch(h_dec)  # under the caller's autocast, if any
+        with no_autocast(p.device):  # the Function runs in fp32 at least, its backward too
+            return _WriteFn.apply(p, patch, canvas_prev, self.n, self.h, self.w)

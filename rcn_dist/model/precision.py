@@ -10,6 +10,8 @@ exactness tests.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -38,3 +40,9 @@ def common_wide(*ts: Tensor) -> tuple[Tensor, ...]:
     for t in ts:
         dt = torch.promote_types(dt, t.dtype)
     return tuple(cast_to(t, dt) for t in ts)
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on `device` for code that runs in fp32 by design (attention, routing) when a
+    caller's autocast is on; the meta device (FLOP counts) has no autocast to switch off."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
