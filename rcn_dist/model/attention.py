@@ -42,6 +42,7 @@ def _positions(n: int, length: int, device: torch.device, dtype: torch.dtype) ->
     return offs, torch.arange(1, length + 1, device=device, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=64)
 def _affine(height: int, width: int, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """scale and shift (5,) with (gx, gy, log sigma2, log delta, log gamma) = shift + scale * p."""
     k = math.log((max(height, width) - 1) / max(n - 1, 1))
@@ -50,16 +51,18 @@ def _affine(height: int, width: int, n: int, device: torch.device, dtype: torch.
     return scale, shift
 
 
-_affine_cached = functools.lru_cache(maxsize=64)(_affine)
-
-
-def _window(p: Tensor, height: int, width: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+def _window(p: Tensor, height: int, width: int, n: int) -> tuple[Tensor, Tensor]:
     """p (B, 5) raw -> (aff (B, 5): gx, gy, log sigma2, log delta, log gamma; ex (B, 3): sigma2,
-    delta, gamma; scale (5,)), in fp32 at least."""
+    delta, gamma), in fp32 at least."""
     p = at_least_fp32(p)
-    scale, shift = _affine_cached(height, width, n, p.device, p.dtype)
+    scale, shift = _affine(height, width, n, p.device, p.dtype)
     aff = torch.addcmul(shift, p, scale)
-    return aff, aff[:, 2:].exp(), scale
+    return aff, aff[:, 2:].exp()
+
+
+def _coef(sigma2: Tensor) -> Tensor:
+    """The filterbank's logit coefficient -1 / (2 max(sigma2, floor)), (B,)."""
+    return (sigma2.clamp_min(SIGMA2_FLOOR) * -2.0).reciprocal()
 
 
 def window_params(p: Tensor, height: int, width: int, n: int) -> dict[str, Tensor]:
@@ -70,7 +73,7 @@ def window_params(p: Tensor, height: int, width: int, n: int) -> dict[str, Tenso
       delta = (max(A, B) - 1)/(N - 1) exp(log delta~), sigma2 = exp(log sigma2), gamma = exp(log gamma).
     With N = 1 the stride is meaningless; N - 1 is then taken as 1. fp32 at least.
     """
-    aff, ex, _ = _window(p, height, width, n)
+    aff, ex = _window(p, height, width, n)
     return window_dict(torch.cat([aff[:, :2], ex], 1))
 
 
@@ -88,7 +91,7 @@ def filterbank(
     computes both in one bank.
     """
     cx, cy, delta, sigma2 = (at_least_fp32(t) for t in (cx, cy, delta, sigma2))
-    coef = (sigma2.clamp_min(SIGMA2_FLOOR) * -2.0).reciprocal()  # -1 / (2 max(sigma2, floor))
+    coef = _coef(sigma2)
     if height == width:
         return _bank_fd(torch.stack([cx, cy], 1), delta, coef, n, width)[0].unbind(1)
     return _bank_fd(cx[:, None], delta, coef, n, width)[0][:, 0], _bank_fd(cy[:, None], delta, coef, n, height)[0][:, 0]
@@ -125,17 +128,18 @@ def _backward_constants(height: int, width: int, n: int, device: torch.device, d
     (see _window_backward)."""
     offs = _positions(n, 1, device, dtype)[0]
     a = torch.stack([torch.ones_like(offs), offs], 1)
-    scale = _affine_cached(height, width, n, device, dtype)[0]
-    return a, torch.tensor([-2 * scale[0].item(), -2 * scale[1].item(), -1.0, -2.0], device=device, dtype=dtype)
+    # -2 s_x, -2 s_y with _affine's scales s = (W + 1)/2, (H + 1)/2: from the Python numbers, no
+    # read-back of a device tensor.
+    return a, torch.tensor([-(width + 1), -(height + 1), -1.0, -2.0], device=device, dtype=dtype)
 
 
 def _forward_banks(p: Tensor, n: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, tuple]:
     """p (B, 5) raw -> fx (B, N, W), fy (B, N, H), the packed window record (B, 5) and what the
     backward needs: (ex, coef, banks), banks a tuple of (F, diff) per bank (one for a square
     image, its G = 2 axes stacked; else one per axis)."""
-    aff, ex, _ = _window(p, height, width, n)
+    aff, ex = _window(p, height, width, n)
     sigma2, delta = ex[:, 0], ex[:, 1]
-    coef = (sigma2.clamp_min(SIGMA2_FLOOR) * -2.0).reciprocal()  # -1 / (2 max(sigma2, floor)), (B,)
+    coef = _coef(sigma2)
     if height == width:
         banks = (_bank_fd(aff[:, :2], delta, coef, n, width),)
         fx, fy = banks[0][0].unbind(1)
