@@ -178,6 +178,44 @@ def test_reader_and_writer_match_the_frozen_ones_on_any_geometry(C, H, W, n, mon
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("iters", [1, 2, 3])
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-10, 1e-12), (torch.float32, 1e-5, 1e-6)])
+def test_routed_capsules_match_the_frozen_routing(iters, dtype, rtol, atol, monkeypatch):
+    """One Function for predictions, routing and squash (iteration 1 without its softmax of zeros):
+    v and the gradients of u and W as the first release's einsum + dynamic_routing gave them."""
+    torch.manual_seed(iters)
+    layer = caps_mod.RoutedCapsules(12, 4, 5, 6, iters=iters).to(dtype)
+    u = torch.randn(3, 12, 4, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 5, 6, dtype=dtype)
+
+    def run():
+        v = layer(u)
+        return (v, *torch.autograd.grad((v * g).sum(), [u, layer.weight]))
+
+    new = run()
+    with monkeypatch.context() as m:
+        use_frozen(m)
+        old = run()
+    for a, b in zip(new, old):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def test_the_squash_function_matches_the_frozen_squash_down_to_zero():
+    """_SquashFn's written backward against autograd's, for vectors from 0 (the eps floor) to
+    large ones, fp64."""
+    s = torch.randn(6, 7, 8, dtype=torch.float64) * torch.logspace(-6, 2, 6, dtype=torch.float64).view(6, 1, 1)
+    s[0, 0] = 0.0
+    s.requires_grad_(True)
+    g = torch.randn_like(s)
+    v = caps_mod._SquashFn.apply(s)
+    (ds,) = torch.autograd.grad((v * g).sum(), [s])
+    v_ref = frozen_squash(s)
+    (ds_ref,) = torch.autograd.grad((v_ref * g).sum(), [s])
+    torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(ds, ds_ref, rtol=1e-9, atol=1e-12)
+    assert torch.isfinite(ds).all() and (ds[0, 0] == 0).all()  # squash is flat at 0: k(0) = 0
+
+
 def test_a_drawing_step_dispatches_fewer_ops_than_the_first_release():
     """The counts docs/performance.md quotes, as a bound that catches a regression: `small`'s
     drawing step, forward and backward, was 614 aten ops (380 launching a kernel)."""

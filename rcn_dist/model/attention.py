@@ -94,7 +94,8 @@ def filterbank(
     coef = _coef(sigma2)
     if height == width:
         return _bank_fd(torch.stack([cx, cy], 1), delta, coef, n, width)[0].unbind(1)
-    return _bank_fd(cx[:, None], delta, coef, n, width)[0][:, 0], _bank_fd(cy[:, None], delta, coef, n, height)[0][:, 0]
+    fx = _bank_fd(cx[:, None], delta, coef, n, width)[0][:, 0]
+    return fx, _bank_fd(cy[:, None], delta, coef, n, height)[0][:, 0]
 
 
 def read_glimpse(img: Tensor, fx: Tensor, fy: Tensor, gamma: Tensor) -> Tensor:
@@ -122,21 +123,23 @@ def window_dict(packed: Tensor) -> dict[str, Tensor]:
 
 
 @functools.lru_cache(maxsize=64)
-def _backward_constants(height: int, width: int, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """For the filterbank's backward: A = [1, offs] (N, 2), so that dmu @ A gives the sums over a
-    bank's N filters of dmu and of dmu * offs; and c (4,), the constant factors of the Jacobian
-    (see _window_backward)."""
+def _backward_matrix(height: int, width: int, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """K (2N + 2, 5): the constant linear map from one backward row r = (the N x-filter sums,
+    the N y-filter sums, the sigma2 sum, d log gamma) to dp (B, 5) before delta's factor (see
+    _window_backward). Made once per geometry, device and dtype."""
     offs = _positions(n, 1, device, dtype)[0]
-    a = torch.stack([torch.ones_like(offs), offs], 1)
-    # -2 s_x, -2 s_y with _affine's scales s = (W + 1)/2, (H + 1)/2: from the Python numbers, no
-    # read-back of a device tensor.
-    return a, torch.tensor([-(width + 1), -(height + 1), -1.0, -2.0], device=device, dtype=dtype)
+    k = torch.zeros(2 * n + 2, 5, device=device, dtype=dtype)
+    # d gx = -2 s_x sum_x, d gy = -2 s_y sum_y with _affine's scales s = (W + 1)/2, (H + 1)/2.
+    k[:n, 0], k[n:2 * n, 1] = -(width + 1), -(height + 1)
+    k[2 * n, 2], k[2 * n + 1, 4] = -1.0, 1.0  # d log sigma2 = -sum u diff; d log gamma as it comes
+    k[:n, 3] = k[n:2 * n, 3] = -2.0 * offs  # d log delta = -2 delta sum_i offs_i sum_i (both axes)
+    return k
 
 
 def _forward_banks(p: Tensor, n: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, tuple]:
     """p (B, 5) raw -> fx (B, N, W), fy (B, N, H), the packed window record (B, 5) and what the
-    backward needs: (ex, coef, banks), banks a tuple of (F, diff) per bank (one for a square
-    image, its G = 2 axes stacked; else one per axis)."""
+    backward needs: (ex, banks), banks a tuple of (F, diff, diff * coef) per bank (one for a
+    square image, its G = 2 axes stacked; else one per axis)."""
     aff, ex = _window(p, height, width, n)
     sigma2, delta = ex[:, 0], ex[:, 1]
     coef = _coef(sigma2)
@@ -146,14 +149,16 @@ def _forward_banks(p: Tensor, n: int, height: int, width: int) -> tuple[Tensor, 
     else:
         banks = (_bank_fd(aff[:, :1], delta, coef, n, width), _bank_fd(aff[:, 1:2], delta, coef, n, height))
         fx, fy = banks[0][0][:, 0], banks[1][0][:, 0]
-    return fx, fy, torch.cat([aff[:, :2], ex], 1), (ex, coef, banks)
+    return fx, fy, torch.cat([aff[:, :2], ex], 1), (ex, banks)
 
 
-def _bank_fd(centres: Tensor, delta: Tensor, coef: Tensor, n: int, length: int) -> tuple[Tensor, Tensor]:
-    """(F, diff) of _bank, the coefficient given: F (B, G, N, length) = softmax(diff^2 * coef)."""
+def _bank_fd(centres: Tensor, delta: Tensor, coef: Tensor, n: int, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(F, diff, dc) with F (B, G, N, length) = softmax(diff^2 coef), dc = diff coef (the
+    logits are dc * diff: one multiply, and dc is what the backward wants)."""
     offs, grid = _positions(n, length, centres.device, centres.dtype)
     diff = grid - torch.addcmul(centres.unsqueeze(2), offs, delta.view(-1, 1, 1)).unsqueeze(3)
-    return torch.softmax(diff.square() * coef.view(-1, 1, 1, 1), dim=3), diff
+    dc = diff * coef.view(-1, 1, 1, 1)
+    return torch.softmax(dc * diff, dim=3), diff, dc
 
 
 def _window_backward(dfx: Tensor, dfy: Tensor, dlog_gamma: Tensor, saved: tuple, n: int, height: int,
@@ -161,32 +166,31 @@ def _window_backward(dfx: Tensor, dfy: Tensor, dlog_gamma: Tensor, saved: tuple,
     """d loss / d p (B, 5) from the gradients of fx, fy and of log gamma.
 
     With logit = diff^2 coef, diff = a - mu, mu = centre + offs delta, coef = -1 / (2 max(sigma2,
-    floor)) and p's affine map (window_params): d mu = -2 coef sum_a dlogit diff; d coef =
-    sum dlogit diff^2, and d coef / d log sigma2 = -coef above the floor (0 below: clamp_min's
-    gradient); d log delta = delta sum_i offs_i d mu_i. So dp = g * J with g = (the raw sums
-    over the filters of each centre, d coef, the raw delta sum, d log gamma) and J = (coef s_x,
-    coef s_y, coef [sigma2 >= floor], coef delta, 1) times the constants c of _backward_constants.
+    floor)) and p's affine map (window_params), write e = d logit and u = e diff coef. Then d mu_i
+    = -2 sum_a u; d centre = sum_i d mu_i; d log delta = delta sum_i offs_i d mu_i; d log sigma2 =
+    -sum u diff above the floor (d coef / d log sigma2 = -coef; 0 below: clamp_min's gradient).
+    So dp = (r K) with delta's factor on column 3, r = (sum_a u per x filter, per y filter,
+    the sigma2 sum, d log gamma) (B, 2N + 2) and K the constant map of _backward_matrix.
     """
-    ex, coef, banks = saved
-    a, c = _backward_constants(height, width, n, coef.device, coef.dtype)
+    ex, banks = saved
     grads = (torch.stack([dfx, dfy], 1),) if len(banks) == 1 else (dfx.unsqueeze(1), dfy.unsqueeze(1))
-    b = coef.shape[0]
-    centres, dcoef, ddelta = [], 0, 0
-    for d_f, (f, diff) in zip(grads, banks):
-        u = torch.ops.aten._softmax_backward_data(d_f, f, 3, f.dtype) * diff  # dlogit diff, (B, G, N, L)
-        sums = u.sum(3) @ a  # (B, G, 2): per centre, sum over the filters of (1, offs) * dmu_raw
-        centres.append(sums[..., 0])
-        ddelta = ddelta + sums[..., 1].sum(1)
-        dcoef = dcoef + torch.bmm(u.view(b, 1, -1), diff.view(b, -1, 1)).view(b)  # sum dlogit diff^2
+    b = ex.shape[0]
+    rows, sums = [], []
+    for d_f, (f, diff, dc) in zip(grads, banks):
+        u = torch.ops.aten._softmax_backward_data(d_f, f, 3, f.dtype) * dc  # (B, G, N, L)
+        rows.append(u.sum(3).view(b, -1))  # (B, G * N)
+        sums.append((u * diff).sum((1, 2, 3)))  # (B,)
+    q = sums[0] if len(sums) == 1 else sums[0] + sums[1]
     sigma2, delta = ex[:, 0], ex[:, 1]
-    jac = torch.stack([coef, coef, torch.where(sigma2 >= SIGMA2_FLOOR, coef, 0.0), coef * delta], 1) * c
-    return torch.cat([torch.cat([*centres, torch.stack([dcoef, ddelta], 1)], 1) * jac, dlog_gamma.unsqueeze(1)], 1)
+    q = torch.where(sigma2 >= SIGMA2_FLOOR, q, 0.0)
+    dp = torch.cat([*rows, torch.stack([q, dlog_gamma], 1)], 1) @ _backward_matrix(height, width, n, ex.device, ex.dtype)
+    dp[:, 3].mul_(delta)
+    return dp
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample dot products of two (B, ...) tensors: (B,), one batched matmul."""
-    n = a.shape[0]
-    return torch.bmm(a.reshape(n, 1, -1), b.reshape(n, -1, 1)).view(n)
+    """Per-sample dot products of two (B, ...) tensors: (B,)."""
+    return (a * b).sum(tuple(range(1, a.dim())))
 
 
 class _ReadFn(torch.autograd.Function):

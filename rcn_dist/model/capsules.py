@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import Tensor, nn
 
-from rcn_dist.model.precision import at_least_fp32
+from rcn_dist.model.precision import at_least_fp32, cast_to, no_autocast
 
 
 def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
@@ -16,11 +15,48 @@ def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
 
     The paper prints s / |s|^2; Sabour et al. mean s / |s| (a unit vector), which is what this does.
     The norm is sqrt(|s|^2 + eps), so a zero vector maps to zero with a finite (zero) gradient
-    instead of 0/0.
+    instead of 0/0. This is the readable form, differentiated by autograd; the layers below run
+    `_squash_parts` / `_squash_backward`, the same arithmetic with its backward written out.
     """
     n2 = (s * s).sum(dim=dim, keepdim=True)
     # The whole scale on the small (..., 1) tensor: one full-size multiply instead of two.
     return s * (n2 / ((1.0 + n2) * torch.sqrt(n2 + eps)))
+
+
+SQUASH_EPS = 1e-8
+
+
+def _squash_parts(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """squash(s) along the last dim, and what its backward needs: (v, n2, r, a, k) with
+    n2 = |s|^2, r = sqrt(n2 + eps), a = 1 / ((1 + n2) r) and k = n2 a, each (..., 1): v = s k."""
+    n2 = torch.linalg.vecdot(s, s).unsqueeze(-1)
+    r = torch.sqrt(n2 + SQUASH_EPS)
+    a = torch.reciprocal((n2 + 1.0) * r)
+    k = n2 * a
+    return s * k, n2, r, a, k
+
+
+def _squash_backward(dv: Tensor, s: Tensor, n2: Tensor, r: Tensor, a: Tensor, k: Tensor) -> Tensor:
+    """d loss / d s of v = s k(n2): ds = k dv + 2 k'(n2) (dv . s) s, where
+    2 k' = (n2 - n2^2 + 2 eps) a^2 / r (finite at s = 0, where it multiplies s = 0)."""
+    dot = torch.linalg.vecdot(dv, s).unsqueeze(-1)  # (..., 1)
+    k2 = torch.addcmul(n2 + 2 * SQUASH_EPS, n2, n2, value=-1.0) * (a.square() / r)  # 2 k'
+    return torch.addcmul(dv * k, s, dot * k2)
+
+
+class _SquashFn(torch.autograd.Function):
+    """squash along the last dim, fp32 at least, with the backward written out: autograd's graph
+    of the six ops costs about a dozen more in the backward, at every drawing step."""
+
+    @staticmethod
+    def forward(ctx, s):
+        v, *parts = _squash_parts(s)
+        ctx.save_for_backward(s, *parts)
+        return v
+
+    @staticmethod
+    def backward(ctx, dv):
+        return _squash_backward(dv, *ctx.saved_tensors)
 
 
 class PrimaryCapsules(nn.Module):
@@ -40,7 +76,9 @@ class PrimaryCapsules(nn.Module):
         b, _, h, w = u.shape
         u = u.view(b, self.types, self.dim, h, w).permute(0, 1, 3, 4, 2)
         # Squash in fp32 also under bf16/fp16 autocast: |s|^2 in 8 bits of mantissa is too coarse.
-        return squash(at_least_fp32(u.reshape(b, self.types * h * w, self.dim)))
+        u = at_least_fp32(u.reshape(b, self.types * h * w, self.dim))
+        with no_autocast(u.device):
+            return _SquashFn.apply(u)
 
 
 def scaled_init_(trunk: nn.Module, primary: PrimaryCapsules) -> None:
@@ -118,14 +156,66 @@ class RoutedCapsules(nn.Module):
 
         The predictions follow autocast (bf16 on the matmul units); the routing itself runs in
         fp32 with autocast off: its logits b sum agreements over iterations and the softmax over
-        parents is sensitive to them.
+        parents is sensitive to them. Predictions, routing and squash run as one autograd
+        Function (`_RoutedFn`): `dynamic_routing`'s arithmetic with the backward written out.
         """
-        u_hat = self.predictions(u)
-        # The meta device (used to count FLOPs) has no autocast to switch off.
-        device = u_hat.device.type
-        with contextlib.nullcontext() if device == "meta" else torch.autocast(device, enabled=False):
-            v = dynamic_routing(at_least_fp32(u_hat), self.iters)[0]
+        device = u.device
+        dtype = self.weight.dtype
+        if device.type != "meta" and torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)  # what the einsum would run in
+        with no_autocast(device):
+            v = _RoutedFn.apply(u, self.weight, self.iters, dtype)
         # Back to the weights' dtype: fp32 under autocast (no-op), bf16 where the whole module
         # was cast to bf16 (DeepSpeed's bf16 mode), so the next layer gets its own dtype.
-        return v.to(self.weight.dtype)
+        return cast_to(v, self.weight.dtype)
 
+
+class _RoutedFn(torch.autograd.Function):
+    """(u (B, n_child, child_dim), W (n_child, n_parent, parent_dim, child_dim)) -> v (B, n_parent,
+    parent_dim): the predictions u_hat = W u in `dtype` (the weights' or autocast's), then
+    dynamic_routing(u_hat, iters) in fp32 at least, as one Function.
+
+    The same arithmetic as `predictions` then `dynamic_routing`, but for the first iteration:
+    b = 0 gives c = 1 / n_parent exactly, so s = sum_i u_hat / n_parent without the softmax.
+    Autograd's graph of the routing costs about 95 ops per drawing step (views and broadcasts of
+    every iteration); the backward here is a few: only the last iteration carries gradient
+    (dynamic_routing's detached u_hat), so du_hat = c ds, then two einsums for dW and du.
+    """
+
+    @staticmethod
+    def forward(ctx, u, weight, iters, dtype):
+        u_c, w_c = cast_to(u, dtype), cast_to(weight, dtype)
+        u_hat = at_least_fp32(torch.einsum("ijdk,bik->bjid", w_c, u_c))  # (B, P, N, D)
+        n_parent = u_hat.shape[1]
+        c = logits = None
+        s = u_hat.sum(2) * (1.0 / n_parent)  # (B, P, D): iteration 1, c = 1 / n_parent
+        for r in range(iters):
+            if logits is not None:
+                c = torch.softmax(logits, dim=1)  # (B, P, N)
+                s = torch.einsum("bji,bjid->bjd", c, u_hat)
+            v, *parts = _squash_parts(s)
+            if r < iters - 1:  # b += u_hat . v (no gradient: dynamic_routing's detached u_hat)
+                agree = torch.einsum("bjid,bjd->bji", u_hat, v)  # (B, P, N)
+                logits = agree if logits is None else logits + agree
+        ctx.save_for_backward(u_c, w_c, c, s, *parts)
+        ctx.dtypes, ctx.n_parent = (u.dtype, weight.dtype), n_parent
+        ctx.set_materialize_grads(False)
+        return v
+
+    @staticmethod
+    def backward(ctx, dv):
+        if dv is None:
+            return None, None, None, None
+        u_c, w_c, c, s, *parts = ctx.saved_tensors
+        ds = _squash_backward(dv, s, *parts)  # (B, P, D), fp32 at least
+        if c is None:  # one iteration: c = 1 / n_parent
+            du_hat = (ds * (1.0 / ctx.n_parent)).unsqueeze(2).expand(-1, -1, u_c.shape[1], -1)
+        else:
+            du_hat = c.unsqueeze(3) * ds.unsqueeze(2)  # (B, P, N, D)
+        du_hat = cast_to(du_hat, w_c.dtype)
+        du = dw = None
+        if ctx.needs_input_grad[0]:
+            du = cast_to(torch.einsum("ijdk,bjid->bik", w_c, du_hat), ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            dw = cast_to(torch.einsum("bjid,bik->ijdk", du_hat, u_c), ctx.dtypes[1])
+        return du, dw, None, None
