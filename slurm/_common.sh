@@ -9,6 +9,9 @@
 #   RCN_RUN_DIR      run directory (default $RCN_RUNS/<job name>-<job id>; RCN_RUNS default "runs")
 #   RCN_STEPS, RCN_SEED, RCN_DEEPSPEED               --steps, --seed, --deepspeed of `rcn train`
 #   RCN_OVERRIDES    section.field=value words (split on whitespace)
+#   RCN_BATCH_PER_GPU images per GPU per step on a GPU allocation (default 1024; 0: the preset's
+#                    global batch). The paper-size drawing loop issues ~19,000 kernels a step,
+#                    so a GPU is launch-bound below ~700-1,400 images (docs/performance.md).
 #   RCN_MAX_RESTARTS requeues after a stop signal before giving up (default 20)
 #   RCN_MASTER_PORT  rendezvous port (default 20000 + job id % 20000)
 #   RCN_SRUN_ARGS    more srun words (e.g. "--mpi=none")
@@ -22,6 +25,21 @@ EXIT_STOPPED=3 # `rcn train` after a stop signal: checkpointed at a step boundar
 
 rcn_log() { echo "rcn-slurm: $*"; }
 
+# The batch overrides for a GPU allocation, printed as words: train.micro_batch=P
+# train.batch_size=P*tasks with P = RCN_BATCH_PER_GPU (default 1024), or nothing on a CPU
+# allocation, with RCN_BATCH_PER_GPU=0, or where RCN_OVERRIDES already sets the batch.
+rcn_batch_overrides() {
+    local gpus=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}
+    gpus=${gpus##*:} # "h100:4" -> 4
+    local per_gpu=${RCN_BATCH_PER_GPU:-1024} tasks=${SLURM_NTASKS:-1}
+    [[ $per_gpu =~ ^[0-9]+$ && $tasks =~ ^[0-9]+$ ]] ||
+        { rcn_log "RCN_BATCH_PER_GPU and SLURM_NTASKS must be numbers, got '$per_gpu', '$tasks'" >&2; return 2; }
+    [[ $gpus =~ ^[1-9][0-9]*$ ]] || return 0
+    ((per_gpu > 0)) || return 0
+    [[ " ${RCN_OVERRIDES:-} " =~ [[:space:]]train\.(batch_size|micro_batch)= ]] && return 0
+    echo "train.micro_batch=$per_gpu train.batch_size=$((per_gpu * tasks))"
+}
+
 rcn_slurm_train() {
     local python=${RCN_PYTHON:-}
     if [[ -z $python ]]; then
@@ -34,7 +52,9 @@ rcn_slurm_train() {
         run_dir=${RCN_RUNS:-runs}/${SLURM_JOB_NAME:-rcn-$RCN_DATASET}-${SLURM_JOB_ID:-local}
     fi
     local overrides=() prepare_args=() srun_args=()
-    read -r -a overrides <<<"${RCN_OVERRIDES:-}"
+    local batch
+    batch=$(rcn_batch_overrides) || return 2
+    read -r -a overrides <<<"$batch ${RCN_OVERRIDES:-}"
     read -r -a prepare_args <<<"${RCN_PREPARE_ARGS:-}"
     read -r -a srun_args <<<"${RCN_SRUN_ARGS:-}"
 
