@@ -9,8 +9,11 @@ from torch import Tensor, nn
 
 from rcn_dist.model.precision import at_least_fp32, cast_to, no_autocast
 
+SQUASH_EPS = 1e-8
+"""The squash's norm is sqrt(|s|^2 + SQUASH_EPS): finite, with a zero gradient, at s = 0."""
 
-def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
+
+def squash(s: Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> Tensor:
     """v = |s|^2 / (1 + |s|^2) * s / |s|, along `dim`.
 
     The paper prints s / |s|^2; Sabour et al. mean s / |s| (a unit vector), which is what this does.
@@ -21,9 +24,6 @@ def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     n2 = (s * s).sum(dim=dim, keepdim=True)
     # The whole scale on the small (..., 1) tensor: one full-size multiply instead of two.
     return s * (n2 / ((1.0 + n2) * torch.sqrt(n2 + eps)))
-
-
-SQUASH_EPS = 1e-8
 
 
 def _squash_parts(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
