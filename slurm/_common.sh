@@ -10,8 +10,8 @@
 #   RCN_STEPS, RCN_SEED, RCN_DEEPSPEED               --steps, --seed, --deepspeed of `rcn train`
 #   RCN_OVERRIDES    section.field=value words (split on whitespace)
 #   RCN_BATCH_PER_GPU images per GPU per step on a GPU allocation (default 1024; 0: the preset's
-#                    global batch). The paper-size drawing loop issues ~19,000 kernels a step,
-#                    so a GPU is launch-bound below ~700-1,400 images (docs/performance.md).
+#                    global batch). The paper-size drawing loop issues ~16,000 kernels a step,
+#                    so a GPU is launch-bound below ~450-900 images (docs/performance.md).
 #   RCN_MAX_RESTARTS requeues after a stop signal before giving up (default 20)
 #   RCN_MASTER_PORT  rendezvous port (default 20000 + job id % 20000)
 #   RCN_SRUN_ARGS    more srun words (e.g. "--mpi=none")

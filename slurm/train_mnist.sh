@@ -7,7 +7,7 @@
 # local test cluster of slurm/local_cluster.sh, training falls back to the CPU:
 #   RCN_STEPS=50 sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 \
 #       --time=10 slurm/train_mnist.sh
-# On a GPU allocation each GPU takes RCN_BATCH_PER_GPU images a step (default 1024; below ~700 a
+# On a GPU allocation each GPU takes RCN_BATCH_PER_GPU images a step (default 1024; below ~450-900 a
 # paper-size step is launch-bound, docs/performance.md), the global batch that times the tasks;
 # RCN_BATCH_PER_GPU=0 keeps the preset's batch (the preset's lr was tuned at batch 128).
 # The first run prepares the data: set RCN_SOURCE to a directory of the four MNIST IDX files

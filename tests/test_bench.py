@@ -249,9 +249,9 @@ def test_ops_per_drawing_step_is_the_difference_and_extrapolates_exactly():
     from rcn_dist.bench.base import PHASES, count_ops, ops_report
 
     cfg = preset("tiny")
-    c1, c2, cT = (_totals(count_ops(cfg, batch=2, T=t)) for t in (1, 2, cfg.model.T))
+    c1, c2, cT = (_totals(count_ops(cfg, batch=2, T=t)) for t in (2, 3, cfg.model.T))
     r = ops_report(cfg, batch=2)
-    assert r["T"] == cfg.model.T == 4 and r["T_profiled"] == [1, 2]
+    assert r["T"] == cfg.model.T == 4 and r["T_profiled"] == [2, 3]
     assert r["forward_ops_per_drawing_step"] == c2["forward"]["aten"] - c1["forward"]["aten"] > 0
     assert r["backward_ops_per_drawing_step"] == c2["backward"]["aten"] - c1["backward"]["aten"] > 0
     assert r["ops_per_drawing_step"] == sum(c2[p]["aten"] - c1[p]["aten"] for p in PHASES)

@@ -484,7 +484,7 @@ def run_workload(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, An
     if w == "ops":
         if args.precision != "fp32" or args.compile:
             raise BenchError("--workload ops counts the fp32 eager step: --precision and --compile do not apply")
-        ts = tuple(args.profile_t or (1, 2))
+        ts = tuple(args.profile_t or (2, 3))
         if not 1 <= ts[0] < ts[1]:
             raise BenchError(f"--profile-t needs 1 <= T1 < T2, got {ts[0]} {ts[1]}")
         return bench_ops(args.preset or list(OPS_PRESETS), args.batch or OPS_BATCH, opt.device, ts,
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", action="append",
                     help=f"ops: an RCN preset to count (repeatable; default {', '.join(OPS_PRESETS)})")
     ap.add_argument("--profile-t", type=int, nargs=2, metavar=("T1", "T2"),
-                    help="ops: the two numbers of drawing steps profiled (default 1 2)")
+                    help="ops: the two numbers of drawing steps profiled (default 2 3)")
     ap.add_argument("--check-linear", action="store_true",
                     help="ops: also profile at the preset's own T and compare with the extrapolation")
     ap.add_argument("--data", help="loader: a prepared data directory (default: a small temporary one)")

@@ -15,8 +15,11 @@ Op counts (`count_ops`, `ops_report`): torch.profiler records one training step,
   memset left out (counted apart).
 
 Op counts depend neither on the batch nor on the pixels; they are linear in the number of
-drawing steps T, so two profiles at small T give the per-drawing-step count exactly (their
-difference) and the count at any T (docs/performance.md, "Ops per training step").
+drawing steps T from T = 2 on, so two profiles at small T give the per-drawing-step count exactly
+(their difference) and the count at any T (docs/performance.md, "Ops per training step"). Not
+from T = 1: the first step sends no gradient into the zero canvas and state it starts from, and
+nothing but the loss reads the last step's canvas, so a run of one step (first and last at once)
+is not a middle step less than a run of two.
 """
 
 from __future__ import annotations
@@ -150,10 +153,11 @@ def _linear(c1: dict[str, Any], c2: dict[str, Any], t1: int, t2: int, T: int) ->
     return per, once, at
 
 
-def ops_report(cfg, batch: int = 2, device: torch.device | str = "cpu", ts: tuple[int, int] = (1, 2),
+def ops_report(cfg, batch: int = 2, device: torch.device | str = "cpu", ts: tuple[int, int] = (2, 3),
                top: int = 12) -> dict[str, Any]:
     """The ops of one training step of RCN(cfg.model) at its own T, from profiles at T = ts[0]
-    and ts[1] (count_ops): per drawing step (the difference per step; it leaves out what runs
+    and ts[1] (count_ops): per drawing step (the difference per step: a middle step, as the
+    default ts = (2, 3) both hold a first and a last step, which differ from the others; it leaves out what runs
     once per image: the encoder capsules, the loss, the stacking of the T steps, Adam), per
     training step at the config's T (once-per-image part + T x per drawing step), the
     forward/backward/optimizer split, and the launch-bound time of a step at 10 and 20 us per

@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from rcn_dist.model.cells import Linear
 from rcn_dist.model.precision import at_least_fp32, cast_to, no_autocast
 
 SIGMA2_FLOOR = 1e-6
@@ -36,28 +37,37 @@ gradients stay finite in fp32 and bf16."""
 # ------------------------------------------------------------------ the functions
 @functools.lru_cache(maxsize=64)
 def _positions(n: int, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The filter offsets i - N/2 - 0.5 (i = 1..N), (N,), and the pixel positions 1..length,
-    (length,): constants of a geometry, made once per device and dtype (not two arange ops a step)."""
+    """The filter offsets i - N/2 - 0.5 (i = 1..N) as a column (N, 1), and the pixel positions
+    1..length, (length,): constants of a geometry, made once per device and dtype (not two arange
+    ops a step), shaped to broadcast into a bank's (..., N, length)."""
     offs = torch.arange(1, n + 1, device=device, dtype=dtype) - (n / 2 + 0.5)
-    return offs, torch.arange(1, length + 1, device=device, dtype=dtype)
+    return offs.view(n, 1), torch.arange(1, length + 1, device=device, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=64)
 def _affine(height: int, width: int, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """scale and shift (5,) with (gx, gy, log sigma2, log delta, log gamma) = shift + scale * p."""
+    """scale and shift (5, 1, 1) with (gx, gy, log sigma2, log delta, log gamma) = shift + scale * p,
+    shaped to broadcast against p (B, 5, 1, 1)."""
     k = math.log((max(height, width) - 1) / max(n - 1, 1))
     scale = torch.tensor([(width + 1) / 2, (height + 1) / 2, 1.0, 1.0, 1.0], device=device, dtype=dtype)
     shift = torch.tensor([(width + 1) / 2, (height + 1) / 2, 0.0, k, 0.0], device=device, dtype=dtype)
-    return scale, shift
+    return scale.view(5, 1, 1), shift.view(5, 1, 1)
 
 
-def _window(p: Tensor, height: int, width: int, n: int) -> tuple[Tensor, Tensor]:
-    """p (B, 5) raw -> (aff (B, 5): gx, gy, log sigma2, log delta, log gamma; ex (B, 3): sigma2,
-    delta, gamma), in fp32 at least."""
-    p = at_least_fp32(p)
+def _window_parts(p: Tensor, height: int, width: int, n: int) -> tuple[Tensor, Tensor]:
+    """p (B, 5) raw -> (centres (B, 2, 1, 1): gx, gy; ex (B, 3, 1, 1): sigma2, delta, gamma), fp32
+    at least; the affine map's output split once (one op where two slices are two). The trailing
+    unit dims let every part broadcast against a bank's (B, G, N, length) or a glimpse's
+    (B, C, N, N) without a view op."""
+    p = at_least_fp32(p).view(-1, 5, 1, 1)
     scale, shift = _affine(height, width, n, p.device, p.dtype)
-    aff = torch.addcmul(shift, p, scale)
-    return aff, aff[:, 2:].exp()
+    centres, logs = torch.addcmul(shift, p, scale).split([2, 3], 1)
+    return centres, logs.exp()
+
+
+def _record(centres: Tensor, ex: Tensor) -> Tensor:
+    """The packed window record (B, 5), columns WINDOW_KEYS, from _window_parts' (centres, ex)."""
+    return torch.cat([centres, ex], 1).view(-1, 5)
 
 
 def _coef(sigma2: Tensor) -> Tensor:
@@ -73,8 +83,7 @@ def window_params(p: Tensor, height: int, width: int, n: int) -> dict[str, Tenso
       delta = (max(A, B) - 1)/(N - 1) exp(log delta~), sigma2 = exp(log sigma2), gamma = exp(log gamma).
     With N = 1 the stride is meaningless; N - 1 is then taken as 1. fp32 at least.
     """
-    aff, ex = _window(p, height, width, n)
-    return window_dict(torch.cat([aff[:, :2], ex], 1))
+    return window_dict(_record(*_window_parts(p, height, width, n)))
 
 
 def filterbank(
@@ -90,12 +99,12 @@ def filterbank(
     widened to fp32 at least first: Fx and Fy are fp32 (fp64 for fp64 inputs). A square image
     computes both in one bank.
     """
-    cx, cy, delta, sigma2 = (at_least_fp32(t) for t in (cx, cy, delta, sigma2))
+    cx, cy, delta, sigma2 = (at_least_fp32(t).view(-1, 1, 1, 1) for t in (cx, cy, delta, sigma2))
     coef = _coef(sigma2)
     if height == width:
-        return _bank_fd(torch.stack([cx, cy], 1), delta, coef, n, width)[0].unbind(1)
-    fx = _bank_fd(cx[:, None], delta, coef, n, width)[0][:, 0]
-    return fx, _bank_fd(cy[:, None], delta, coef, n, height)[0][:, 0]
+        return _bank_fd(torch.cat([cx, cy], 1), delta, coef, n, width)[0].unbind(1)
+    fx = _bank_fd(cx, delta, coef, n, width)[0][:, 0]
+    return fx, _bank_fd(cy, delta, coef, n, height)[0][:, 0]
 
 
 def read_glimpse(img: Tensor, fx: Tensor, fy: Tensor, gamma: Tensor) -> Tensor:
@@ -123,47 +132,52 @@ def window_dict(packed: Tensor) -> dict[str, Tensor]:
 
 
 @functools.lru_cache(maxsize=64)
-def _backward_matrix(height: int, width: int, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+def _backward_matrix(height: int, width: int, n: int, device: torch.device, dtype: torch.dtype,
+                     gamma_sign: float = 1.0) -> Tensor:
     """K (2N + 2, 5): the constant linear map from one backward row r = (the N x-filter sums,
-    the N y-filter sums, the sigma2 sum, d log gamma) to dp (B, 5) before delta's factor (see
-    _window_backward). Made once per geometry, device and dtype."""
-    offs = _positions(n, 1, device, dtype)[0]
+    the N y-filter sums, the sigma2 sum, the gamma sum) to dp (B, 5) before delta's factor (see
+    _window_backward); d log gamma = gamma_sign * the gamma sum (the write divides by gamma: -1,
+    a sign here instead of a negation a step). Made once per geometry, device, dtype and sign."""
+    offs = _positions(n, 1, device, dtype)[0][:, 0]  # (N,)
     k = torch.zeros(2 * n + 2, 5, device=device, dtype=dtype)
     # d gx = -2 s_x sum_x, d gy = -2 s_y sum_y with _affine's scales s = (W + 1)/2, (H + 1)/2.
     k[:n, 0], k[n:2 * n, 1] = -(width + 1), -(height + 1)
-    k[2 * n, 2], k[2 * n + 1, 4] = -1.0, 1.0  # d log sigma2 = -sum u diff; d log gamma as it comes
+    k[2 * n, 2], k[2 * n + 1, 4] = -1.0, gamma_sign  # d log sigma2 = -sum u diff; d log gamma
     k[:n, 3] = k[n:2 * n, 3] = -2.0 * offs  # d log delta = -2 delta sum_i offs_i sum_i (both axes)
     return k
 
 
 def _forward_banks(p: Tensor, n: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, tuple]:
-    """p (B, 5) raw -> fx (B, N, W), fy (B, N, H), the packed window record (B, 5) and what the
-    backward needs: (ex, banks), banks a tuple of (F, diff, diff * coef) per bank (one for a
-    square image, its G = 2 axes stacked; else one per axis)."""
-    aff, ex = _window(p, height, width, n)
-    sigma2, delta = ex[:, 0], ex[:, 1]
+    """p (B, 5) raw -> fx (B, N, W), fy (B, N, H), gamma (B, 1, 1, 1), the packed window record
+    (B, 5) and what the backward needs: (record, banks), banks a tuple of (F, diff, diff * coef)
+    per bank (one for a square image, its G = 2 axes stacked; else one per axis)."""
+    centres, ex = _window_parts(p, height, width, n)  # (B, 2, 1, 1), (B, 3, 1, 1)
+    sigma2, delta, gamma = ex.split(1, 1)  # (B, 1, 1, 1) each
     coef = _coef(sigma2)
     if height == width:
-        banks = (_bank_fd(aff[:, :2], delta, coef, n, width),)
+        banks = (_bank_fd(centres, delta, coef, n, width),)
         fx, fy = banks[0][0].unbind(1)
     else:
-        banks = (_bank_fd(aff[:, :1], delta, coef, n, width), _bank_fd(aff[:, 1:2], delta, coef, n, height))
+        cx, cy = centres.split(1, 1)
+        banks = (_bank_fd(cx, delta, coef, n, width), _bank_fd(cy, delta, coef, n, height))
         fx, fy = banks[0][0][:, 0], banks[1][0][:, 0]
-    return fx, fy, torch.cat([aff[:, :2], ex], 1), (ex, banks)
+    record = _record(centres, ex)
+    return fx, fy, gamma, record, (record, banks)
 
 
 def _bank_fd(centres: Tensor, delta: Tensor, coef: Tensor, n: int, length: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(F, diff, dc) with F (B, G, N, length) = softmax(diff^2 coef), dc = diff coef (the
-    logits are dc * diff: one multiply, and dc is what the backward wants)."""
-    offs, grid = _positions(n, length, centres.device, centres.dtype)
-    diff = grid - torch.addcmul(centres.unsqueeze(2), offs, delta.view(-1, 1, 1)).unsqueeze(3)
-    dc = diff * coef.view(-1, 1, 1, 1)
+    """centres (B, G, 1, 1), delta and coef (B, 1, 1, 1) -> (F, diff, dc), each (B, G, N, length),
+    with F = softmax(diff^2 coef) and dc = diff coef (the logits are dc * diff: one multiply, and
+    dc is what the backward wants)."""
+    offs, grid = _positions(n, length, centres.device, centres.dtype)  # (N, 1), (length,)
+    diff = grid - torch.addcmul(centres, offs, delta)  # a - mu, mu = centre + offs delta
+    dc = diff * coef
     return torch.softmax(dc * diff, dim=3), diff, dc
 
 
-def _window_backward(dfx: Tensor, dfy: Tensor, dlog_gamma: Tensor, saved: tuple, n: int, height: int,
-                     width: int) -> Tensor:
-    """d loss / d p (B, 5) from the gradients of fx, fy and of log gamma.
+def _window_backward(dfx: Tensor, dfy: Tensor, gamma_sum: Tensor, saved: tuple, n: int, height: int,
+                     width: int, gamma_sign: float = 1.0) -> Tensor:
+    """d loss / d p (B, 5) from the gradients of fx, fy and of log gamma (gamma_sign * gamma_sum).
 
     With logit = diff^2 coef, diff = a - mu, mu = centre + offs delta, coef = -1 / (2 max(sigma2,
     floor)) and p's affine map (window_params), write e = d logit and u = e diff coef. Then d mu_i
@@ -172,18 +186,19 @@ def _window_backward(dfx: Tensor, dfy: Tensor, dlog_gamma: Tensor, saved: tuple,
     So dp = (r K) with delta's factor on column 3, r = (sum_a u per x filter, per y filter,
     the sigma2 sum, d log gamma) (B, 2N + 2) and K the constant map of _backward_matrix.
     """
-    ex, banks = saved
+    record, banks = saved
     grads = (torch.stack([dfx, dfy], 1),) if len(banks) == 1 else (dfx.unsqueeze(1), dfy.unsqueeze(1))
-    b = ex.shape[0]
+    b = record.shape[0]
     rows, sums = [], []
     for d_f, (f, diff, dc) in zip(grads, banks):
         u = torch.ops.aten._softmax_backward_data(d_f, f, 3, f.dtype) * dc  # (B, G, N, L)
         rows.append(u.sum(3).view(b, -1))  # (B, G * N)
         sums.append((u * diff).sum((1, 2, 3)))  # (B,)
     q = sums[0] if len(sums) == 1 else sums[0] + sums[1]
-    sigma2, delta = ex[:, 0], ex[:, 1]
+    _, _, sigma2, delta, _ = record.unbind(1)  # (B,) each
     q = torch.where(sigma2 >= SIGMA2_FLOOR, q, 0.0)
-    dp = torch.cat([*rows, torch.stack([q, dlog_gamma], 1)], 1) @ _backward_matrix(height, width, n, ex.device, ex.dtype)
+    k = _backward_matrix(height, width, n, record.device, record.dtype, gamma_sign)
+    dp = torch.cat([*rows, torch.stack([q, gamma_sum], 1)], 1) @ k
     dp[:, 3].mul_(delta)
     return dp
 
@@ -200,13 +215,14 @@ class _ReadFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p, x, canvas, n, height, width):
-        fx, fy, record, saved = _forward_banks(p, n, height, width)
+        fx, fy, gamma, record, saved = _forward_banks(p, n, height, width)
         s = torch.sigmoid(canvas)
-        img = cast_to(torch.cat([x, x - s], 1), fx.dtype)  # (B, 2C, H, W)
-        b, k, h, w = img.shape
-        t = torch.bmm(img.view(b, k * h, w), fx.transpose(1, 2))  # (B, 2C*H, N)
-        raw = torch.matmul(fy.unsqueeze(1), t.view(b, k, h, n))  # (B, 2C, N, N), before gamma
-        gamma = saved[0][:, 2].view(-1, 1, 1, 1)
+        img = cast_to(torch.cat([x, x - s], 1), fx.dtype)  # (B, K = 2C, H, W)
+        b = img.shape[0]
+        # img Fx^T: einsum is one op where view, transpose and bmm are three, and the same bmm on
+        # the same (B, K*H, W) view of img (its contraction dims are contiguous: no copy).
+        t = torch.einsum("bkhw,bnw->bkhn", img, fx)  # (B, K, H, N)
+        raw = torch.matmul(fy.unsqueeze(1), t)  # (B, K, N, N), before gamma
         ctx.save_for_backward(fx, fy, img, t, raw, s, gamma)
         ctx.saved, ctx.geometry, ctx.canvas_dtype = saved, (n, height, width), canvas.dtype
         ctx.mark_non_differentiable(record)
@@ -221,13 +237,14 @@ class _ReadFn(torch.autograd.Function):
         n, h, w = ctx.geometry
         b, k = img.shape[:2]
         d_raw = cast_to(d_out, fx.dtype).view(b, k, n, n) * gamma
-        dfy = torch.matmul(d_raw, t.view(b, k, h, n).transpose(2, 3)).sum(1)  # (B, N, H)
-        dt = torch.matmul(fy.transpose(1, 2).unsqueeze(1), d_raw).view(b, k * h, n)  # (B, 2C*H, N)
-        dfx = torch.bmm(dt.transpose(1, 2), img.view(b, k * h, w))  # (B, N, W)
+        dfy = torch.matmul(d_raw, t.transpose(2, 3)).sum(1)  # (B, N, H)
+        dt = torch.matmul(fy.transpose(1, 2).unsqueeze(1), d_raw)  # (B, K, H, N)
+        # The contractions over (k, h) and n as einsums: each one bmm on views, as in the forward.
+        dfx = torch.einsum("bkhn,bkhw->bnw", dt, img)  # (B, N, W)
         d_canvas = None
         if ctx.needs_input_grad[2]:
-            # x_hat is rows C*H.. of img's (2C*H, W): d x_hat = dt[rows] Fx; x_hat = x - sigmoid(c).
-            d_xhat = torch.bmm(dt[:, k // 2 * h:], fx).view_as(s)
+            # x_hat is channels C.. of img: d x_hat = dt[x_hat's channels] Fx; x_hat = x - sigmoid(c).
+            d_xhat = torch.einsum("bchn,bnw->bchw", dt[:, k // 2:], fx)  # (B, C, H, W)
             d_canvas = cast_to(torch.ops.aten.sigmoid_backward(d_xhat, s).neg_(), ctx.canvas_dtype)
         # d log gamma = gamma * sum d_out raw = sum d_raw raw.
         dp = _window_backward(dfx, dfy, _dot(d_raw, raw), ctx.saved, n, h, w)
@@ -240,12 +257,11 @@ class _WriteFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p, patch, canvas, n, height, width):
-        fx, fy, record, saved = _forward_banks(p, n, height, width)
+        fx, fy, gamma, record, saved = _forward_banks(p, n, height, width)
         b, c = canvas.shape[:2]
-        wp = cast_to(patch, fx.dtype).view(b, c * n, n)
-        t = torch.bmm(wp, fx)  # (B, C*N, W)
-        raw = torch.matmul(fy.transpose(1, 2).unsqueeze(1), t.view(b, c, n, width))  # (B, C, H, W)
-        gamma = saved[0][:, 2].view(-1, 1, 1, 1)
+        wp = cast_to(patch, fx.dtype).view(b, c, n, n)
+        t = torch.einsum("bcmn,bnw->bcmw", wp, fx)  # (B, C, N, W): one bmm on the (B, C*N, N) view
+        raw = torch.matmul(fy.transpose(1, 2).unsqueeze(1), t)  # (B, C, H, W)
         ctx.save_for_backward(fx, fy, wp, t, raw, gamma)
         ctx.saved, ctx.geometry, ctx.dtypes = saved, (n, height, width), (patch.dtype, canvas.dtype)
         ctx.mark_non_differentiable(record)
@@ -258,14 +274,14 @@ class _WriteFn(torch.autograd.Function):
             return None, None, None, None, None, None
         fx, fy, wp, t, raw, gamma = ctx.saved_tensors
         n, h, w = ctx.geometry
-        b, c = raw.shape[:2]
+        b = raw.shape[0]
         d_raw = d_out / gamma
-        dfy = torch.matmul(t.view(b, c, n, w), d_raw.transpose(2, 3)).sum(1)  # (B, N, H)
-        dt = torch.matmul(fy.unsqueeze(1), d_raw).view(b, c * n, w)  # (B, C*N, W)
-        dfx = torch.bmm(wp.transpose(1, 2), dt)  # (B, N, W)
-        d_patch = cast_to(torch.bmm(dt, fx.transpose(1, 2)).view(b, -1), ctx.dtypes[0])
-        # d log gamma = gamma * sum d_out * (-raw / gamma^2) = -sum d_raw raw.
-        dp = _window_backward(dfx, dfy, _dot(d_raw, raw).neg_(), ctx.saved, n, h, w)
+        dfy = torch.matmul(t, d_raw.transpose(2, 3)).sum(1)  # (B, N, H)
+        dt = torch.matmul(fy.unsqueeze(1), d_raw)  # (B, C, N, W)
+        dfx = torch.einsum("bcmn,bcmw->bnw", wp, dt)  # (B, N, W)
+        d_patch = cast_to(torch.einsum("bcmw,bnw->bcmn", dt, fx).view(b, -1), ctx.dtypes[0])
+        # d log gamma = gamma * sum d_out * (-raw / gamma^2) = -sum d_raw raw: the sign in K.
+        dp = _window_backward(dfx, dfy, _dot(d_raw, raw), ctx.saved, n, h, w, gamma_sign=-1.0)
         return dp, d_patch, cast_to(d_out, ctx.dtypes[1]), None, None, None
 
 
@@ -281,7 +297,7 @@ class Reader(nn.Module):
     def __init__(self, hidden: int, channels: int, height: int, width: int, n: int) -> None:
         super().__init__()
         self.h, self.w, self.n = height, width, n
-        self.window = nn.Linear(hidden, 5)
+        self.window = Linear(hidden, 5)
 
     def forward(self, x: Tensor, canvas_prev: Tensor, h_dec: Tensor) -> tuple[Tensor, Tensor]:
         p = self.window(cast_to(h_dec, self.window.weight.dtype))
@@ -299,8 +315,8 @@ class Writer(nn.Module):
     def __init__(self, hidden: int, channels: int, height: int, width: int, n: int) -> None:
         super().__init__()
         self.c, self.h, self.w, self.n = channels, height, width, n
-        self.patch = nn.Linear(hidden, channels * n * n)
-        self.window = nn.Linear(hidden, 5)
+        self.patch = Linear(hidden, channels * n * n)
+        self.window = Linear(hidden, 5)
 
     def forward(self, h_dec: Tensor, canvas_prev: Tensor) -> tuple[Tensor, Tensor]:
         h_dec = cast_to(h_dec, self.window.weight.dtype)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from rcn_dist.model.precision import at_least_fp32, cast_to, no_autocast
+from rcn_dist.model.precision import at_least_fp32, autocast_dtype, cast_to, no_autocast
 
 SQUASH_EPS = 1e-8
 """The squash's norm is sqrt(|s|^2 + SQUASH_EPS): finite, with a zero gradient, at s = 0."""
@@ -31,9 +31,17 @@ def _squash_parts(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     n2 = |s|^2, r = sqrt(n2 + eps), a = 1 / ((1 + n2) r) and k = n2 a, each (..., 1): v = s k."""
     n2 = torch.linalg.vecdot(s, s).unsqueeze(-1)
     r = torch.sqrt(n2 + SQUASH_EPS)
-    a = torch.reciprocal((n2 + 1.0) * r)
+    a = torch.reciprocal(torch.addcmul(r, n2, r))  # 1 / ((1 + n2) r), (1 + n2) r as r + n2 r: one op
     k = n2 * a
     return s * k, n2, r, a, k
+
+
+def _squash_scale(s: Tensor) -> Tensor:
+    """squash(s)'s scale k = n2 / ((1 + n2) sqrt(n2 + eps)), (..., 1), n2 = |s|^2 along the last
+    dim: v = s k. For the routing's inner iterations, which need u_hat . v = k (u_hat . s) only."""
+    n2 = torch.linalg.vecdot(s, s).unsqueeze(-1)
+    r = torch.sqrt(n2 + SQUASH_EPS)
+    return n2 / torch.addcmul(r, n2, r)
 
 
 def _squash_backward(dv: Tensor, s: Tensor, n2: Tensor, r: Tensor, a: Tensor, k: Tensor) -> Tensor:
@@ -159,11 +167,8 @@ class RoutedCapsules(nn.Module):
         parents is sensitive to them. Predictions, routing and squash run as one autograd
         Function (`_RoutedFn`): `dynamic_routing`'s arithmetic with the backward written out.
         """
-        device = u.device
-        dtype = self.weight.dtype
-        if device.type != "meta" and torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)  # what the einsum would run in
-        with no_autocast(device):
+        dtype = autocast_dtype(u.device, self.weight.dtype)  # what the einsum would run in
+        with no_autocast(u.device):
             v = _RoutedFn.apply(u, self.weight, self.iters, dtype)
         # Back to the weights' dtype: fp32 under autocast (no-op), bf16 where the whole module
         # was cast to bf16 (DeepSpeed's bf16 mode), so the next layer gets its own dtype.
@@ -193,10 +198,15 @@ class _RoutedFn(torch.autograd.Function):
             if logits is not None:
                 c = torch.softmax(logits, dim=1)  # (B, P, N)
                 s = torch.einsum("bji,bjid->bjd", c, u_hat)
-            v, *parts = _squash_parts(s)
-            if r < iters - 1:  # b += u_hat . v (no gradient: dynamic_routing's detached u_hat)
-                agree = torch.einsum("bjid,bjd->bji", u_hat, v)  # (B, P, N)
-                logits = agree if logits is None else logits + agree
+            if r < iters - 1:
+                # b += u_hat . v (no gradient: dynamic_routing's detached u_hat), as k (u_hat . s)
+                # with v = k s: the inner iterations need only the squash's scale k (B, P, 1), and
+                # the sum and the scaling are one addcmul.
+                k = _squash_scale(s)
+                agree = torch.einsum("bjid,bjd->bji", u_hat, s)  # (B, P, N), before k
+                logits = agree * k if logits is None else torch.addcmul(logits, agree, k)
+            else:
+                v, *parts = _squash_parts(s)
         ctx.save_for_backward(u_c, w_c, c, s, *parts)
         ctx.dtypes, ctx.n_parent = (u.dtype, weight.dtype), n_parent
         ctx.set_materialize_grads(False)
@@ -211,7 +221,7 @@ class _RoutedFn(torch.autograd.Function):
         if c is None:  # one iteration: c = 1 / n_parent
             du_hat = (ds * (1.0 / ctx.n_parent)).unsqueeze(2).expand(-1, -1, u_c.shape[1], -1)
         else:
-            du_hat = c.unsqueeze(3) * ds.unsqueeze(2)  # (B, P, N, D)
+            du_hat = torch.einsum("bji,bjd->bjid", c, ds)  # (B, P, N, D): the outer product, one mul
         du_hat = cast_to(du_hat, w_c.dtype)
         du = dw = None
         if ctx.needs_input_grad[0]:

@@ -42,6 +42,20 @@ def common_wide(*ts: Tensor) -> tuple[Tensor, ...]:
     return tuple(cast_to(t, dt) for t in ts)
 
 
+def autocast_on(device: torch.device) -> bool:
+    """Whether a caller's autocast is on for `device` (never on the meta device, which
+    torch.is_autocast_enabled would reject). A cheap check: torch.autocast(enabled=False) itself
+    costs a few microseconds to enter and leave, a good part of a layer's Python overhead at a
+    small batch, so the Functions only switch autocast off where it is on."""
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
+
+
+def autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a matmul on `device` runs in: autocast's when it is on, else `dtype` (the
+    weights'). What the model's Functions, which run with autocast off, cast their operands to."""
+    return torch.get_autocast_dtype(device.type) if autocast_on(device) else dtype
+
+
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off on `device` for code that runs in fp32 by design (attention, routing) when a
     caller's autocast is on; the meta device (FLOP counts) has no autocast to switch off."""

@@ -31,14 +31,17 @@ from rcn_dist.config import ModelConfig
 from rcn_dist.model import losses
 from rcn_dist.model.attention import Reader, Writer, window_dict
 from rcn_dist.model.capsules import PrimaryCapsules, RoutedCapsules, scaled_init_
-from rcn_dist.model.precision import at_least_fp32, cast_to, wide_dtype
+from rcn_dist.model.cells import Linear, LSTMCell
+from rcn_dist.model.precision import at_least_fp32, autocast_dtype, cast_to, no_autocast, wide_dtype
 
 State = tuple[Tensor, ...]
 """RNN state: (h, c) for an LSTM, (h,) for a GRU; h is always state[0]."""
 
 
 def _cell(kind: str, n_in: int, hidden: int) -> nn.Module:
-    return nn.LSTMCell(n_in, hidden) if kind == "lstm" else nn.GRUCell(n_in, hidden)
+    # cells.LSTMCell: an nn.LSTMCell (same parameters, state dict and checkpoints) whose forward is
+    # the written-out cells.lstm_cell; the GRU is torch's.
+    return LSTMCell(n_in, hidden) if kind == "lstm" else nn.GRUCell(n_in, hidden)
 
 
 class _Stack(nn.Module):
@@ -55,8 +58,55 @@ class _Stack(nn.Module):
         being the cell's own output or init_state's)."""
         inp = cast_to(inp, self.rnn.weight_ih.dtype)
         if isinstance(self.rnn, nn.LSTMCell):
+            # cells.lstm_cell on the module's own parameters, through the module's forward: the FLOP
+            # counter's hooks and ZeRO-3's parameter gathering hang on it.
             return self.rnn(inp, state)  # a tuple (h, c) already
         return (self.rnn(inp, state[0]),)
+
+
+class _GaussianFn(torch.autograd.Function):
+    """(h (B, hidden), W (2 z, hidden), b (2 z,), eps (B, z)) -> (z, mu, logvar), each (B, z):
+    (mu, logvar) = h W^T + b, z = mu + exp(logvar / 2) eps, as one Function. The matmul runs in
+    `dtype` (the weights' or autocast's); mu, logvar and z in fp32 at least. Autograd's graph of
+    the linear, chunk, exp and addcmul costs about 15 backward ops a step; this one 8."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, eps, dtype):
+        h_c, w_c = cast_to(h, dtype), cast_to(weight, dtype)
+        out = at_least_fp32(torch.nn.functional.linear(h_c, w_c, cast_to(bias, dtype)))  # (B, 2 z)
+        mu, logvar = out.chunk(2, dim=1)
+        sigma = torch.exp(0.5 * logvar)
+        ctx.save_for_backward(h_c, w_c, sigma, eps)
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype)
+        ctx.set_materialize_grads(False)
+        return torch.addcmul(mu, sigma, eps), mu, logvar
+
+    @staticmethod
+    def backward(ctx, dz, dmu, dlogvar):
+        h_c, w_c, sigma, eps = ctx.saved_tensors
+        zeros = None
+        if dz is None or dmu is None or dlogvar is None:
+            zeros = torch.zeros_like(sigma)
+        dz, dmu, dlogvar = (zeros if g is None else g for g in (dz, dmu, dlogvar))
+        # d mu = dmu + dz; d logvar = dlogvar + dz eps sigma / 2.
+        d_out = cast_to(torch.cat([dmu + dz, torch.addcmul(dlogvar, dz, eps * sigma, value=0.5)], 1), w_c.dtype)
+        dh = cast_to(d_out @ w_c, ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        # d_out^T h (2 z, hidden) as one tensordot (cells._linear_backward's form): t() would be an op more.
+        dw = cast_to(torch.tensordot(d_out, h_c, ([0], [0])), ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        db = cast_to(d_out.sum(0), ctx.dtypes[2]) if ctx.needs_input_grad[2] else None
+        return dh, dw, db, None, None
+
+
+class GaussianHead(nn.Linear):
+    """The encoder's latent head: h (B, hidden) and eps (B, z) -> (z, mu, logvar), each (B, z), fp32
+    at least. An nn.Linear(hidden, 2 z) (its weights are mu's rows, then logvar's), so that its
+    parameters and their names are those of a plain Linear, and its forward is the module's own
+    (ZeRO-3 gathers a module's weights around its forward)."""
+
+    def forward(self, h: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        dtype = autocast_dtype(h.device, self.weight.dtype)
+        with no_autocast(h.device):
+            return _GaussianFn.apply(h, self.weight, self.bias, eps, dtype)
 
 
 class EncoderCapsules(nn.Module):
@@ -91,7 +141,7 @@ class DecoderCapsules(nn.Module):
         self.seed_shape = (cfg.dec_seed_channels, cfg.dec_seed_size, cfg.dec_seed_size)
         bias = not cfg.dec_caps_odd
         self.act: nn.Module = nn.Tanh() if cfg.dec_caps_odd else nn.ReLU()
-        self.seed = nn.Linear(cfg.z_dim, cfg.dec_seed_channels * cfg.dec_seed_size**2, bias=bias)
+        self.seed = Linear(cfg.z_dim, cfg.dec_seed_channels * cfg.dec_seed_size**2, bias=bias)
         layers: list[nn.Module] = []
         ch = cfg.dec_seed_channels
         for out in cfg.dec_deconv_channels:
@@ -121,7 +171,7 @@ class Encoder(_Stack):
         c, h, w = cfg.in_channels, cfg.height, cfg.width
         self.reader = Reader(cfg.dec_hidden, c, h, w, cfg.read_n) if cfg.read_attn else None
         self.rnn = _cell(cfg.rnn, cfg.enc_rnn_in(), cfg.enc_hidden)
-        self.latent = nn.Linear(cfg.enc_hidden, 2 * cfg.z_dim)
+        self.latent = GaussianHead(cfg.enc_hidden, 2 * cfg.z_dim)
 
     def step(
         self, x: Tensor, caps_flat: Tensor, canvas_prev: Tensor, h_dec_prev: Tensor, state: State, eps_t: Tensor
@@ -144,10 +194,9 @@ class Encoder(_Stack):
             x_hat = x - torch.sigmoid(canvas_prev)  # (B, C, H, W), fp32 at least: the canvas is
             inp, win = torch.cat([caps_flat, x.flatten(1), x_hat.flatten(1), h_dec_prev], 1), None
         state = self._run_rnn(inp, state)
-        # The head in its weights' dtype, its output widened once (B, 2 * z_dim): mu, logvar, sigma
-        # and z = mu + sigma * eps in fp32 at least.
-        mu, logvar = at_least_fp32(self.latent(cast_to(state[0], self.latent.weight.dtype))).chunk(2, dim=1)
-        z = torch.addcmul(mu, torch.exp(0.5 * logvar), eps_t)
+        # The head's matmul in its weights' dtype, its output widened once: mu, logvar, sigma and
+        # z = mu + sigma * eps in fp32 at least.
+        z, mu, logvar = self.latent(state[0], eps_t)
         return state, z, mu, logvar, win
 
 
@@ -165,7 +214,7 @@ class Decoder(_Stack):
         c, h, w = cfg.in_channels, cfg.height, cfg.width
         self.rnn = _cell(cfg.rnn, cfg.dec_rnn_in(), cfg.dec_hidden)
         self.writer: nn.Module = (Writer(cfg.dec_hidden, c, h, w, cfg.write_n) if cfg.write_attn
-                                  else nn.Linear(cfg.dec_hidden, c * h * w))
+                                  else Linear(cfg.dec_hidden, c * h * w))
         # Log-scale of the discretised logistic, one per channel, in [0, 1] pixel units.
         self.log_scale = nn.Parameter(torch.full((c,), -3.0)) if cfg.likelihood == "logistic" else None
 
@@ -208,7 +257,7 @@ class Decoder(_Stack):
             margin = losses.margin_loss(lengths, y, c.m_plus, c.m_minus, c.margin_lambda)
         else:  # no classifier to train
             margin = torch.zeros_like(lengths[:, 0])
-        recon = self.recon_nll(out.canvas[:, -1], x)
+        recon = self.recon_nll(out.last_canvas, x)
         kl = at_least_fp32(out.kl).sum(dim=1)
         elbo = recon + kl
         return {"margin": margin, "recon": recon, "kl": kl, "elbo": elbo,
@@ -220,7 +269,11 @@ class RCNOutput:
     """What one forward pass returns. B images, T steps."""
 
     canvas: Tensor
-    """(B, T, C, H, W) canvas logits after each step; canvas[:, -1] is c_T."""
+    """(B, T, C, H, W) canvas logits after each step, a record without gradient history (as the
+    windows are): canvas[:, -1] holds c_T's values. Stacked under no_grad, so that the T - 1
+    canvases no loss reads send no zero gradients back (a select and an add a drawing step)."""
+    last_canvas: Tensor
+    """(B, C, H, W) c_T, with its gradient: what the likelihood reads."""
     class_caps: Tensor
     """(B, n_classes, class_caps_dim) encoder class capsules."""
     class_lengths: Tensor
@@ -282,15 +335,16 @@ class RCN(nn.Module):
         enc_state, dec_state = self.encoder.init_state(b, x), self.decoder.init_state(b, x)
         canvas = torch.zeros_like(x, dtype=wide_dtype(x.dtype))  # c_0 = 0, (B, C, H, W)
         steps = []  # (canvas, mu, logvar, read windows, write windows) of each step
-        for t in range(self.cfg.T):
-            enc_state, z, mu, logvar, rwin = self.encoder.step(x, caps_flat, canvas, dec_state[0], enc_state,
-                                                               eps[:, t])
+        for eps_t in eps.unbind(1):  # one op, not a select a step
+            enc_state, z, mu, logvar, rwin = self.encoder.step(x, caps_flat, canvas, dec_state[0], enc_state, eps_t)
             dec_state, canvas, wwin = self.decoder.step(z, dec_state, canvas)
             steps.append((canvas, mu, logvar, rwin, wwin))
         canvases, mus, logvars, rwins, wwins = zip(*steps)
         mu, logvar = torch.stack(mus, 1), torch.stack(logvars, 1)
+        with torch.no_grad():  # the record (RCNOutput.canvas); the loss reads c_T, `canvas` here
+            record = torch.stack(canvases, 1)
         return RCNOutput(
-            canvas=torch.stack(canvases, 1), class_caps=caps, class_lengths=at_least_fp32(caps).norm(dim=-1),
+            canvas=record, last_canvas=canvas, class_caps=caps, class_lengths=at_least_fp32(caps).norm(dim=-1),
             kl=losses.kl_standard_normal(mu, logvar), mu=mu, logvar=logvar,
             read_windows=_stack_windows(rwins), write_windows=_stack_windows(wwins),
         )

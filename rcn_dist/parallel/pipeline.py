@@ -135,7 +135,7 @@ class DecoderStep(nn.Module):
             return (*enc_state, caps, kl, *state, canvas)
         cfg = dec.cfg
         class_caps = caps.view(-1, cfg.n_classes, cfg.class_caps_dim)
-        out = RCNOutput(canvas=canvas.unsqueeze(1), class_caps=class_caps, class_lengths=class_caps.norm(dim=-1),
+        out = RCNOutput(canvas=canvas.unsqueeze(1), last_canvas=canvas, class_caps=class_caps, class_lengths=class_caps.norm(dim=-1),
                         kl=kl.unsqueeze(1), mu=None, logvar=None, read_windows=None, write_windows=None)
         with _autocast(x.device, self.bf16):
             terms = dec.loss_terms(out, x, y.to(dtype) if y.is_floating_point() else y)
