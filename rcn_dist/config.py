@@ -355,16 +355,47 @@ class EvalConfig:
     """Test images used for the importance-weighted bound (0: all)."""
     caps_examples: int = 0
     """Test images behind the capsule-usage figures of `rcn eval` (0: all)."""
-    nn_samples: int = 256
-    """Generated samples for the nearest-neighbour and Frechet figures."""
-    nn_train_images: int = 10000
+    info_examples: int = 0
+    """Test images behind the rate per step and the active units (0: all); two posterior paths each."""
+    mi_examples: int = 4096
+    """Test images behind the I_q(x; z) estimates, in mixtures of eval.mi_batch (0: all)."""
+    mi_batch: int = 2048
+    """Posteriors per mixture of the I_q(x; z) estimates: the lower one cannot exceed log(mi_batch)."""
+    mi_paths: int = 128
+    """Posterior paths per mixture, from its first images: each runs mi_batch encoder passes, so a
+    mixture costs mi_paths * mi_batch of them (docs/evaluation.md says why not mi_batch^2)."""
+    nn_samples: int = 1000
+    """Generated samples (and as many test images) behind the nearest-neighbour and data-copying
+    figures."""
+    nn_train_images: int = 0
     """Training images searched for nearest neighbours (0: all)."""
-    classifier_steps: int = 300
-    """Steps of the small feature classifier trained for the Frechet distance."""
+    copy_cells: int = 10
+    """k-means cells of the data-copying test (Meehan et al. 2020), fitted on training images."""
+    fd_samples: int = 5000
+    """Generated samples (and as many test and training images) behind the Frechet distance, the
+    class histogram and the write-window figures."""
+    fd_bootstrap: int = 100
+    """Bootstrap resamples of the Frechet distance's interval (0: no interval)."""
+    classifier_steps: int = 1300
+    """Steps (batch 128) of the data set's feature classifier, about 3 epochs of Fashion-MNIST's
+    55,000 training images; trained once per data set and cached (rcn_dist.quality)."""
+    c2st_samples: int = 5000
+    """Generated samples (and as many test images) in the classifier two-sample test, half of
+    each to train it, half to score it; the real-against-real control tests those test images
+    against as many others (capped at half the test split)."""
 
     def __post_init__(self) -> None:
-        _ints(self, "eval", 1, "iw_samples", "nn_samples", "classifier_steps")
-        _ints(self, "eval", 0, "iw_examples", "caps_examples", "nn_train_images")
+        _ints(self, "eval", 1, "iw_samples", "nn_samples", "classifier_steps", "copy_cells", "fd_samples",
+              "c2st_samples")
+        _ints(self, "eval", 0, "iw_examples", "caps_examples", "nn_train_images", "info_examples", "mi_examples",
+              "fd_bootstrap")
+        _require(isinstance(self.mi_batch, int) and self.mi_batch >= 2, "eval.mi_batch",
+                 f"must be an integer >= 2, got {self.mi_batch!r}")
+        _require(isinstance(self.mi_paths, int) and 1 <= self.mi_paths <= self.mi_batch, "eval.mi_paths",
+                 f"must be an integer from 1 to eval.mi_batch ({self.mi_batch}), got {self.mi_paths!r}")
+        _require(self.mi_examples == 0 or self.mi_examples >= self.mi_batch, "eval.mi_examples",
+                 f"must be 0 (all) or at least eval.mi_batch ({self.mi_batch}), got {self.mi_examples}")
+        _require(self.c2st_samples >= 4, "eval.c2st_samples", "must be at least 4 (two per half and set)")
 
 
 @dataclass

@@ -71,7 +71,7 @@ class TrainProgress:
             print(f"{self.label} step {step}/{self.total}  {stats}", flush=True)
 
     def eval(self, ev: dict[str, Any]) -> None:
-        rows = {k: v for k, v in ev.items() if k.startswith(("test_", "val_", "caps_"))}
+        rows = {k: v for k, v in ev.items() if k.startswith(("test_", "val_", "caps_", "info_"))}
         if self._bar is not None:
             self._bar.console.print(f"[bold]eval @ step {ev.get('step')}[/]: "
                                     + "  ".join(f"{k} {_fmt(v)}" for k, v in rows.items()))

@@ -94,8 +94,11 @@ def evaluate(engine_or_module, stream, cfg: Config, device: str, max_batches: in
     checkpoint, so the loop's test ELBO and `rcn eval`'s are the same number. Where the whole
     model is on this rank, the capsule statistics of the first batch ride along ("caps_*":
     spread across images and lengths, rcn_dist/model/usage.py), so that capsules that stop
-    carrying the image show while the run trains.
+    carrying the image show while the run trains, and so do the first batch's active units and
+    write-window area ("info_*", rcn_dist.information.batch_information: two more forward passes
+    of that batch).
     """
+    from rcn_dist.information import batch_information
     from rcn_dist.model.usage import capsule_stats
 
     module = getattr(engine_or_module, "module", engine_or_module)
@@ -115,6 +118,9 @@ def evaluate(engine_or_module, stream, cfg: Config, device: str, max_batches: in
             keep = batch["mask"].to(device)
             xc = None if x_caps is None else x_caps[keep]
             caps = {f"caps_{k}": v for k, v in capsule_stats(rcn, x[keep], eps[keep], xc).items()}
+            # A second posterior path per image (IW sample 1's noise) for the active units.
+            eps2 = noise_for(batch, step_noise_seed(cfg.train.seed + EVAL_NOISE_SEED, 1), cfg, device=device)
+            caps |= batch_information(rcn, x[keep], (eps[keep], eps2[keep]), xc)
         mask = to_device(batch["mask"], device).double()
         sums += torch.stack([(terms[k].double() * mask).sum() for k in keys] + [mask.sum()])
         if max_batches and n_batches >= max_batches:

@@ -19,15 +19,21 @@ PARTS = ("loss", "elbo", "recon", "kl", "margin")
 PICTURES = (
     ("samples/samples.png", "Unconditional samples (decoder means of the final canvas)"),
     ("samples/drawing.gif", "The drawing process: canvas after each step, write window in red"),
-    ("samples/drawing_strip.png", "The same, step by step left to right"),
+    ("samples/drawing_strip.png", "The same, step by step left to right, the window centre's path in yellow; "
+     "last panel: every step's window, blue (first) to red (last)"),
     ("samples/reconstructions.png", "Test images (odd rows) and their reconstructions (even rows)"),
     ("samples/samples_by_class.png", "Samples grouped by the class the encoder's capsules give them"),
     ("samples/nearest.png", "Generated samples (top) and their nearest training images (bottom)"),
 )
 CAPS_SUMMARY = ("caps_decoder_shuffle", "caps_encoder_shuffle", "caps_decoder_spread")
 """Capsule usage columns of a comparison (`rcn eval`'s capsules part): what an ablation table needs."""
-SUMMARY = ("test_error", "two_object_accuracy", "test_elbo", "test_bits_per_dim", "iw_nll", "frechet",
-           "frechet_ref", "nn_ratio", "memorised")
+SUMMARY = ("test_error", "two_object_accuracy", "test_elbo", "test_bits_per_dim", "iw_nll", "info_active_units",
+           "mi_lower", "frechet", "frechet_ref", "class_min_share", "c2st_accuracy", "nn_ratio", "copy_zu",
+           "memorised", "window_area")
+STEP_COLUMNS = (("info_rate_steps", "rate (nats)"), ("info_active_units_steps", "active units"),
+                ("window_area_steps", "write window area"), ("window_x_steps", "window centre x (px)"),
+                ("window_y_steps", "window centre y (px)"))
+"""eval.json's per-step lists, as the columns of the report's per-step table."""
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -95,6 +101,50 @@ def plot_curves(train: list[dict], evals: list[dict], path: Path, title: str = "
     plt.close(fig)
 
 
+def plot_classes(names: list[str], shares: list[float], shares_test: list[float], path: Path, title: str = "") -> None:
+    """Bars of the samples' class shares beside the test images' (both by the feature classifier)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names)), 3.5))
+    pos = range(len(names))
+    ax.bar([p - 0.2 for p in pos], shares_test, 0.4, label="test images", color="tab:gray")
+    ax.bar([p + 0.2 for p in pos], shares, 0.4, label="prior samples", color="tab:red")
+    ax.set_xticks(list(pos), names, rotation=30, ha="right")
+    ax.set_ylabel("share (feature classifier)")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def eval_sections(mets: dict[str, Any], run_dir: Path) -> list[str]:
+    """The report's tables of eval.json beyond the numbers: per step (rate, active units, write
+    window) and per class (with report/classes.png), where eval.json has them."""
+    out: list[str] = []
+    cols = [(k, head) for k, head in STEP_COLUMNS if isinstance(mets.get(k), list)]
+    if cols:
+        steps = max(len(mets[k]) for k, _ in cols)
+        out += ["### Per drawing step", "",
+                md_table(["step", *(h for _, h in cols)],
+                         [[t + 1, *(mets[k][t] if t < len(mets[k]) else None for k, _ in cols)]
+                          for t in range(steps)]), ""]
+    if isinstance(mets.get("class_shares"), list) and isinstance(mets.get("class_shares_test"), list):
+        names = mets.get("class_names") or [str(i) for i in range(len(mets["class_shares"]))]
+        (run_dir / "report").mkdir(exist_ok=True)
+        plot_classes(names, mets["class_shares"], mets["class_shares_test"], run_dir / "report" / "classes.png",
+                     f"KL {_fmt(mets.get('class_kl'))} nats, rarest {mets.get('class_rarest')} "
+                     f"{_fmt(mets.get('class_min_share'))}")
+        out += ["### Classes of the prior samples", "", "![class shares](report/classes.png)", "",
+                md_table(["class", "samples", "test images"],
+                         [[n, p, q] for n, p, q in zip(names, mets["class_shares"], mets["class_shares_test"])]), ""]
+    if isinstance(mets.get("copy_zu_cells"), list):
+        out += ["### Data-copying test per cell", "",
+                md_table(["cell", *map(str, range(len(mets["copy_zu_cells"])))], [["Z_U", *mets["copy_zu_cells"]]]), ""]
+    return out
+
+
 def _load_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -134,8 +184,11 @@ def run_report(run_dir: Path) -> Path:
                    + f"; eval settings: {', '.join(f'{k}={v}' for k, v in ev.get('eval', {}).items())}.")
         from rcn_dist.eval import METRICS
 
-        order = [k for k in METRICS if k in mets] + sorted(k for k in mets if k not in METRICS)
+        # The lists (per step, per class, per cell) get tables of their own below.
+        scalar = {k: v for k, v in mets.items() if not isinstance(v, list)}
+        order = [k for k in METRICS if k in scalar] + sorted(k for k in scalar if k not in METRICS)
         out += ["", md_table(["metric", "value", "meaning"], [[k, mets[k], METRICS.get(k, "")] for k in order]), ""]
+        out += eval_sections(mets, run_dir)
     else:
         out += [f"No eval.json yet: `rcn eval --run {run_dir}`.", ""]
 
@@ -148,7 +201,7 @@ def run_report(run_dir: Path) -> Path:
             split = eval_split(evals)
             keys = [f"{split}_{k}" for k in ("error", "elbo", "recon", "kl", "margin") if f"{split}_{k}" in evals[-1]]
             keys += [k for k in ("caps_decoder_spread", "caps_decoder_length", "caps_encoder_spread",
-                                 "caps_encoder_length") if k in evals[-1]]
+                                 "caps_encoder_length", "info_active_units", "info_write_area") if k in evals[-1]]
             out += [md_table(["step", *keys], [[r["step"], *(r.get(k) for k in keys)] for r in evals]), ""]
     else:
         out += ["No metrics.jsonl yet.", ""]

@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 RED = (255, 0, 0)
+PATH_COLOUR = (255, 210, 0)
+"""The write window centre's path on the drawing strip."""
 GREY_LEVELS = 255
 """GIF frames use palette indices 0..254 for grey levels and 255 for red."""
 RED_INDEX = 255
@@ -58,6 +60,32 @@ def window_box(cx: float, cy: float, delta: float, n: int, height: int, width: i
     return max(x0, 0), max(y0, 0), min(max(x1, x0), wmax), min(max(y1, y0), hmax)
 
 
+def window_area(cx: Tensor, cy: Tensor, delta: Tensor, n: int, height: int, width: int) -> Tensor:
+    """The share of the image the write window covers, elementwise over cx, cy, delta (any shape).
+
+    The window is the square g -+ n/2 * delta around its centre on each axis (as window_box), in
+    DRAW's units, where the image spans 0.5 .. width + 0.5 (pixel column a, 0-based, has its centre
+    at a + 1); its overlap with the image, divided by height * width. It ignores the filters'
+    Gaussian width sigma: a window with delta ~ 0 and a wide sigma still smears over more pixels.
+    """
+    half = n / 2 * delta
+
+    def overlap(c: Tensor, size: int) -> Tensor:
+        return ((c + half).clamp(max=size + 0.5) - (c - half).clamp(min=0.5)).clamp(min=0)
+
+    return overlap(cx, width) * overlap(cy, height) / (height * width)
+
+
+def window_figures(windows: dict[str, Tensor], n: int, height: int, width: int) -> dict[str, float | list]:
+    """Per-step means over samples of the write window's area (`window_area`) and of its centre,
+    in pixels from the image's left and top edges (DRAW's x - 0.5): windows holds cx, cy, delta,
+    each (samples, T)."""
+    area = window_area(windows["cx"].double(), windows["cy"].double(), windows["delta"].double(), n, height, width)
+    return {"window_area_steps": area.mean(0).tolist(), "window_area": area.mean().item(),
+            "window_x_steps": (windows["cx"].double() - 0.5).mean(0).tolist(),
+            "window_y_steps": (windows["cy"].double() - 0.5).mean(0).tolist(), "window_samples": len(area)}
+
+
 def drawing_frames(canvases: Tensor, windows: dict[str, Tensor] | None, write_n: int,
                    scale: int = 3, pad: int = 2) -> list[Image.Image]:
     """The drawing process as T palette images, one per step.
@@ -85,6 +113,52 @@ def drawing_frames(canvases: Tensor, windows: dict[str, Tensor] | None, write_n:
                     draw.rectangle((ox + box[0], oy + box[1], ox + box[2], oy + box[3]), outline=RED_INDEX)
         frames.append(frame)
     return frames
+
+
+def step_colour(t: int, steps: int) -> tuple[int, int, int]:
+    """The colour of step t (0-based) of `steps` in the strip's summary panel: blue to red."""
+    f = t / max(steps - 1, 1)
+    return round(255 * f), round(120 * (1 - f)), round(255 * (1 - f))
+
+
+def drawing_strip(canvases: Tensor, windows: dict[str, Tensor] | None, write_n: int, scale: int = 3,
+                  pad: int = 2) -> Image.Image:
+    """One row per sample of canvases (n, T, C, H, W): its T frames (drawing_frames: the canvas
+    after step t, step t's write window in red) with the path of the window's centre over steps
+    1..t in PATH_COLOUR (a line, a dot at each centre), then a summary panel: the final canvas
+    with every step's window, coloured by step_colour, and the whole path. windows: cx, cy, delta
+    each (n, T), or None (frames only, the summary panel shows the final canvas)."""
+    n, steps, _, h, w = canvases.shape
+    rows = []
+    for i in range(n):
+        win = None if windows is None else {k: v[i:i + 1] for k, v in windows.items()}
+        frames = [f.convert("RGB") for f in drawing_frames(canvases[i:i + 1], win, write_n, scale, pad)]
+        # The final canvas without a window.
+        summary = drawing_frames(canvases[i:i + 1, -1:], None, write_n, scale, pad)[0].convert("RGB")
+        if win is not None:
+            # Centres on the magnified tile: DRAW's x = a + 1 is the middle of pixel column a.
+            path = [(pad + (float(win["cx"][0, t]) - 0.5) * scale, pad + (float(win["cy"][0, t]) - 0.5) * scale)
+                    for t in range(steps)]
+            draw = ImageDraw.Draw(summary)
+            for t in range(steps):
+                box = window_box(*(float(win[k][0, t]) for k in ("cx", "cy", "delta")), write_n, h, w, scale)
+                if box is not None:
+                    draw.rectangle((pad + box[0], pad + box[1], pad + box[2], pad + box[3]),
+                                   outline=step_colour(t, steps))
+            for t, frame in enumerate([*frames, summary]):
+                d = ImageDraw.Draw(frame)
+                upto = path[:t + 1]  # the summary panel (t = steps): the whole path
+                if len(upto) > 1:
+                    d.line(upto, fill=PATH_COLOUR)
+                for x, y in upto:
+                    d.rectangle((x - 1, y - 1, x + 1, y + 1), fill=PATH_COLOUR)
+        rows.append([*frames, summary])
+    fw, fh = rows[0][0].size
+    out = Image.new("RGB", (fw * (steps + 1), fh * n))
+    for i, row in enumerate(rows):
+        for t, f in enumerate(row):
+            out.paste(f, (t * fw, i * fh))
+    return out
 
 
 def labelled_rows(rows: list[tuple[str, Tensor]], ncol: int, scale: int = 2, pad: int = 2,
@@ -161,16 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         # An endless GIF; the last frame (the finished drawing) stays longer.
         frames[0].save(out_dir / "drawing.gif", save_all=True, append_images=frames[1:],
                        duration=[250] * (len(frames) - 1) + [1500], loop=0, optimize=False, disposal=1)
-        # The strip: each sample's frames left to right in step order, one row per sample (up to 4).
-        strips = [drawing_frames(canvases[i:i + 1], None if windows is None else
-                                 {x: v[i:i + 1] for x, v in windows.items()}, m.write_n, args.scale)
-                  for i in range(min(k, 4))]
-        w, h = strips[0][0].size
-        s = Image.new("RGB", (w * len(strips[0]), h * len(strips)))
-        for i, strip in enumerate(strips):
-            for t, f in enumerate(strip):
-                s.paste(f.convert("RGB"), (t * w, i * h))
-        s.save(out_dir / "drawing_strip.png")
+        # The strip: each sample's frames left to right in step order, one row per sample (up to 4),
+        # with the window centre's path and a summary panel of every step's window.
+        r = min(k, 4)
+        drawing_strip(canvases[:r], None if windows is None else {x: v[:r] for x, v in windows.items()},
+                      m.write_n, args.scale).save(out_dir / "drawing_strip.png")
         written += [out_dir / "drawing.gif", out_dir / "drawing_strip.png"]
 
     data_dir = args.data or cfg.data.dir

@@ -25,8 +25,13 @@ def fake_run(d: Path, lr: float = 3e-3, with_eval: bool = True) -> Path:
     if with_eval:
         (d / "eval.json").write_text(json.dumps({
             "checkpoint": str(d / "checkpoints/step_00000010"), "step": 10, "world_size": 1, "reduced": True,
-            "eval": {"iw_samples": 10}, "metrics": {"test_error": 0.4, "test_elbo": 535.0, "iw_nll": 533.25,
-                                                     "frechet": 12.5, "memorised": False}}))
+            "eval": {"iw_samples": 10}, "metrics": {
+                "test_error": 0.4, "test_elbo": 535.0, "iw_nll": 533.25, "frechet": 12.5, "memorised": False,
+                "info_rate_steps": [1.5, 0.5], "info_active_units_steps": [3, 1], "info_active_units": 4,
+                "window_area_steps": [0.75, 0.25], "window_x_steps": [13.5, 10.0], "window_y_steps": [12.0, 8.0],
+                "class_names": ["coat", "bag"], "class_shares": [0.875, 0.125], "class_shares_test": [0.5, 0.5],
+                "class_kl": 0.41, "class_min_share": 0.125, "class_rarest": "bag", "copy_zu_cells": [-1.5, None],
+                "c2st_accuracy": 0.625}}))
         (d / "samples").mkdir()
         Image.new("RGB", (40, 40), (200, 0, 0)).save(d / "samples" / "samples.png")
     return d
@@ -43,9 +48,15 @@ def test_run_report_holds_config_curves_numbers_and_pictures(tmp_path):
     assert path == run_dir / "report.md"
     assert "| test_elbo | 535 |" in md and "| iw_nll | 533.2 |" in md and "**reduced**" in md
     assert "| 10 | 0.4 | 535 | 533 | 2 | 0.7 |" in md  # the loop's test rows
+    # eval.json's lists: a table per step, one per class with its picture, one per data-copying cell;
+    # the numbers table holds only the numbers.
+    assert "| 1 | 1.5 | 3 | 0.75 | 13.5 | 12 |" in md and "| 2 | 0.5 | 1 | 0.25 | 10 | 8 |" in md
+    assert "| bag | 0.125 | 0.5 |" in md and "| class_rarest | bag |" in md and "| c2st_accuracy | 0.625 |" in md
+    assert "| Z_U | -1.5 | - |" in md
+    assert "| info_rate_steps |" not in md and "| class_shares |" not in md
     assert '"lr": 0.003' in md  # the config
     found = links(md)
-    assert "report/curves.png" in found and "samples/samples.png" in found
+    assert "report/curves.png" in found and "samples/samples.png" in found and "report/classes.png" in found
     for rel in found:  # every picture the page shows lies beside it
         with Image.open(run_dir / rel) as im:
             assert im.width > 30

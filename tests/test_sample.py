@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from rcn_dist.config import preset
 from rcn_dist.model import RCN
 from rcn_dist.model.attention import filterbank
-from rcn_dist.sample import generate, main, window_box
+from rcn_dist.sample import PATH_COLOUR, generate, main, step_colour, window_box
 
 CX, CY, DELTA, SIGMA2 = 11.0, 16.0, 2.0, 0.5  # DRAW pixel units: column a has its centre at x = a + 1
 SCALE, PAD = 4, 2
@@ -99,7 +99,20 @@ def test_drawing_animation_shows_each_step_and_its_write_window(tmp_path):
     samples = np.asarray(Image.open(out / "samples.png").convert("L"))
     assert samples.shape == (2 * (56 + 2) + 2,) * 2
     tile = 28 * SCALE + 2 * PAD
-    assert Image.open(out / "drawing_strip.png").size == (T * tile, 2 * tile)  # a row of T steps per sample
+    strip = Image.open(out / "drawing_strip.png").convert("RGB")
+    assert strip.size == ((T + 1) * tile, 2 * tile)  # a row of T steps and a summary panel per sample
+    px = np.asarray(strip)
+    # The window centre's path: a dot at (CX, CY) in every frame (DRAW's x = a + 1, magnified).
+    u, v = round((CX - 0.5) * SCALE), round((CY - 0.5) * SCALE)
+    for i in range(2):
+        for t in range(T + 1):
+            assert tuple(px[i * tile + PAD + v, t * tile + PAD + u]) == PATH_COLOUR, (i, t)
+    # The summary panel: every step's window outline (here all the same, the last step's colour on
+    # top) over the final canvas.
+    x0, y0 = T * tile + PAD, PAD
+    assert all(tuple(px[y0 + y, x0 + box[0]]) == step_colour(T - 1, T) for y in range(box[1], box[3] + 1))
+    want = np.round(np.round(canvases[0, -1, 0].numpy() * 254) * 255 / 254)
+    assert px[y0 + 5 * SCALE, x0 + 5 * SCALE, 0] == want[5, 5]  # outside the window: the final canvas
 
 
 def test_sample_command_writes_every_picture(fmnist_small, tmp_path):
