@@ -272,3 +272,11 @@ def test_ops_workload_prints_one_line_per_preset(capsys):
     assert r["launch_bound_ms_at_20us"] == pytest.approx(2 * r["launch_bound_ms_at_10us"])
     assert sum(r["top_ops_per_drawing_step"].values()) <= r["ops_per_drawing_step"]
     assert bench.OPS_PRESETS == ("small", "mnist", "cifar10")  # what a bare --workload ops counts
+
+
+def test_quickstart_execute_runs_the_repositorys_script():
+    """--execute runs launch/quickstart.sh of this repository (the path once pointed into the package)."""
+    from rcn_dist.bench import QUICKSTART_SCRIPT
+
+    assert QUICKSTART_SCRIPT == Path(__file__).resolve().parents[1] / "launch" / "quickstart.sh"
+    assert QUICKSTART_SCRIPT.is_file()

@@ -411,6 +411,10 @@ def bench_pipeline_workload(batch: int, steps: int) -> dict[str, Any]:
                   rows=rows)
 
 
+QUICKSTART_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "quickstart.sh"
+"""What `--workload quickstart --execute` runs: the repository's launch/quickstart.sh."""
+
+
 def bench_quickstart(run_dir: str, execute: bool) -> dict[str, Any]:
     """Check a quickstart run against its targets (wall time <= 20 min, test error <= 13%).
 
@@ -422,10 +426,11 @@ def bench_quickstart(run_dir: str, execute: bool) -> dict[str, Any]:
 
     run = Path(run_dir)
     if execute:
-        script = Path(__file__).resolve().parents[1] / "launch" / "quickstart.sh"
         t0 = time.perf_counter()
-        subprocess.run(["bash", str(script), str(run)], check=True)
+        rc = subprocess.run(["bash", str(QUICKSTART_SCRIPT), str(run)]).returncode
         wall = time.perf_counter() - t0
+        if rc:
+            raise BenchError(f"{QUICKSTART_SCRIPT.name} {run} exited {rc} (its output is above)")
     ev_path = run / "eval.json"
     if not ev_path.is_file():
         raise BenchError(f"{run}: no eval.json (run `bash launch/quickstart.sh {run}`, or pass --execute)")
