@@ -60,9 +60,9 @@ def batch_information(model, x: Tensor, eps: tuple[Tensor, Tensor], x_caps: Tens
     """The training loop's one-batch figures (rcn_dist.loop.evaluate): info_active_units of this
     batch (information_figures over its B images, two paths each: a noisier count than `rcn
     eval`'s over the test set) and, with write attention, info_write_area, the mean share of the
-    image the write window covers (rcn_dist.sample.window_area) over steps and images while the
+    image the write window covers (rcn_dist.model.attention.window_area) over steps and images while the
     model reconstructs x."""
-    from rcn_dist.sample import window_area
+    from rcn_dist.model.attention import window_area
 
     outs = [model(x, e, x_caps) for e in eps]
     out: dict[str, float] = {"info_active_units": information_figures(_moments(outs))["info_active_units"]}

@@ -121,6 +121,22 @@ def write_patch(w: Tensor, fx: Tensor, fy: Tensor, gamma: Tensor) -> Tensor:
     return torch.matmul(fy.transpose(1, 2).unsqueeze(1), t.view(b, c, n, -1)) / gamma.view(-1, 1, 1, 1)
 
 
+def window_area(cx: Tensor, cy: Tensor, delta: Tensor, n: int, height: int, width: int) -> Tensor:
+    """The share of the image the write window covers, elementwise over cx, cy, delta (any shape).
+
+    The window is the square g -+ n/2 * delta around its centre on each axis (as rcn_dist.sample.window_box draws it), in
+    DRAW's units, where the image spans 0.5 .. width + 0.5 (pixel column a, 0-based, has its centre
+    at a + 1: the module docstring); its overlap with the image, divided by height * width. It ignores the filters'
+    Gaussian width sigma: a window with delta ~ 0 and a wide sigma still smears over more pixels.
+    """
+    half = n / 2 * delta
+
+    def overlap(c: Tensor, size: int) -> Tensor:
+        return ((c + half).clamp(max=size + 0.5) - (c - half).clamp(min=0.5)).clamp(min=0)
+
+    return overlap(cx, width) * overlap(cy, height) / (height * width)
+
+
 # ------------------------------------------------------------------ one Function per drawing step
 WINDOW_KEYS = ("cx", "cy", "sigma2", "delta", "gamma")
 """The columns of a packed window record (..., 5), as Reader and Writer return it."""
