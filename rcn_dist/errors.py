@@ -11,6 +11,10 @@ class RcnError(Exception):
     exit_code = 2
 
 
+class RendezvousError(RcnError):
+    """The ranks of a job did not all meet (a missing rank, or a stale RANK/WORLD_SIZE in a shell)."""
+
+
 class DataError(RcnError):
     """A data source, shard or manifest is missing, malformed or corrupt."""
 

@@ -1,4 +1,4 @@
-"""Stop signals (SIGTERM, SIGUSR1, SIGUSR2), caught from a training process's first line to its end.
+"""Stop signals (SIGTERM, SIGUSR1, SIGUSR2, SIGINT), caught from a training process's first line to its end.
 
 Slurm (a time limit's `--signal`, a preemption, `scancel --signal`), torchrun and users stop a run
 with these signals. Their default action kills the process, so a signal that lands before the
@@ -9,6 +9,12 @@ finished run's last attempt with it. So the entry points (rcn_dist.cli.entry for
 heavy import; the signals are only recorded, and the training loop (rcn_dist.loop.StopFlag) reads
 the record: a stop at the first step boundary, or before the first step. The handlers stay in
 place to the end of the process, teardown included.
+
+SIGINT (Ctrl-C in a terminal, which sends it to every process of the foreground group: the
+launcher and each rank) is a stop like SIGTERM: checkpoint at the step boundary, one line, exit 3.
+A second SIGINT aborts at once (one line, exit EXIT_ABORTED = 130, the shell's code for SIGINT,
+no cleanup), for a user who will not wait for the checkpoint; what was saved before stays whole
+(the commit protocol of rcn_dist.parallel.checkpoint).
 
 This module imports nothing heavy: it runs before torch is imported.
 """
@@ -22,9 +28,11 @@ import threading
 import time
 from typing import Any
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 EXIT_STOPPED = 3
 """Exit code of a run stopped by one of STOP_SIGNALS: resumable (run again on the same RUN_DIR)."""
+EXIT_ABORTED = 128 + signal.SIGINT
+"""Exit code of a run aborted by a second SIGINT: resumable from its last checkpoint."""
 
 _received: list[int] = []
 # The handlers in place before catch() replaced them: SIG_DFL, or submitit's (its job runner installs
@@ -40,6 +48,9 @@ class Stopped(Exception):
 
 
 def _record(signum: int, frame: Any) -> None:
+    if signum == signal.SIGINT and signal.SIGINT in _received:  # a second Ctrl-C: abort now
+        os.write(2, b"rcn: second SIGINT: aborting without a checkpoint (the last saved one is intact)\n")
+        os._exit(EXIT_ABORTED)
     _received.append(signum)
 
 

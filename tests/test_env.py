@@ -136,3 +136,50 @@ def test_one_gpu_per_task_is_cuda0_and_exported_as_local_rank_0(monkeypatch):
         monkeypatch.setenv(k, second.get(k, ""))
     finish_rendezvous(le)
     assert (le.device, os.environ["LOCAL_RANK"], os.environ["RANK"]) == ("cuda:0", "0", "1")
+
+
+def test_rendezvous_timeout_is_short_only_for_a_bare_rank_in_the_environment():
+    from rcn_dist.errors import RendezvousError
+    from rcn_dist.parallel.env import RENDEZVOUS_TIMEOUT_S, rendezvous_timeout
+
+    short, long = RENDEZVOUS_TIMEOUT_S
+    bare = {"RANK": "0", "WORLD_SIZE": "2"}
+    assert rendezvous_timeout(detect(bare, cuda=False), bare) == short <= 30
+    for marks in ({"TORCHELASTIC_RUN_ID": "x"}, {"CROSS_RANK": "0", "CROSS_SIZE": "1"}):
+        env = bare | marks
+        assert rendezvous_timeout(detect(env, cuda=False), env) == long
+    srun = {"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7"}
+    assert rendezvous_timeout(detect(srun, cuda=False), srun) == long
+    assert rendezvous_timeout(detect(bare, cuda=False), bare | {"RCN_RENDEZVOUS_TIMEOUT_S": "5"}) == 5.0
+    for bad in ("soon", "0", "-3"):
+        with pytest.raises(RendezvousError, match="RCN_RENDEZVOUS_TIMEOUT_S"):
+            rendezvous_timeout(detect(bare, cuda=False), bare | {"RCN_RENDEZVOUS_TIMEOUT_S": bad})
+
+
+def test_a_stale_rank_in_the_shell_is_one_line_and_an_exit_within_60_s(tmp_path):
+    """RANK/WORLD_SIZE left in a shell (no launcher, no other rank): `rcn eval` as rank 0 (it would
+    host the rendezvous and wait for rank 1) and as rank 1 (it would wait for rank 0) each end
+    with one error line naming the variables and exit 2, not a wait without end."""
+    import subprocess
+    import time
+
+    from rcn_dist.parallel.env import free_port
+
+    port = str(free_port())
+    procs = {}
+    t0 = time.monotonic()
+    for rank in ("0", "1"):
+        env = cli_env(RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port if rank == "0"
+                      else str(free_port()))  # rank 1 looks for a rank 0 that is not there
+        procs[rank] = subprocess.Popen([PY, "-m", "rcn_dist.cli", "eval", "--run", str(tmp_path / "run")], env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for rank, p in procs.items():
+        try:
+            out, err = p.communicate(timeout=90)
+        finally:
+            p.kill()
+        assert p.returncode == 2, (rank, err[-2000:])
+        lines = [ln for ln in err.strip().splitlines() if ln.startswith("rcn: error:")]
+        assert len(lines) == 1 and "unset RANK, WORLD_SIZE" in lines[0] and f"rank {rank} of 2" in lines[0], err
+        assert "Traceback" not in err, err[-2000:]
+    assert time.monotonic() - t0 < 60

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import rcn
 
+import rcn_dist
 from rcn_dist.cli import main as cli_main
 from rcn_dist.parallel.checkpoint import load_model
 
@@ -51,6 +52,12 @@ def test_export_round_trip(fmnist_small, tmp_path, capsys):
     with torch.no_grad():
         a, b = ref(x, eps), model(x, eps)
     assert torch.equal(a.canvas, b.canvas) and torch.equal(a.class_lengths, b.class_lengths)
+    # The one-liner of the README's Python API: the same model from the run and from the export.
+    for where_from in (run_dir, out):
+        cfg2, m2 = rcn_dist.load(where_from)
+        assert cfg2 == cfg and not m2.training
+        with torch.no_grad():
+            assert torch.equal(m2(x, eps).canvas, a.canvas)
 
     # An older step can be exported; a missing one is refused, naming what exists.
     assert cli_main(["export", "--run", str(run_dir), "--out", str(tmp_path / "step2"), "--step", "2"]) == 0

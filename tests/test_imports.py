@@ -107,3 +107,18 @@ def test_layers_point_one_way():
         if m.startswith("rcn_dist.model"):
             bad += [f"{m} -> {d}" for d in deps if d.startswith(DISTRIBUTED)]
     assert not bad, "forbidden imports: " + "; ".join(sorted(bad))
+
+
+def test_the_package_metadata_reads_without_a_deprecation_warning():
+    """pyproject.toml as setuptools reads it at `pip install`: no deprecated form (the `license`
+    table was one: it printed a SetuptoolsDeprecationWarning at every install)."""
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), str(Path(__file__).resolve().parents[1] / "pyproject.toml"))
+    assert [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, Warning)] == []
+    assert dist.metadata.license_expression == "MIT" and dist.metadata.name == "rcn_dist"

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from _proc import kill_group
 from conftest import PY, REPO, cli_env, metrics, run
 
 from rcn_dist import signals
+from rcn_dist.parallel import checkpoint as ckpt
 
 TINY = ["--preset", "tiny", "train.eval_every=0", "train.ckpt_every=5", "train.batch_size=16"]
 PAUSED = re.compile(r"rcn-test: paused at (\w+) \(pid (\d+)\)")
@@ -108,6 +110,34 @@ def test_signal_before_torch_import_stops_without_checkpoint_and_next_run_starts
     assert "resumed" not in again.stdout and "done: 3 steps" in again.stdout, again.stdout[-2000:]
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
+
+
+def test_ctrl_c_stops_like_sigterm_and_a_second_one_aborts_keeping_the_checkpoint(fmnist_small, tmp_path):
+    """SIGINT (Ctrl-C) in the middle of a run: a checkpoint at the step boundary, one line, exit 3,
+    no traceback. A second SIGINT aborts at once (one line, exit 130) and leaves the last
+    checkpoint as it was; the next run resumes from it and finishes."""
+    out = tmp_path / "run"
+    args = [PY, "-m", "rcn_dist.cli", "train", *TINY, "--data", fmnist_small, "--out", out, "--steps", "10"]
+    p = run(args, env=cli_env(RCN_FAULT="step:4:SIGINT"), check=False)
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "KeyboardInterrupt" not in p.stderr, p.stderr[-3000:]
+    assert "stop signal (SIGINT): checkpointed at step 5" in p.stdout, p.stdout[-2000:]
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000005"
+
+    twice = Paused(args, "start")
+    pid = twice.pid_at("start")
+    os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)  # the first one ended the pause: the run goes on towards its stop
+    os.kill(pid, signal.SIGINT)
+    rc = twice.wait(120)
+    assert rc == signals.EXIT_ABORTED == 130, twice.stderr[-3000:]
+    assert "rcn: second SIGINT: aborting without a checkpoint" in twice.stderr
+    found, _ = ckpt.find_latest(out)
+    assert found is not None and found.name == "step_00000005"  # whole, and still the newest
+
+    again = run(args)
+    assert "resumed from" in again.stdout and "done: 10 steps" in again.stdout, again.stdout[-2000:]
+    assert [r["step"] for r in metrics(out)][-5:] == [6, 7, 8, 9, 10]
 
 
 @pytest.mark.slow

@@ -20,6 +20,10 @@ resumed from and is removed by the next successful save; pruning removes a check
 before its files. A resume takes the newest checkpoint whose files all still have the size and
 CRC32 its COMPLETE records (`find_latest`; `latest` may lag one save behind after a kill between
 the two writes); a damaged newer one is reported in one line and moved aside (`set_aside_damaged`).
+
+Durability order (a power loss, not only a kill): every rank fsyncs the files and directories
+of the checkpoint it wrote, then rank 0 writes COMPLETE (fsynced, with its directory), fsyncs
+checkpoints/, and only then replaces `latest` (rcn_dist.files: fsync_tree, atomic_write).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from safetensors.torch import load_file, save_file
 
 from rcn_dist.config import Config, from_dict, model_diff
 from rcn_dist.errors import CheckpointError
-from rcn_dist.files import atomic_write
+from rcn_dist.files import atomic_write, fsync_dir, fsync_tree
 from rcn_dist.parallel import collectives
 
 LATEST = "latest"
@@ -236,11 +240,16 @@ def commit(run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Conf
     if rank == 0:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in full.items()}, str(d / "model.safetensors"))
         atomic_write(d / "config.json", cfg.to_json())
+    # Every rank's files on the disk before rank 0 writes COMPLETE: a power loss after COMPLETE
+    # must not leave a checkpoint that claims to be whole (each rank flushes what it wrote; a
+    # file another rank wrote is already clean, and fsync of a clean file costs nothing).
+    fsync_tree(d)
     collectives.barrier()
     if rank == 0:
         summary = {"step": step, "world_size": world_size, "zero_stage": cfg.parallel.zero_stage,
                    **(layout or {}), "time": time.time(), "files": _manifest(d)}
-        atomic_write(d / COMPLETE, json.dumps(summary))
+        atomic_write(d / COMPLETE, json.dumps(summary))  # fsynced, and d's entry for it
+        fsync_dir(root)  # d's own entry in checkpoints/, before `latest` names it
         fault_point("complete", step, rank)
         atomic_write(root / LATEST, d.name)
         _prune(root, keep_last, step)

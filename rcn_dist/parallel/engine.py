@@ -196,7 +196,8 @@ def _disable_cpu_shm_comm() -> None:
 
 
 def init_distributed(backend: str) -> None:
-    """Start torch.distributed through DeepSpeed (RANK etc. must be exported already)."""
+    """DeepSpeed's communication layer (deepspeed.comm) on this process's group: started already
+    by env.init_process_group, so DeepSpeed only wraps it."""
     if backend == "gloo":
         # Say it rather than let DeepSpeed probe for a GPU and warn that it found none.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

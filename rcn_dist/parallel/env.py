@@ -16,6 +16,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
+from rcn_dist.errors import RendezvousError
+
 
 @dataclass
 class LaunchEnv:
@@ -194,23 +196,99 @@ def finish_rendezvous(le: LaunchEnv) -> LaunchEnv:
     return le
 
 
+LAUNCHER_MARKS = ("TORCHELASTIC_RUN_ID", "CROSS_RANK", "CROSS_SIZE")
+"""Variables a launcher sets beside RANK and WORLD_SIZE (torchrun; the deepspeed launcher). RANK
+and WORLD_SIZE without any of them may be a user's stale shell variables."""
+
+RENDEZVOUS_TIMEOUT_S = (30.0, 900.0)
+"""How long the rendezvous waits for every rank, in seconds: RANK/WORLD_SIZE without a launcher's
+marks (30: a stale shell should fail soon), any other multi-process launch (900: ranks of a large
+srun or mpirun job start minutes apart on a slow shared file system). RCN_RENDEZVOUS_TIMEOUT_S
+overrides both."""
+
+
+def rendezvous_timeout(le: LaunchEnv, environ: Mapping[str, str] | None = None) -> float:
+    """Seconds this process's rendezvous waits for the other ranks (RENDEZVOUS_TIMEOUT_S)."""
+    env = os.environ if environ is None else environ
+    raw = env.get("RCN_RENDEZVOUS_TIMEOUT_S", "")
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not 0 < value < 86400:
+            raise RendezvousError(f"RCN_RENDEZVOUS_TIMEOUT_S={raw!r} is not a number of seconds in (0, 86400)")
+        return value
+    bare = le.launcher in ("torchrun", "deepspeed") and not any(k in env for k in LAUNCHER_MARKS)
+    return RENDEZVOUS_TIMEOUT_S[0] if bare else RENDEZVOUS_TIMEOUT_S[1]
+
+
+def _rendezvous_store(le: LaunchEnv, timeout_s: float):
+    """The TCPStore every rank meets at (what torch's env:// would make), waited for at most
+    timeout_s: rank 0 hosts it (unless torchrun's agent does) and waits for the others, the others
+    connect. One line on failure instead of a wait without end. Its timeout is torch's default
+    afterwards, for the process group that runs on it."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    is_master = le.rank == 0 and not agent_store
+    if not is_master and not _reachable(le.master_addr, le.master_port, timeout_s):
+        # Found out with a plain socket: torch's client would log a C++ stack at the same timeout.
+        raise RendezvousError(_no_rendezvous(le, timeout_s, "nothing listens there"))
+    try:
+        store = dist.TCPStore(le.master_addr, le.master_port, le.world_size,
+                              is_master=is_master, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=True, multi_tenant=True)
+    except RuntimeError as e:  # torch's DistStoreError / DistNetworkError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise RendezvousError(_no_rendezvous(le, timeout_s, first)) from None
+    store.set_timeout(dist.constants.default_pg_timeout)
+    return store
+
+
+def _reachable(addr: str, port: int, timeout_s: float) -> bool:
+    """Whether something accepts TCP connections at addr:port within timeout_s (retried)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
+def _no_rendezvous(le: LaunchEnv, timeout_s: float, why: str) -> str:
+    return (f"rank {le.rank} of {le.world_size} ({le.launcher}): the other ranks did not meet at "
+            f"{le.master_addr}:{le.master_port} within {timeout_s:g} s ({why}); if this is not a "
+            f"multi-process launch, unset RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT "
+            f"(RCN_RENDEZVOUS_TIMEOUT_S sets the wait)")
+
+
 def init_process_group(le: LaunchEnv, deepspeed: bool = False) -> LaunchEnv:
-    """Start torch.distributed for this process: the rendezvous (finish_rendezvous), this
-    process's GPU as the current device, then the process group, through DeepSpeed's
-    init_distributed when a DeepSpeed engine will run on it. Every command starts it here."""
+    """Start torch.distributed for this process: the rendezvous (finish_rendezvous, then a store
+    every rank meets at within rendezvous_timeout), this process's GPU as the current device, then
+    the process group on that store. A DeepSpeed engine then finds it started (its
+    init_distributed only wraps it). Every command starts it here."""
     finish_rendezvous(le)
+    timeout_s = rendezvous_timeout(le)
     if le.device.startswith("cuda"):
         import torch
 
         torch.cuda.set_device(torch.device(le.device))
+    import torch.distributed as dist
+
+    store = _rendezvous_store(le, timeout_s)
+    dist.init_process_group(le.backend, store=store, rank=le.rank, world_size=le.world_size)
     if deepspeed:
         from rcn_dist.parallel.engine import init_distributed
 
         init_distributed(le.backend)
-    else:
-        import torch.distributed as dist
-
-        dist.init_process_group(le.backend)
     return le
 
 
