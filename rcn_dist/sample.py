@@ -1,15 +1,19 @@
 """`rcn sample`: pictures of what a trained RCN draws and how.
 
     rcn sample --run RUN_DIR [--n 64] [--out DIR]
+    rcn sample --run RUN_DIR --class K [--n 64] [--max-draws 10000] [eval.classifier_steps=S]
 
 writes samples.png, drawing.gif, drawing_strip.png, reconstructions.png and samples_by_class.png
 into DIR (default RUN_DIR/samples); docs/evaluation.md says what each shows. The red rectangle
-spans the write filterbank (window_box).
+spans the write filterbank (window_box). With --class K (an index or a class name of the data
+set) it writes only class_K.png, prior samples of class K (samples_of_class), and class_K.json,
+how often the data set's feature classifier agrees.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -190,6 +194,136 @@ def generate(model, n: int, seed: int, device: str, batch: int = 64) -> tuple[Te
                               {k: torch.cat([w[k] for w in wins]) for k in wins[0]})
 
 
+CLASS_BATCH = 256
+"""Prior samples drawn and classified at a time by samples_of_class."""
+MAX_DRAWS = 10_000
+"""samples_of_class's default cap on prior samples drawn (--max-draws)."""
+
+
+def capsule_view(images: Tensor, cfg) -> Tensor:
+    """What the encoder capsules see of generated images (N, C, H, W) decoder means: the means
+    themselves where the capsules saw grey images in training (data.caps_input=grey, or a
+    likelihood of grey levels), else the means binarised at 0.5. cfg is the run's Config."""
+    grey = cfg.model.likelihood != "bernoulli" or cfg.data.caps_input == "grey"
+    return images if grey else (images > 0.5).float()
+
+
+@torch.no_grad()
+def capsule_classes(model, cfg, images: Tensor, batch: int = 512) -> Tensor:
+    """The model's own classification of images (N, C, H, W) on the CPU: the index of the longest
+    encoder class capsule (N,), the images seen as capsule_view shows them."""
+    dev = next(model.parameters()).device
+    view = capsule_view(images, cfg)
+    return torch.cat([model.encoder.capsules(view[i:i + batch].to(dev)).norm(dim=-1).argmax(1).cpu()
+                      for i in range(0, len(view), batch)])
+
+
+def class_index(spec: str, names: list[str]) -> int:
+    """--class as a class index: an integer 0..len(names)-1, or a class name (case ignored)."""
+    from rcn_dist.config import ConfigError
+
+    if spec.strip().lstrip("-").isdigit():
+        k = int(spec)
+        if 0 <= k < len(names):
+            return k
+        raise ConfigError(f"--class {spec}: the data set has classes 0..{len(names) - 1} ({', '.join(names)})")
+    folded = [n.casefold() for n in names]
+    if spec.strip().casefold() in folded:
+        return folded.index(spec.strip().casefold())
+    raise ConfigError(f"--class {spec!r}: no such class; the data set's classes are {', '.join(names)} "
+                      f"(or their indices 0..{len(names) - 1})")
+
+
+@torch.no_grad()
+def samples_of_class(model, cfg, k: int, n: int, seed: int, device: str, max_draws: int = MAX_DRAWS,
+                     batch: int = CLASS_BATCH) -> tuple[Tensor, int]:
+    """Prior samples of class k: the first n prior samples, in index order, whose own encoder
+    class capsules put k longest (capsule_classes). Returns their decoder means (m, C, H, W) on
+    the CPU, m <= n, and how many prior samples were drawn: the index of the n-th kept one plus
+    one, or max_draws when fewer than n were found by then.
+
+    Why this method: it leaves the model as the paper has it and asks no new fit. The decoder
+    takes only z_t, and no margin loss gives its capsules a class (docs/evaluation.md), so
+    nothing inside it can be told a class; a per-class Gaussian over the posterior means would
+    be one more model, whose samples need not lie where the prior puts mass. Rejection sampling
+    draws from the prior restricted to the region the model's own classifier calls k: prior
+    samples as the model draws them, filtered by the model itself. Its cost is 1 / acceptance
+    draws per sample, which is also a figure (how often the model draws k).
+
+    Sample i's noise is sample_noise(i, seed): the kept set does not depend on `batch` or the
+    device's batch split, and the same seed gives the same images.
+    """
+    from rcn_dist.model import sample_noise
+
+    c = model.cfg
+    kept, found, drawn = [], 0, 0
+    while found < n and drawn < max_draws:
+        b = min(batch, max_draws - drawn)
+        eps = sample_noise(torch.arange(drawn, drawn + b), seed, c.T, c.z_dim)
+        final = model.generate(b, eps.to(device), device=device)[0][:, -1].float().cpu()  # (b, C, H, W)
+        hit = (capsule_classes(model, cfg, final) == k).nonzero()[:, 0]
+        if found + len(hit) >= n:  # stop at the n-th: drawn counts the samples up to it
+            hit = hit[:n - found]
+            b = int(hit[-1]) + 1
+        kept.append(final[hit])
+        found, drawn = found + len(hit), drawn + b
+    return torch.cat(kept), drawn
+
+
+def class_samples(model, cfg, args, data_dir: str, out_dir: Path, device: str) -> int:
+    """`rcn sample --class K`: class_K.png (up to --n samples of class K, samples_of_class) and
+    class_K.json (the kept and drawn counts, the acceptance rate kept / drawn, and the share of the
+    kept samples that the data set's feature classifier, rcn_dist.quality, also calls K, with its
+    95% Wilson interval). Exit 0 when any were found, else 1 (the JSON is written either way)."""
+    from rcn_dist import quality
+    from rcn_dist.config import ConfigError
+    from rcn_dist.data.loader import Manifest
+    from rcn_dist.errors import DataError
+    from rcn_dist.files import atomic_write
+
+    try:
+        manifest = Manifest.load(data_dir)
+    except DataError as e:
+        raise DataError(f"{e}{'' if args.data else ' (pass --data DIR)'}") from None
+    m = cfg.model
+    if manifest.n_classes != m.n_classes:
+        raise ConfigError(f"data {data_dir} holds {manifest.n_classes} classes; the model has {m.n_classes}")
+    names = manifest.class_names
+    k = class_index(args.klass, names)
+    if model.encoder.capsules is None:
+        raise ConfigError("--class needs the encoder's class capsules; this model has none "
+                          "(model.enc_capsules=false)")
+    with torch.enable_grad():  # main runs without gradients; a classifier not yet cached is trained here
+        net, known = quality.feature_classifier(data_dir, quality.classifier_dir(data_dir, Path(args.run)),
+                                                cfg.eval.classifier_steps, progress=True, device=device)
+    kept, drawn = samples_of_class(model, cfg, k, args.n, args.seed, device, args.max_draws)
+    said = quality.logits_of(net, kept).argmax(1) if len(kept) else torch.zeros(0, dtype=torch.long)
+    agree = int((said == k).sum())
+    lo, hi = quality.wilson_interval(agree, len(kept))
+    figures = {
+        "class": k, "class_name": names[k], "seed": args.seed, "wanted": args.n, "kept": len(kept),
+        "drawn": drawn, "max_draws": args.max_draws, "acceptance": len(kept) / drawn,
+        "agreement": agree / len(kept) if len(kept) else None,
+        "agreement_low": lo if len(kept) else None, "agreement_high": hi if len(kept) else None,
+        "classifier_classes": {names[j]: int((said == j).sum()) for j in range(len(names))},
+        "classifier_test_accuracy": known["test_accuracy"], "classifier_cache": known["cache"],
+        "run": str(args.run), "data": str(data_dir),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if len(kept):
+        written.append(out_dir / f"class_{k}.png")
+        grid(kept, ncol=math.ceil(math.sqrt(len(kept))), scale=2).save(written[-1])
+    written.append(out_dir / f"class_{k}.json")
+    atomic_write(written[-1], json.dumps(figures, indent=1) + "\n")
+    short = "" if len(kept) == args.n else f" (of {args.n} wanted; --max-draws {args.max_draws})"
+    agreed = (f"; the feature classifier ({known['test_accuracy']:.1%} on the test set) agrees on {agree} "
+              f"({agree / len(kept):.1%}, 95% {lo:.1%}..{hi:.1%})" if len(kept) else "")
+    print(f"{names[k]} (class {k}): kept {len(kept)} of {drawn} prior samples drawn{short}, acceptance "
+          f"{100 * len(kept) / drawn:.3g}%{agreed}; wrote " + ", ".join(map(str, written)), flush=True)
+    return 0 if len(kept) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rcn sample", description="Samples, the drawing process, reconstructions.")
     ap.add_argument("--run", required=True, help="run, checkpoint or export directory")
@@ -201,12 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of the prior noise (default 0)")
     ap.add_argument("--scale", type=int, default=3, help="screen pixels per image pixel (default 3)")
     ap.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
+    ap.add_argument("--class", dest="klass", metavar="K",
+                    help="only samples of class K (an index or a class name): class_K.png and class_K.json")
+    ap.add_argument("--max-draws", type=int, default=MAX_DRAWS,
+                    help=f"with --class: prior samples drawn at most (default {MAX_DRAWS})")
+    ap.add_argument("overrides", nargs="*", help="eval.field=value, e.g. eval.classifier_steps=1300")
     return ap
 
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
-    from rcn_dist.config import ConfigError
+    from rcn_dist.config import ConfigError, apply_overrides
     from rcn_dist.data.loader import EvalStream, Manifest
     from rcn_dist.errors import DataError
     from rcn_dist.loop import EVAL_NOISE_SEED, caps_input
@@ -214,13 +353,19 @@ def main(argv: list[str] | None = None) -> int:
     from rcn_dist.parallel.checkpoint import load_model
 
     args = build_parser().parse_args(argv)
-    for name in ("n", "animate", "recon", "scale"):
-        if getattr(args, name) < (1 if name in ("n", "scale") else 0):
-            raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("n", "animate", "recon", "scale", "max_draws"):
+        if getattr(args, name) < (1 if name in ("n", "scale", "max_draws") else 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    # Only eval.* may be overridden (as in `rcn eval`): anything else would not describe the checkpoint.
+    if bad := [o for o in args.overrides if not o.strip().startswith("eval.")]:
+        raise ConfigError(f"rcn sample takes only eval.* overrides, got {bad[0]!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model, where = load_model(args.run, device)
+    cfg = apply_overrides(cfg, args.overrides) if args.overrides else cfg
     m = cfg.model
     out_dir = Path(args.out) if args.out else (Path(args.run) / "samples")
+    if args.klass is not None:
+        return class_samples(model, cfg, args, args.data or cfg.data.dir, out_dir, device)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     canvases, windows = generate(model, max(args.n, args.animate), args.seed, device)
@@ -265,9 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # The encoder's capsules classify the samples (binarised like the training inputs).
             if model.encoder.capsules is not None:
-                grey = m.likelihood != "bernoulli" or cfg.data.caps_input == "grey"
-                probe = final if grey else (final > 0.5).float()
-                cls = model.encoder.capsules(probe.to(device)).norm(dim=-1).cpu().argmax(1)
+                cls = capsule_classes(model, cfg, final)
                 labelled_rows([(manifest.class_names[k], final[cls == k]) for k in range(m.n_classes)],
                               ncol=8).save(out_dir / "samples_by_class.png")
                 written.append(out_dir / "samples_by_class.png")

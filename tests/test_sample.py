@@ -1,18 +1,31 @@
-"""`rcn sample`: the drawing animation of a decoder that writes a known pattern at a known place."""
+"""`rcn sample`: the drawing animation of a decoder that writes a known pattern at a known place, and
+samples of a chosen class (`--class K`) against the model's own classification."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from rcn_dist import cli, quality
 from rcn_dist.config import preset
-from rcn_dist.model import RCN
+from rcn_dist.data.loader import Manifest
+from rcn_dist.model import RCN, sample_noise
 from rcn_dist.model.attention import filterbank
-from rcn_dist.sample import PATH_COLOUR, generate, main, step_colour, window_box
+from rcn_dist.sample import (
+    PATH_COLOUR,
+    class_index,
+    generate,
+    main,
+    samples_of_class,
+    step_colour,
+    window_box,
+)
 
 CX, CY, DELTA, SIGMA2 = 11.0, 16.0, 2.0, 0.5  # DRAW pixel units: column a has its centre at x = a + 1
 SCALE, PAD = 4, 2
@@ -125,3 +138,89 @@ def test_sample_command_writes_every_picture(fmnist_small, tmp_path):
             assert im.width > 50 and im.height > 50, name
     rec = Image.open(out / "reconstructions.png")
     assert rec.size == (6 * 58 + 2, 2 * 58 + 2)  # one row of 6 originals, one of reconstructions
+
+
+# ---------------------------------------------------------------- samples of a chosen class
+SEED, DRAWS = 3, 512
+
+
+@pytest.fixture(scope="module")
+def class_model(tmp_path_factory):
+    """A tiny random RCN, exported, and its own classification of its first DRAWS prior samples
+    (seed SEED), computed here through the model's forward pass (RCNOutput.class_lengths) with the
+    samples' means as what the capsules see (the tiny preset's data.caps_input=grey). Its writer's
+    patch weights are 300 times their initial values: at init the samples differ by 0.001 per
+    pixel and the capsules call every one the same class; so they differ by 0.08 and get four."""
+    torch.manual_seed(0)
+    model = RCN(preset("tiny").model).eval()
+    with torch.no_grad():
+        model.decoder.writer.patch.weight.mul_(300)
+    d = tmp_path_factory.mktemp("classrun") / "export"
+    export(model, d)
+    c = model.cfg
+    with torch.no_grad():
+        means = model.generate(DRAWS, sample_noise(torch.arange(DRAWS), SEED, c.T, c.z_dim))[0][:, -1]
+        classes = model((means > 0.5).float(), x_caps=means).class_lengths.argmax(1)
+    return model, d, means, classes
+
+
+def test_class_samples_are_the_prior_samples_the_models_capsules_call_k(class_model, fmnist_small, tmp_path):
+    model, d, means, classes = class_model
+    counts = torch.bincount(classes, minlength=10)
+    k = int(counts.argsort(descending=True)[1])  # the second most common: most samples are rejected
+    assert 12 <= counts[k] < DRAWS / 2, counts
+    out = tmp_path / "pics"
+    assert main(["--run", str(d), "--data", str(fmnist_small), "--class", str(k), "--n", "12", "--seed", str(SEED),
+                 "--out", str(out), "eval.classifier_steps=20"]) == 0
+    fig = json.loads((out / f"class_{k}.json").read_text())
+    # Kept: the first 12 samples the capsules call k; drawn: up to and including the 12th.
+    idx = (classes == k).nonzero()[:, 0][:12]
+    assert fig["kept"] == 12 and fig["drawn"] == int(idx[-1]) + 1 and fig["acceptance"] == 12 / fig["drawn"], fig
+    kept, drawn = samples_of_class(model, preset("tiny"), k, 12, SEED, "cpu", batch=5)  # another batch split
+    assert drawn == fig["drawn"] and torch.allclose(kept, means[idx], atol=1e-6)
+    with torch.no_grad():
+        assert (model(kept, x_caps=kept).class_lengths.argmax(1) == k).all()
+    # The agreement: the data set's feature classifier (cached beside the shards) on the kept samples.
+    net, known = quality.feature_classifier(fmnist_small, quality.classifier_dir(fmnist_small, tmp_path), 20)
+    said = quality.logits_of(net, means[idx]).argmax(1)
+    assert known["trained"] is False and fig["agreement"] == pytest.approx(float((said == k).double().mean()))
+    assert fig["agreement_low"] <= fig["agreement"] <= fig["agreement_high"]
+    assert sum(fig["classifier_classes"].values()) == 12 and fig["class_name"] == Manifest.load(fmnist_small).class_names[k]
+    with Image.open(out / f"class_{k}.png") as im:
+        assert im.size == (4 * 58 + 2, 3 * 58 + 2)  # 12 samples, 4 per row
+
+    # The same seed gives the same images; another seed others.
+    again = tmp_path / "again"
+    assert main(["--run", str(d), "--data", str(fmnist_small), "--class", Manifest.load(fmnist_small).class_names[k].upper(),
+                 "--n", "12", "--seed", str(SEED), "--out", str(again), "eval.classifier_steps=20"]) == 0
+    assert (again / f"class_{k}.png").read_bytes() == (out / f"class_{k}.png").read_bytes()
+    assert json.loads((again / f"class_{k}.json").read_text()) == fig
+    other, _ = samples_of_class(model, preset("tiny"), k, 12, SEED + 1, "cpu")
+    assert not torch.allclose(other, kept)
+
+
+def test_a_class_the_model_never_draws_is_one_line_and_exit_1(class_model, fmnist_small, tmp_path, capsys):
+    _, d, _, classes = class_model
+    k = int(torch.bincount(classes[:64], minlength=10).argmin())
+    assert (classes[:64] != k).all()
+    out = tmp_path / "none"
+    assert main(["--run", str(d), "--data", str(fmnist_small), "--class", str(k), "--max-draws", "64",
+                 "--out", str(out), "--seed", str(SEED), "eval.classifier_steps=20"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "kept 0 of 64" in lines[0], lines
+    fig = json.loads((out / f"class_{k}.json").read_text())
+    assert fig["kept"] == 0 and fig["acceptance"] == 0 and fig["agreement"] is None
+    assert not (out / f"class_{k}.png").exists()
+
+
+def test_a_bad_class_is_one_error_line(class_model, fmnist_small, tmp_path, capsys):
+    _, d, _, _ = class_model
+    names = Manifest.load(fmnist_small).class_names
+    assert class_index("sandal", names) == class_index("5", names) == 5 and names[5] == "Sandal"
+    for bad, says in (("10", "classes 0..9"), ("-1", "classes 0..9"), ("Sandals", "no such class")):
+        rc = cli.main(["sample", "--run", str(d), "--data", str(fmnist_small), "--class", bad,
+                       "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("rcn: error: --class") and says in err[0], err
+        assert "Sandal" in err[0]
+    assert not (tmp_path / "x").exists()
