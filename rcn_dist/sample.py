@@ -21,6 +21,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from rcn_dist.model.attention import window_area
+
 RED = (255, 0, 0)
 PATH_COLOUR = (255, 210, 0)
 """The write window centre's path on the drawing strip."""
@@ -62,22 +64,6 @@ def window_box(cx: float, cy: float, delta: float, n: int, height: int, width: i
     if x1 < 0 or y1 < 0 or x0 > wmax or y0 > hmax:
         return None
     return max(x0, 0), max(y0, 0), min(max(x1, x0), wmax), min(max(y1, y0), hmax)
-
-
-def window_area(cx: Tensor, cy: Tensor, delta: Tensor, n: int, height: int, width: int) -> Tensor:
-    """The share of the image the write window covers, elementwise over cx, cy, delta (any shape).
-
-    The window is the square g -+ n/2 * delta around its centre on each axis (as window_box), in
-    DRAW's units, where the image spans 0.5 .. width + 0.5 (pixel column a, 0-based, has its centre
-    at a + 1); its overlap with the image, divided by height * width. It ignores the filters'
-    Gaussian width sigma: a window with delta ~ 0 and a wide sigma still smears over more pixels.
-    """
-    half = n / 2 * delta
-
-    def overlap(c: Tensor, size: int) -> Tensor:
-        return ((c + half).clamp(max=size + 0.5) - (c - half).clamp(min=0.5)).clamp(min=0)
-
-    return overlap(cx, width) * overlap(cy, height) / (height * width)
 
 
 def window_figures(windows: dict[str, Tensor], n: int, height: int, width: int) -> dict[str, float | list]:

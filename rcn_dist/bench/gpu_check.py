@@ -155,8 +155,12 @@ def check_train_resume(dev: torch.device, data: str, dry_run: bool) -> dict[str,
         c = train(split)
         la, lb = _train_rows(straight), _train_rows(split)
         exact = sorted(lb) == list(range(1, steps + 1)) and all(la[s] == lb[s] for s in range(stop + 1, steps + 1))
-        ev = subprocess.run([sys.executable, "-m", "rcn_dist", "eval", "--run", str(split), "--reduced"], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=900)
+        # The CPU dry run's data is a few hundred test images: its eval takes the parts that run on
+        # any split (the sample-quality parts train the data set's feature classifier, minutes on
+        # a CPU; tests/test_eval.py covers them), with mixtures of the I_q(x; z) estimate that fit.
+        small = ["--parts", "test,caps,info", "eval.mi_batch=64", "eval.mi_paths=16"] if dry_run else []
+        ev = subprocess.run([sys.executable, "-m", "rcn_dist", "eval", "--run", str(split), "--reduced", *small],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         evaluated = ev.returncode == 0 and (split / "eval.json").is_file()
         metrics = json.loads((split / "eval.json").read_text())["metrics"] if evaluated else {}
     finally:
