@@ -66,11 +66,11 @@ def kmeans(x: Tensor, k: int, iters: int = KMEANS_ITERS, seed: int = 0) -> Tenso
         cent = torch.cat([cent, nxt])
         d2 = torch.minimum(d2, torch.cdist(x, nxt).pow(2)[:, 0])
     for _ in range(iters):
-        dist = torch.cdist(x, cent)  # (N, k)
-        cell = dist.argmin(1)
+        dists = torch.cdist(x, cent)  # (N, k)
+        cell = dists.argmin(1)
         counts = torch.bincount(cell, minlength=k)
         new = torch.zeros_like(cent).index_add_(0, cell, x) / counts.clamp_min(1)[:, None].float()
-        far = dist.gather(1, cell[:, None])[:, 0]
+        far = dists.gather(1, cell[:, None])[:, 0]
         for c in (counts == 0).nonzero()[:, 0].tolist():
             j = int(far.argmax())
             new[c], far[j] = x[j], -1.0
