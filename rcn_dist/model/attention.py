@@ -124,10 +124,11 @@ def write_patch(w: Tensor, fx: Tensor, fy: Tensor, gamma: Tensor) -> Tensor:
 def window_area(cx: Tensor, cy: Tensor, delta: Tensor, n: int, height: int, width: int) -> Tensor:
     """The share of the image the write window covers, elementwise over cx, cy, delta (any shape).
 
-    The window is the square g -+ n/2 * delta around its centre on each axis (as rcn_dist.sample.window_box draws it), in
-    DRAW's units, where the image spans 0.5 .. width + 0.5 (pixel column a, 0-based, has its centre
-    at a + 1: the module docstring); its overlap with the image, divided by height * width. It ignores the filters'
-    Gaussian width sigma: a window with delta ~ 0 and a wide sigma still smears over more pixels.
+    The window is the square g -+ n/2 * delta around its centre on each axis (as
+    rcn_dist.sample.window_box draws it), in DRAW's units, where the image spans 0.5 .. width + 0.5
+    (pixel column a, 0-based, has its centre at a + 1: the module docstring); its overlap with the
+    image, divided by height * width. It ignores the filters' Gaussian width sigma: a window with
+    delta ~ 0 and a wide sigma still smears over more pixels.
     """
     half = n / 2 * delta
 
@@ -163,7 +164,7 @@ def _backward_matrix(height: int, width: int, n: int, device: torch.device, dtyp
     return k
 
 
-def _forward_banks(p: Tensor, n: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, tuple]:
+def _forward_banks(p: Tensor, n: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple]:
     """p (B, 5) raw -> fx (B, N, W), fy (B, N, H), gamma (B, 1, 1, 1), the packed window record
     (B, 5) and what the backward needs: (record, banks), banks a tuple of (F, diff, diff * coef)
     per bank (one for a square image, its G = 2 axes stacked; else one per axis)."""
@@ -200,7 +201,8 @@ def _window_backward(dfx: Tensor, dfy: Tensor, gamma_sum: Tensor, saved: tuple, 
     = -2 sum_a u; d centre = sum_i d mu_i; d log delta = delta sum_i offs_i d mu_i; d log sigma2 =
     -sum u diff above the floor (d coef / d log sigma2 = -coef; 0 below: clamp_min's gradient).
     So dp = (r K) with delta's factor on column 3, r = (sum_a u per x filter, per y filter,
-    the sigma2 sum, d log gamma) (B, 2N + 2) and K the constant map of _backward_matrix.
+    the sigma2 sum, the gamma sum) (B, 2N + 2) and K the constant map of _backward_matrix (which
+    holds gamma_sign).
     """
     record, banks = saved
     grads = (torch.stack([dfx, dfy], 1),) if len(banks) == 1 else (dfx.unsqueeze(1), dfy.unsqueeze(1))

@@ -26,11 +26,16 @@ def squash(s: Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> Tensor:
     return s * (n2 / ((1.0 + n2) * torch.sqrt(n2 + eps)))
 
 
+def _norm2_root(s: Tensor) -> tuple[Tensor, Tensor]:
+    """n2 = |s|^2 along the last dim and r = sqrt(n2 + SQUASH_EPS), each (..., 1)."""
+    n2 = torch.linalg.vecdot(s, s).unsqueeze(-1)
+    return n2, torch.sqrt(n2 + SQUASH_EPS)
+
+
 def _squash_parts(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """squash(s) along the last dim, and what its backward needs: (v, n2, r, a, k) with
     n2 = |s|^2, r = sqrt(n2 + eps), a = 1 / ((1 + n2) r) and k = n2 a, each (..., 1): v = s k."""
-    n2 = torch.linalg.vecdot(s, s).unsqueeze(-1)
-    r = torch.sqrt(n2 + SQUASH_EPS)
+    n2, r = _norm2_root(s)
     a = torch.reciprocal(torch.addcmul(r, n2, r))  # 1 / ((1 + n2) r), (1 + n2) r as r + n2 r: one op
     k = n2 * a
     return s * k, n2, r, a, k
@@ -39,8 +44,7 @@ def _squash_parts(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 def _squash_scale(s: Tensor) -> Tensor:
     """squash(s)'s scale k = n2 / ((1 + n2) sqrt(n2 + eps)), (..., 1), n2 = |s|^2 along the last
     dim: v = s k. For the routing's inner iterations, which need u_hat . v = k (u_hat . s) only."""
-    n2 = torch.linalg.vecdot(s, s).unsqueeze(-1)
-    r = torch.sqrt(n2 + SQUASH_EPS)
+    n2, r = _norm2_root(s)
     return n2 / torch.addcmul(r, n2, r)
 
 

@@ -195,10 +195,16 @@ class _LinearFn(torch.autograd.Function):
 
 
 def _linear_backward(ctx, d: Tensor) -> tuple[Tensor | None, ...]:
-    """d x = d W, d W = d^T x, d b = sum d over the rows: 4 ops for a 2-D x, with every gradient
-    wanted, where F.linear's TBackward0 and AddmmBackward0 are 8."""
     xc, wc = ctx.saved_tensors
-    need, dtypes = ctx.needs_input_grad, ctx.dtypes
+    return (*linear_grads(d, xc, wc, ctx.needs_input_grad[:3], ctx.dtypes), None)
+
+
+def linear_grads(d: Tensor, xc: Tensor, wc: Tensor, need: tuple[bool, ...],
+                 dtypes: tuple[torch.dtype | None, ...]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients (d x, d W, d b) of y = xc wc^T + b from d = d loss / d y (..., out), where
+    xc and wc are the matmul's operands as it ran: d x = d W, d W = d^T x, d b = sum d over the
+    rows, each cast to its input's dtype in `dtypes` and only where `need` says. 4 ops for a 2-D
+    x with every gradient wanted, where F.linear's TBackward0 and AddmmBackward0 are 8."""
     d2, x2 = d, xc
     if d.dim() != 2:  # (..., out): the matmuls want rows (view ops, only for these shapes)
         d2, x2 = d.reshape(-1, d.shape[-1]), xc.reshape(-1, xc.shape[-1])
@@ -209,7 +215,7 @@ def _linear_backward(ctx, d: Tensor) -> tuple[Tensor | None, ...]:
         dx = d2.mm(wc)
         dx = cast_to(dx if d.dim() == 2 else dx.view(xc.shape), dtypes[0])
     dw = cast_to(torch.tensordot(d2, x2, ([0], [0])), dtypes[1]) if need[1] else None  # d^T x: see _lstm_backward
-    return dx, dw, db, None
+    return dx, dw, db
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

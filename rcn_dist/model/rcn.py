@@ -31,7 +31,7 @@ from rcn_dist.config import ModelConfig
 from rcn_dist.model import losses
 from rcn_dist.model.attention import Reader, Writer, window_dict
 from rcn_dist.model.capsules import PrimaryCapsules, RoutedCapsules, scaled_init_
-from rcn_dist.model.cells import Linear, LSTMCell
+from rcn_dist.model.cells import Linear, LSTMCell, linear_grads
 from rcn_dist.model.precision import at_least_fp32, autocast_dtype, cast_to, no_autocast, wide_dtype
 
 State = tuple[Tensor, ...]
@@ -88,13 +88,10 @@ class _GaussianFn(torch.autograd.Function):
         if dz is None or dmu is None or dlogvar is None:
             zeros = torch.zeros_like(sigma)
         dz, dmu, dlogvar = (zeros if g is None else g for g in (dz, dmu, dlogvar))
-        # d mu = dmu + dz; d logvar = dlogvar + dz eps sigma / 2.
+        # d mu = dmu + dz; d logvar = dlogvar + dz eps sigma / 2; then the linear's gradients, from
+        # d_out in the matmul's dtype (as autograd hands an nn.Linear under autocast its gradient).
         d_out = cast_to(torch.cat([dmu + dz, torch.addcmul(dlogvar, dz, eps * sigma, value=0.5)], 1), w_c.dtype)
-        dh = cast_to(d_out @ w_c, ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        # d_out^T h (2 z, hidden) as one tensordot (cells._linear_backward's form): t() would be an op more.
-        dw = cast_to(torch.tensordot(d_out, h_c, ([0], [0])), ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        db = cast_to(d_out.sum(0), ctx.dtypes[2]) if ctx.needs_input_grad[2] else None
-        return dh, dw, db, None, None
+        return (*linear_grads(d_out, h_c, w_c, ctx.needs_input_grad[:3], ctx.dtypes), None, None)
 
 
 class GaussianHead(nn.Linear):

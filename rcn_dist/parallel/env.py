@@ -13,8 +13,10 @@ import json
 import os
 import re
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 from rcn_dist.errors import RendezvousError
 
@@ -228,9 +230,7 @@ def _rendezvous_store(le: LaunchEnv, timeout_s: float):
     timeout_s: rank 0 hosts it (unless torchrun's agent does) and waits for the others, the others
     connect. One line on failure instead of a wait without end. Its timeout is torch's default
     afterwards, for the process group that runs on it."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
+    import torch.distributed as dist  # torch only once a process group starts (detect() is light)
 
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     is_master = le.rank == 0 and not agent_store
@@ -250,8 +250,6 @@ def _rendezvous_store(le: LaunchEnv, timeout_s: float):
 
 def _reachable(addr: str, port: int, timeout_s: float) -> bool:
     """Whether something accepts TCP connections at addr:port within timeout_s (retried)."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     while True:
         try:
