@@ -8,12 +8,12 @@ The same as `rcn train`; everything lives in rcn_dist.train (and rcn_dist.loop).
 import sys
 
 if __name__ == "__main__":
-    from rcn_dist import signals
+    from rcn_dist import signals, testhooks
 
     # First, before torch and DeepSpeed are imported: a stop signal from now on is recorded and
     # honoured by the training loop, not fatal (rcn_dist.signals).
     signals.catch()
-    signals.pause_for_test("start")
+    testhooks.pause("start")
 
     from rcn_dist.cli import run_main
     from rcn_dist.parallel.teardown import exit_process

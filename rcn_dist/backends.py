@@ -6,13 +6,12 @@ the model and its optimizer for this rank and returns the Backend that loop.run_
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rcn_dist import speed
+from rcn_dist import speed, testhooks
 from rcn_dist.errors import CheckpointError
 from rcn_dist.loop import TERMS, Backend, LossModule, Run, caps_input, evaluate, to_device
 from rcn_dist.parallel import collectives
@@ -35,7 +34,7 @@ def _verify_loaded_weights(engine, ckpt_dir: Path, rank0: bool, out) -> None:
 
 
 def _dump_loaded_state(engine, path: str, rank0: bool) -> None:
-    """Test hook (RCN_DUMP_LOADED_STATE=FILE): rank 0 writes what the engine holds right after a
+    """Test hook (testhooks.dump_loaded_state_path): rank 0 writes what the engine holds right after a
     resume's load, consolidated over the ranks (a collective): per parameter the fp32 weights
     ("fp32/NAME"), Adam's "exp_avg/NAME" and "exp_avg_sq/NAME", and "step" and "lr", in one
     safetensors file (ZeRO 1-3 engines). tests/test_layouts.py compares it with the checkpoint's
@@ -105,8 +104,8 @@ def deepspeed_backend(run: Run, ds: dict[str, Any]) -> Backend:
         if universal:
             _verify_loaded_weights(engine, d, rank0, out)
             state = state | {"loader": None}  # the saved per-rank positions are another layout's
-        if os.environ.get("RCN_DUMP_LOADED_STATE"):
-            _dump_loaded_state(engine, os.environ["RCN_DUMP_LOADED_STATE"], rank0)
+        if dump := testhooks.dump_loaded_state_path():
+            _dump_loaded_state(engine, dump, rank0)
         return state
 
     return Backend(

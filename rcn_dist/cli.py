@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from rcn_dist import __version__, signals
+from rcn_dist import __version__, signals, testhooks
 from rcn_dist.errors import RcnError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -73,7 +73,7 @@ def entry() -> None:
     # First, before anything heavy is imported: a stop signal from now on is recorded, not fatal
     # (rcn_dist.signals); main() gives the signals back to the commands that do not train.
     signals.catch()
-    signals.pause_for_test("start")
+    testhooks.pause("start")
     try:
         code = main()
         sys.stdout.flush()  # inside the try: a reader that left must not fail the exit's flush

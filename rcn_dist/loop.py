@@ -14,7 +14,6 @@ configuration; 4 the loss became NaN/inf.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -26,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcn_dist import console, signals, speed
-from rcn_dist.config import Config, ConfigError
+from rcn_dist import console, signals, speed, testhooks
+from rcn_dist.config import Config
 from rcn_dist.errors import RcnError
 from rcn_dist.files import atomic_write
 from rcn_dist.model import bits_per_dim, noise_for, step_noise_seed
@@ -263,18 +262,6 @@ def _is_submitit(handler: Any) -> bool:
     return callable(handler) and getattr(handler, "__module__", "").startswith("submitit")
 
 
-def min_step_seconds() -> float:
-    """TEST-ONLY knob: RCN_TEST_MIN_STEP_S=<seconds> makes every optimizer step last at least that
-    long (the loop sleeps the rest of it), so that a test knows how many steps fit into a time
-    limit whatever the machine's speed (tests/test_slurm_train.py, tests/test_submitit.py).
-    Unset (0): no effect. Not for training: it only wastes time."""
-    value = os.environ.get("RCN_TEST_MIN_STEP_S") or "0"
-    with contextlib.suppress(ValueError):
-        if 0 <= float(value) < 3600:
-            return float(value)
-    raise ConfigError(f"RCN_TEST_MIN_STEP_S={value!r} is not a number of seconds in [0, 3600)")
-
-
 @dataclass(frozen=True)
 class StepFlag:
     """What the step's one all-reduce agreed on, read back to the host once."""
@@ -347,7 +334,7 @@ def setup_run(cfg: Config, le, run_dir: Path, deepspeed: bool) -> Run:
         # per core: oversubscribed OpenMP threads spin while their partners wait, and a step gets
         # many times slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // le.local_world_size))
-    min_step_seconds()  # a bad test knob stops every rank with one line, before the process group
+    testhooks.min_step_seconds()  # a bad test knob stops every rank with one line, before the process group
     logger = make_loggers(cfg, run_dir, le.rank)  # before the process group: a missing package stops all ranks
     stop = StopFlag().install()
     init_process_group(le, deepspeed=deepspeed)
@@ -411,14 +398,13 @@ def run_loop(run: Run, backend: Backend) -> int:
 
 def _steps(run: Run, backend: Backend, stream, step: int, samples: int, progress) -> bool:
     # The loop of run_loop(); True when a stop signal ended it early.
-    from rcn_dist.parallel import checkpoint as ckpt
 
     t, rank, stop, logger, device = run.cfg.train, run.le.rank, run.stop, run.logger, run.le.device
     last_good = str(run.latest) if run.latest else "none"
-    min_step_s = min_step_seconds()
+    min_step_s = testhooks.min_step_seconds()
     batches = iter(stream)
     while step < t.steps:
-        ckpt.fault_point("step", step, rank)
+        testhooks.fault_point("step", step, rank)
         tic = time.perf_counter()
         # The loss parts stay on the device (float64) until the step's one collective: no host
         # sync inside the micro-batches.
@@ -474,7 +460,7 @@ def _end_run(stopped: bool, steps: int, out, run_dir: Path, stop: StopFlag) -> i
     throughout: one that comes now is recorded, and a finished run still ends with 0."""
     if not stopped:
         out.info(f"done: {steps} steps; run directory {run_dir}")
-    signals.pause_for_test("teardown")
+    testhooks.pause("teardown")
     collectives.destroy()
     if stopped:
         stop.hand_over()  # under submitit: task 0 requeues the job and exits here

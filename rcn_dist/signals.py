@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -103,22 +102,11 @@ def names(signums: list[int]) -> str:
     return ", ".join(signal.Signals(s).name for s in dict.fromkeys(signums))
 
 
-def pause_for_test(point: str) -> None:
-    """TEST-ONLY hook: RCN_TEST_PAUSE=<point>[,<point>...][@<rank>] holds the process at each
-    `point` named (on rank 0, or the rank named; the rank is read from RANK, which torchrun sets)
-    until a stop signal arrives (at most 120 s), so that a test can send one exactly there: "start"
-    (the entry point, before torch is imported), "teardown" (after the last step, before the
-    process group's teardown), "exit" (the process's last call). Each pause announces itself with
-    one line on stderr, `rcn-test: paused at <point> (pid <pid>)`. Unset, as outside the tests,
-    it does nothing."""
-    spec = os.environ.get("RCN_TEST_PAUSE", "")
-    if not spec:
-        return
-    points, _, rank = spec.partition("@")
-    if point not in points.split(",") or (rank or "0") != os.environ.get("RANK", "0"):
-        return
-    print(f"rcn-test: paused at {point} (pid {os.getpid()})", file=sys.stderr, flush=True)
+def wait_for_signal(timeout_s: float) -> bool:
+    """Sleep until a stop signal is recorded (one more than when called) or `timeout_s` passes;
+    True when one came (rcn_dist.testhooks.pause holds a process this way)."""
     count = len(_received)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while len(_received) == count and time.monotonic() < deadline:
         time.sleep(0.02)
+    return len(_received) > count

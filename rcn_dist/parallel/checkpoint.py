@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -45,6 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from rcn_dist import testhooks
 from rcn_dist.config import Config, from_dict, model_diff
 from rcn_dist.errors import CheckpointError
 from rcn_dist.files import atomic_write, fsync_dir, fsync_tree
@@ -58,29 +58,6 @@ DAMAGED = "damaged_"
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def fault_point(point: str, step: int, rank: int = 0) -> None:
-    """Fault injection for tests, so that a kill lands exactly where a test needs it (not by timing).
-
-    RCN_FAULT=<point>:<step>[:<SIGNAL>][@<rank>] sends this process SIGNAL (default SIGKILL)
-    when it reaches `point` at `step`, on rank 0 unless another is named. Points:
-      "step"        the start of an optimizer step (`step` = the steps done so far);
-      "ds_save"     inside DeepSpeed's engine.save_checkpoint, right after it wrote its first file
-                    on this rank (its other files, its commit and its closing barrier not done);
-      "checkpoint"  after the engine's files, before this rank's loop state and RNG;
-      "complete"    rank 0, after COMPLETE was written, before `latest` is replaced;
-      "prune"       rank 0, pruning: after the oldest pruned checkpoint lost its COMPLETE,
-                    before its files are deleted.
-    """
-    spec = os.environ.get("RCN_FAULT", "")
-    if not spec:
-        return
-    spec, _, want_rank = spec.partition("@")
-    fields = spec.split(":")
-    if fields[:2] == [point, str(step)] and rank == int(want_rank or 0):
-        sig = getattr(signal, fields[2]) if len(fields) > 2 else signal.SIGKILL
-        os.kill(os.getpid(), sig)
 
 
 def ckpt_root(run_dir: str | Path) -> Path:
@@ -233,7 +210,7 @@ def commit(run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Conf
         d.mkdir(parents=True)
     collectives.barrier()
     write_state(d)
-    fault_point("checkpoint", step, rank)
+    testhooks.fault_point("checkpoint", step, rank)
     atomic_write(d / f"loop_rank{rank}.json", json.dumps(loop_state, sort_keys=True))
     save_file(rng_state(), str(d / f"rng_rank{rank}.safetensors"))
     full = weights(d)
@@ -250,7 +227,7 @@ def commit(run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg: Conf
                    **(layout or {}), "time": time.time(), "files": _manifest(d)}
         atomic_write(d / COMPLETE, json.dumps(summary))  # fsynced, and d's entry for it
         fsync_dir(root)  # d's own entry in checkpoints/, before `latest` names it
-        fault_point("complete", step, rank)
+        testhooks.fault_point("complete", step, rank)
         atomic_write(root / LATEST, d.name)
         _prune(root, keep_last, step)
     collectives.barrier()
@@ -276,7 +253,7 @@ def save(engine, run_dir: str | Path, step: int, loop_state: dict[str, Any], cfg
 def _fault_inside_engine_save(engine, step: int, rank: int) -> Iterator[None]:
     """Fault point "ds_save": every file DeepSpeed's save_checkpoint writes goes through
     engine.checkpoint_engine.save; only while a test asks for this point is that wrapped."""
-    if not os.environ.get("RCN_FAULT", "").startswith("ds_save:"):
+    if not testhooks.fault_armed("ds_save"):
         yield
         return
     ce = engine.checkpoint_engine
@@ -284,7 +261,7 @@ def _fault_inside_engine_save(engine, step: int, rank: int) -> Iterator[None]:
 
     def save(*args, **kwargs):
         out = original(*args, **kwargs)
-        fault_point("ds_save", step, rank)
+        testhooks.fault_point("ds_save", step, rank)
         return out
 
     ce.save = save
@@ -304,7 +281,7 @@ def _prune(root: Path, keep_last: int, step: int) -> None:
         if d not in keep:
             if (d / COMPLETE).is_file():
                 (d / COMPLETE).unlink()
-                fault_point("prune", step)
+                testhooks.fault_point("prune", step)
             shutil.rmtree(d, ignore_errors=True)
 
 

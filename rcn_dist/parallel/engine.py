@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from rcn_dist import testhooks
 from rcn_dist.config import Config, ConfigError
 
 
@@ -186,7 +187,7 @@ def _disable_cpu_shm_comm() -> None:
     training had finished; with it off, none in thirty. gloo does the all-reduce instead.
     RCN_DS_SHM=1 turns it back on.
     """
-    if os.environ.get("RCN_DS_SHM") == "1":
+    if testhooks.ds_shm_comm():
         return
     import importlib
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import sys
 
-from rcn_dist.signals import pause_for_test
+from rcn_dist import testhooks
 
 # Name prefixes of the native threads torch.distributed starts for a process group.
 _GROUP_THREAD_PREFIXES = ("pt_gloo", "gloo_", "pt_nccl")
@@ -58,7 +58,7 @@ def exit_process(code: int) -> None:
     flush stdout/stderr and os._exit(code), so that no such thread can meet a finalizing
     interpreter. Call it only at the very end of a program (a launcher's entry point), never from
     inside a function another program calls (submitit's job runner, tests)."""
-    pause_for_test("exit")
+    testhooks.pause("exit")
     if not process_group_threads():
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
