@@ -68,6 +68,11 @@ class ModelConfig:
     """Hidden size of the decoder RNN."""
     z_dim: int = 100
     """Size of the Gaussian latent z_t drawn at every step."""
+    enc_read: str = "on"
+    """What RNN_enc reads besides the class capsules and h_dec(t-1): "on", DRAW's read of x and the
+    error image x - sigmoid(c_{t-1}) (a glimpse, or the whole images without read_attn); "off",
+    nothing else, the encoder RNN's inputs as the paper lists them (the capsules, h_dec(t-1) and
+    its own state), so that the capsules alone carry the image to the encoder."""
     read_attn: bool = True
     """Use DRAW's Gaussian-filterbank read; off: the encoder reads the whole image and error image."""
     read_n: int = 2
@@ -157,6 +162,9 @@ class ModelConfig:
         _require(self.n_classes >= 2, "model.n_classes", "must be at least 2")
         _choice(self.rnn, "model.rnn", ("lstm", "gru"))
         _choice(self.caps_init, "model.caps_init", ("scaled", "torch"))
+        _choice(self.enc_read, "model.enc_read", ("on", "off"))
+        _require(self.enc_read == "on" or self.enc_capsules, "model.enc_read",
+                 "off needs model.enc_capsules: without the capsules and the read, RNN_enc never sees the image")
         _choice(self.likelihood, "model.likelihood", ("bernoulli", "logistic"))
         for name in ("enc_conv_channels", "dec_deconv_channels"):
             channels = tuple(getattr(self, name))
@@ -213,9 +221,11 @@ class ModelConfig:
 
     def enc_rnn_in(self) -> int:
         """Input size of RNN_enc: class capsules (if any), the glimpse (2 N x N windows per channel:
-        x and the error image; both whole images without read attention), h_dec."""
+        x and the error image; both whole images without read attention; none with enc_read=off),
+        h_dec."""
         c = self.in_channels
         glimpse = 2 * c * self.read_n**2 if self.read_attn else 2 * c * self.height * self.width
+        glimpse *= self.enc_read == "on"
         return self.n_classes * self.class_caps_dim * self.enc_capsules + glimpse + self.dec_hidden
 
     def dec_rnn_in(self) -> int:

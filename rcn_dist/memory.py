@@ -68,7 +68,7 @@ def activation_elements(m: ModelConfig) -> dict[str, int]:
     enc_once += _routed(enc_n, m.enc_primary_dim, m.n_classes, m.class_caps_dim)
     # Encoder, per step: read, RNN_enc, the latent head's input.
     enc_step = _rnn(m.enc_rnn_in(), m.enc_hidden) + m.enc_hidden
-    if m.read_attn:
+    if m.read_attn and m.enc_read == "on":
         enc_step += _attention(c, h, w, m.read_n, read=True)
     # Decoder, per step: seed map, transposed convs, primary capsules, routing, RNN_dec, write.
     dec_step = m.z_dim + m.dec_seed_channels * m.dec_seed_size**2

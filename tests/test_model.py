@@ -58,7 +58,8 @@ def test_output_shapes(c, h, w, extra):
 
 
 @pytest.mark.parametrize("extra", [{}, {"likelihood": "logistic", "rnn": "gru", "read_attn": False,
-                                        "write_attn": False, "in_channels": 3}])
+                                        "write_attn": False, "in_channels": 3},
+                                   {"enc_read": "off"}])
 def test_every_parameter_gets_a_gradient(extra):
     cfg = tiny(T=3, **extra)
     torch.manual_seed(0)
@@ -229,3 +230,34 @@ def test_kl_is_summed_over_steps_and_the_likelihood_is_taken_on_the_last_canvas(
     recon_prev = -(x * p_prev.log() + (1 - x) * (1 - p_prev).log()).flatten(1).sum(1)
     assert ((terms["recon"].double() - recon_prev).abs() > 1e-3).all()  # c_{T-1} would be caught
     torch.testing.assert_close(terms["elbo"], terms["recon"] + terms["kl"])
+
+
+@pytest.mark.parametrize("read_attn", [True, False])
+def test_enc_read_off_the_encoder_sees_the_image_only_through_its_capsules(read_attn):
+    # With the class capsules held fixed, the posterior cannot depend on x when enc_read=off; with
+    # DRAW's read on (the default), it does.
+    torch.manual_seed(0)
+    x1 = torch.rand(4, 1, 28, 28).round()
+    x2 = torch.rand(4, 1, 28, 28).round()
+    eps = torch.randn(4, 3, tiny().z_dim)
+    mus = {}
+    for enc_read in ("on", "off"):
+        cfg = tiny(T=3, enc_read=enc_read, read_attn=read_attn)
+        model = RCN(cfg).eval()
+        fixed = torch.randn(4, cfg.n_classes, cfg.class_caps_dim)
+        model.encoder.capsules.forward = lambda x, fixed=fixed: fixed  # a constant in place of x's capsules
+        with torch.no_grad():
+            mus[enc_read] = [model(x, eps=eps).mu for x in (x1, x2)]
+        assert cfg.enc_rnn_in() == cfg.n_classes * cfg.class_caps_dim + cfg.dec_hidden + (
+            0 if enc_read == "off" else 2 * (cfg.read_n**2 if read_attn else 28 * 28))
+    torch.testing.assert_close(mus["off"][0], mus["off"][1], rtol=0, atol=0)
+    assert not torch.allclose(mus["on"][0], mus["on"][1])
+
+
+def test_enc_read_off_needs_the_encoder_capsules():
+    from rcn_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.enc_read"):
+        tiny(enc_read="off", enc_capsules=False)
+    with pytest.raises(ConfigError, match="model.enc_read"):
+        tiny(enc_read="sometimes")

@@ -166,7 +166,8 @@ class Encoder(_Stack):
         self.cfg = cfg
         self.capsules = EncoderCapsules(cfg) if cfg.enc_capsules else None
         c, h, w = cfg.in_channels, cfg.height, cfg.width
-        self.reader = Reader(cfg.dec_hidden, c, h, w, cfg.read_n) if cfg.read_attn else None
+        self.reads = cfg.enc_read == "on"  # off: RNN_enc sees the image only through the capsules
+        self.reader = Reader(cfg.dec_hidden, c, h, w, cfg.read_n) if cfg.read_attn and self.reads else None
         self.rnn = _cell(cfg.rnn, cfg.enc_rnn_in(), cfg.enc_hidden)
         self.latent = GaussianHead(cfg.enc_hidden, 2 * cfg.z_dim)
 
@@ -187,6 +188,8 @@ class Encoder(_Stack):
             # filterbank's dtype); RNN_enc casts the cat below to its weights.
             glimpse, win = self.reader(x, canvas_prev, h_dec_prev)  # (B, 2*C*N*N)
             inp = torch.cat([caps_flat, glimpse, h_dec_prev], 1)
+        elif not self.reads:  # enc_read=off: (B, K*D + dec_hidden), the paper's list of inputs
+            inp, win = torch.cat([caps_flat, h_dec_prev], 1), None
         else:  # one cat of everything RNN_enc reads: (B, K*D + 2*C*H*W + dec_hidden)
             x_hat = x - torch.sigmoid(canvas_prev)  # (B, C, H, W), fp32 at least: the canvas is
             inp, win = torch.cat([caps_flat, x.flatten(1), x_hat.flatten(1), h_dec_prev], 1), None
