@@ -144,19 +144,20 @@ def test_prepare_is_byte_identical(tmp_path):
 def test_multimnist_pairs(tmp_path):
     labels = np.arange(50) % 10
     # Each "digit" is a solid 28x28 square whose grey level encodes its class: the pair's image
-    # then shows exactly two shifted squares merged by max.
+    # then shows exactly two shifted squares, added and clipped at 255 where they overlap.
     images = np.repeat((20 * (labels + 1)).astype(np.uint8)[:, None, None], 28, 1).repeat(28, 2)
     x, y = sources.synth_multimnist(images, labels, pairs=3, seed=5)
     assert x.shape == (150, 36, 36) and y.shape == (150, 2)
     assert (y[:, 0] != y[:, 1]).all() and (y[:, 0] == np.repeat(labels, 3)).all()
     for img, (a, b) in zip(x, y):
         va, vb = 20 * (a + 1), 20 * (b + 1)
-        assert set(np.unique(img)) <= {0, va, vb}
-        hi, lo = max(va, vb), min(va, vb)
-        assert (img == hi).sum() == 28 * 28  # the brighter square is whole (max, not sum)
+        both = min(va + vb, 255)  # the overlap: the sum, clipped (pixel-wise max would give max(va, vb))
+        assert set(np.unique(img)) <= {0, va, vb, both}
+        assert (img == both).sum() > 0  # shifts of at most 4 px: 28 px squares always overlap
+        assert (img == va).sum() + (img == both).sum() == 28 * 28  # each square whole
+        assert (img == vb).sum() + (img == both).sum() == 28 * 28
         ys, xs = np.nonzero(img)
         assert 28 <= np.ptp(ys) + 1 <= 36 and 28 <= np.ptp(xs) + 1 <= 36  # shifts of at most 4 each
-        assert (img == lo).sum() < 28 * 28  # the dimmer one shows only where they do not overlap
     x2, y2 = sources.synth_multimnist(images, labels, pairs=3, seed=5)
     np.testing.assert_array_equal(x, x2)
     x3, _ = sources.synth_multimnist(images, labels, pairs=3, seed=6)
@@ -173,6 +174,7 @@ def test_multimnist_prepare_multi_hot(tmp_path):
     assert m.class_names == sources.DIGIT_CLASSES
     images, labels, _ = load_arrays(out, "train")
     assert labels.shape == (80, 2) and (labels[:, 0] != labels[:, 1]).all()
+    assert m.num_samples("test") == 20  # --test-pairs defaults to one pair per test digit
 
 
 # ---------------------------------------------------------------- bad input

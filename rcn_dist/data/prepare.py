@@ -86,8 +86,10 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, tuple[np.ndarray, np.ndar
         for i, split in enumerate(sources.SPLITS):
             x, y, _ = sources.read_idx_split(args.source or sources.FASHION_MNIST_DIR, split, names)
             if args.dataset == "multimnist":
-                x, y = sources.synth_multimnist(x, y, args.pairs, seed=args.seed * 2 + i, limit=args.limit)
-                extra = {"pairs_per_image": args.pairs, "base": base}
+                pairs = args.pairs if split == "train" else args.test_pairs
+                x, y = sources.synth_multimnist(x, y, pairs, seed=args.seed * 2 + i, limit=args.limit)
+                extra = {"pairs_per_image": args.pairs, "test_pairs_per_image": args.test_pairs,
+                         "base": base, "merge": "add, clip at 255"}
             data[split] = (x, y)
     data = {s: (x[: args.limit], y[: args.limit]) for s, (x, y) in data.items()}  # limit None: all
     # By default DEFAULT_VAL images where that is at most a tenth of the training set (the real
@@ -173,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"samples per shard (default {shards.DEFAULT_SHARD_SIZE})")
     p.add_argument("--seed", type=int, default=0, help="seed of the MultiMNIST synthesis (recorded)")
     p.add_argument("--limit", type=int, help="keep only the first N samples of each split")
-    p.add_argument("--pairs", type=int, default=1, help="multimnist: pairs per source digit (default 1)")
+    p.add_argument("--pairs", type=int, default=10,
+                   help="multimnist: pairs per training digit (default 10: 600,000 training pairs from "
+                   "MNIST's 60,000, a hundredth of Sabour et al.'s 1,000 per digit)")
+    p.add_argument("--test-pairs", type=int, default=1,
+                   help="multimnist: pairs per test digit (default 1: 10,000 test pairs)")
     p.add_argument("--base", choices=("mnist", "fashion-mnist"),
                    help="multimnist: class names of the IDX source (default: fashion-mnist without "
                    "--source, mnist with it)")
