@@ -144,13 +144,14 @@ def test_prepare_is_byte_identical(tmp_path):
 def test_multimnist_pairs(tmp_path):
     labels = np.arange(50) % 10
     # Each "digit" is a solid 28x28 square whose grey level encodes its class: the pair's image
-    # then shows exactly two shifted squares, added and clipped at 255 where they overlap.
-    images = np.repeat((20 * (labels + 1)).astype(np.uint8)[:, None, None], 28, 1).repeat(28, 2)
+    # then shows exactly two shifted squares, added and clipped at 255 where they overlap (all of
+    # them ink: at least sources.OVERLAP_INK).
+    images = np.repeat((70 + 15 * labels).astype(np.uint8)[:, None, None], 28, 1).repeat(28, 2)
     x, y = sources.synth_multimnist(images, labels, pairs=3, seed=5)
     assert x.shape == (150, 36, 36) and y.shape == (150, 2)
     assert (y[:, 0] != y[:, 1]).all() and (y[:, 0] == np.repeat(labels, 3)).all()
     for img, (a, b) in zip(x, y):
-        va, vb = 20 * (a + 1), 20 * (b + 1)
+        va, vb = 70 + 15 * a, 70 + 15 * b
         both = min(va + vb, 255)  # the overlap: the sum, clipped (pixel-wise max would give max(va, vb))
         assert set(np.unique(img)) <= {0, va, vb, both}
         assert (img == both).sum() > 0  # shifts of at most 4 px: 28 px squares always overlap
@@ -158,8 +159,11 @@ def test_multimnist_pairs(tmp_path):
         assert (img == vb).sum() + (img == both).sum() == 28 * 28
         ys, xs = np.nonzero(img)
         assert 28 <= np.ptp(ys) + 1 <= 36 and 28 <= np.ptp(xs) + 1 <= 36  # shifts of at most 4 each
-    x2, y2 = sources.synth_multimnist(images, labels, pairs=3, seed=5)
-    np.testing.assert_array_equal(x, x2)
+    x2, y2, share = sources.synth_multimnist(images, labels, pairs=3, seed=5, overlap=True)
+    np.testing.assert_array_equal(x, x2)  # asking for the overlap changes nothing else
+    # the squares' ink overlaps exactly where the sum shows: the share of the (equal) squares
+    for img, (a, b), got in zip(x, y, share):
+        assert got == (img == min(140 + 15 * (a + b), 255)).sum() / (28 * 28)
     x3, _ = sources.synth_multimnist(images, labels, pairs=3, seed=6)
     assert not np.array_equal(x, x3)
 

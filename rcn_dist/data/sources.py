@@ -157,15 +157,18 @@ def read_cifar10(source: str | Path) -> dict[str, Source]:
 # ---------------------------------------------------------------- MultiMNIST (Sabour et al. 2017)
 MULTI_SIZE = 36
 MULTI_SHIFT = 4
+OVERLAP_INK = 64
+"""A pixel at least this bright (of 255) is an object's ink, for synth_multimnist's overlap share."""
 
 
 def synth_multimnist(images: np.ndarray, labels: np.ndarray, pairs: int, seed: int,
-                     limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     limit: int | None = None, overlap: bool = False):
     """Overlapping digit pairs as Sabour et al. built MultiMNIST: each 28x28 digit, padded to 36x36
     and shifted by up to 4 pixels each way, is added to a random digit of another class, shifted
     likewise, and the sum clipped at 255 (their released mnist_shift code), `pairs` times. Returns images (M, 36, 36) uint8 and labels
     (M, 2) int64 (the first and second digit's class), M = min(len(images) * pairs, limit);
-    deterministic in `seed`."""
+    deterministic in `seed`. With overlap=True a third array (M,) float64 comes back: the share of
+    the smaller object's ink (pixels >= OVERLAP_INK) that the other object's ink covers, 0..1."""
     n = len(images)
     if images.shape[1:] != (28, 28):
         raise DataError(f"MultiMNIST needs 28x28 digits, got {images.shape[1:]}")
@@ -181,10 +184,19 @@ def synth_multimnist(images: np.ndarray, labels: np.ndarray, pairs: int, seed: i
         clash = labels[second] == labels[first]
     shifts = rng.integers(-MULTI_SHIFT, MULTI_SHIFT + 1, size=(m, 2, 2))  # (pair, digit, dy/dx)
     out = np.zeros((m, MULTI_SIZE, MULTI_SIZE), np.uint16)  # the sum, clipped to uint8 at the end
+    inks = [np.zeros((m, MULTI_SIZE, MULTI_SIZE), bool) for _ in range(2)] if overlap else None
     for digit, src in enumerate((first, second)):
         corner = shifts[:, digit] + (MULTI_SIZE - 28) // 2  # (pair, y/x) of the digit's top left
         # Vectorised per offset: 81 groups instead of one slice assignment per pair.
         for y, x in np.unique(corner, axis=0):
             sel = np.nonzero((corner == (y, x)).all(axis=1))[0]
             out[sel, y:y + 28, x:x + 28] += images[src[sel]]
-    return np.minimum(out, 255).astype(np.uint8), np.stack([labels[first], labels[second]], axis=1).astype(np.int64)
+            if inks is not None:
+                inks[digit][sel, y:y + 28, x:x + 28] = images[src[sel]] >= OVERLAP_INK
+    merged = np.minimum(out, 255).astype(np.uint8)
+    pair_labels = np.stack([labels[first], labels[second]], axis=1).astype(np.int64)
+    if inks is None:
+        return merged, pair_labels
+    both = (inks[0] & inks[1]).sum((1, 2))
+    smaller = np.minimum(inks[0].sum((1, 2)), inks[1].sum((1, 2)))
+    return merged, pair_labels, both / np.maximum(smaller, 1)
