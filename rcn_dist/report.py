@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,32 @@ def run_report(run_dir: Path) -> Path:
     return path
 
 
+SHARED_SETTINGS = ("data.caps_input", "data.binarize", "train.steps", "train.batch_size")
+"""Settings a comparison names when every run shares them (what the encoder saw, the budget)."""
+
+
+def seed_groups(flat: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Runs (keys of flat: run -> its config's "section.field" values) grouped by their config
+    without train.seed (and the run's own paths), in order; each group named by its first run's
+    directory name with a trailing _s<seed> / _seed<seed> taken off."""
+    groups: dict[str, list[str]] = {}
+    keys: dict[str, str] = {}
+    for run, cfg in flat.items():
+        key = json.dumps({k: v for k, v in sorted(cfg.items()) if k not in ("train.seed", "data.dir")}, default=str)
+        name = keys.setdefault(key, re.sub(r"_(s|seed)\d+$", "", Path(run).name))
+        groups.setdefault(name, []).append(run)
+    return groups
+
+
+def mean_pm(values: list[Any]) -> str:
+    """"mean ± half the range" of the numbers among values; "-" when there are none."""
+    nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not nums:
+        return "-"
+    mean, half = sum(nums) / len(nums), (max(nums) - min(nums)) / 2
+    return f"{_fmt(mean)} ± {_fmt(half)}" if len(nums) > 1 else _fmt(mean)
+
+
 def compare_report(runs: list[Path], out_dir: Path) -> Path:
     """A table with one row per run (config differences, final numbers) and overlaid curves."""
     plt = _pyplot()
@@ -266,6 +293,19 @@ def compare_report(runs: list[Path], out_dir: Path) -> Path:
             md_table(["run", "preset", "steps", "train loss", *SUMMARY, *CAPS_SUMMARY, "img/s (median)"], rows), "",
             "Numbers come from each run's eval.json, else its last test row in metrics.jsonl.", "",
             "![curves](compare.png)", ""]
+    columns = ["train loss", *SUMMARY, *CAPS_SUMMARY]
+    groups = seed_groups(flat)
+    if any(len(g) > 1 for g in groups.values()):
+        means = []
+        for name, members in groups.items():
+            values = [[rows[list(flat).index(r)][3 + i] for r in members] for i in range(len(columns))]
+            means.append([name, len(members), *(mean_pm(v) for v in values)])
+        text += ["## Over seeds", "",
+                 "Runs whose configs differ only in `train.seed`, as one row: the mean ± half the range.", "",
+                 md_table(["variant", "seeds", *columns], means), ""]
+    shared = {k: next(iter(flat.values())).get(k) for k in SHARED_SETTINGS if k not in varying and flat}
+    if shared:
+        text += ["Shared by every run: " + ", ".join(f"`{k}={v}`" for k, v in shared.items() if v is not None), ""]
     if varying:
         text += ["## Config differences", "",
                  md_table(["field", *(Path(r).name for r in flat)], [[k, *(f.get(k) for f in flat.values())]

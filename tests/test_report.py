@@ -13,10 +13,10 @@ from rcn_dist.config import apply_overrides, preset
 from rcn_dist.report import compare_report, run_report
 
 
-def fake_run(d: Path, lr: float = 3e-3, with_eval: bool = True) -> Path:
+def fake_run(d: Path, lr: float = 3e-3, with_eval: bool = True, seed: int = 0, error: float = 0.4) -> Path:
     """A run directory as `rcn train`, `rcn eval` and `rcn sample` leave it (numbers made up)."""
     d.mkdir(parents=True)
-    (d / "config.json").write_text(apply_overrides(preset("tiny"), [f"train.lr={lr}"]).to_json())
+    (d / "config.json").write_text(apply_overrides(preset("tiny"), [f"train.lr={lr}", f"train.seed={seed}"]).to_json())
     rows = [{"step": s, "loss": 600 - s, "margin": 0.8 - s / 100, "recon": 540 - s, "kl": 1 + s / 10,
              "elbo": 541 - s, "lr": lr, "img_per_s": 300.0, "samples": 16 * s} for s in range(1, 11)]
     rows += [{"kind": "eval", "step": s, "test_elbo": 545.0 - s, "test_recon": 543.0 - s, "test_kl": 2.0,
@@ -26,7 +26,7 @@ def fake_run(d: Path, lr: float = 3e-3, with_eval: bool = True) -> Path:
         (d / "eval.json").write_text(json.dumps({
             "checkpoint": str(d / "checkpoints/step_00000010"), "step": 10, "world_size": 1, "reduced": True,
             "eval": {"iw_samples": 10}, "metrics": {
-                "test_error": 0.4, "test_elbo": 535.0, "iw_nll": 533.25, "frechet": 12.5, "memorised": False,
+                "test_error": error, "test_elbo": 535.0, "iw_nll": 533.25, "frechet": 12.5, "memorised": False,
                 "info_rate_steps": [1.5, 0.5], "info_active_units_steps": [3, 1], "info_active_units": 4,
                 "window_area_steps": [0.75, 0.25], "window_x_steps": [13.5, 10.0], "window_y_steps": [12.0, 8.0],
                 "class_names": ["coat", "bag"], "class_shares": [0.875, 0.125], "class_shares_test": [0.5, 0.5],
@@ -79,6 +79,18 @@ def test_compare_report_has_a_row_per_run_and_the_config_differences(tmp_path):
     assert "| 535 |" in table[0] and "| 535 |" in table[1]
     assert "| train.lr | 0.001 | 0.003 |" in md
     assert (tmp_path / "cmp" / "compare.png").is_file()
+
+
+def test_compare_report_folds_seeds_into_mean_and_half_range(tmp_path):
+    runs = [fake_run(tmp_path / "rcn_s0", error=0.3), fake_run(tmp_path / "rcn_s1", seed=1, error=0.5),
+            fake_run(tmp_path / "draw_s0", lr=1e-3, error=0.25)]
+    md = compare_report(runs, tmp_path / "cmp").read_text()
+    over = md.split("## Over seeds", 1)[1].split("\n\n", 2)[2].splitlines()
+    assert over[2].startswith("| rcn | 2 | ") and "| 0.4 ± 0.1 |" in over[2]  # test_error 0.3 and 0.5
+    assert over[3].startswith("| draw | 1 | ") and "| 0.25 |" in over[3]
+    assert "`data.caps_input=grey`" in md  # the image every encoder saw, named once
+    single = compare_report(runs[:1] + runs[2:], tmp_path / "cmp1").read_text()
+    assert "## Over seeds" not in single  # nothing to fold: one seed each
 
 
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
