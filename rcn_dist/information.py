@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from rcn_dist.model.precision import wide_dtype
+from rcn_dist.model.rcn import hidden
 
 ACTIVE_THRESHOLD = 0.01
 """A latent unit is active when the variance over x of its posterior mean exceeds this (Burda et
@@ -119,7 +120,7 @@ def path_log_q(model, x: Tensor, z: Tensor, x_caps: Tensor | None = None) -> Ten
         logq = torch.zeros(p * n, dtype=torch.float64, device=x.device)
         for t in range(steps):
             enc_state, _, mu, logvar, _ = enc.step(xj, cj, canvas.repeat_interleave(n, 0),
-                                                   dec_state[0].repeat_interleave(n, 0), enc_state, noise)
+                                                   hidden(dec_state).repeat_interleave(n, 0), enc_state, noise)
             zt = zi[:, t].repeat_interleave(n, 0).to(mu.dtype)  # (P' * N, z)
             logq -= 0.5 * (_LOG_2PI + logvar + (zt - mu).pow(2) * torch.exp(-logvar)).double().sum(1)
             dec_state, canvas, _ = dec.step(zi[:, t], dec_state, canvas)

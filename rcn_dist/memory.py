@@ -3,18 +3,22 @@
     estimate(cfg, micro_batch, zero_stage, dp_size, precision) -> bytes per rank, by part
 
 Parts (docs/cluster.md, "Memory estimate"): params, grads and Adam's state (ZeRO divides them by
-the data-parallel size as DeepSpeed does), activations saved for backward counted per layer from
-the config's derived sizes, and workspace (the largest im2col buffer and routing prediction, Adam's
-temporaries). Checked against the peak RSS of a real step on CPU in tests/test_memory.py.
+the data-parallel size as DeepSpeed does), activations saved for backward, traced from one
+forward of the model on the meta device (so that they follow any change to the model), and
+workspace (the largest im2col buffer and routing prediction, Adam's temporaries). Checked against
+the peak RSS of a real step on CPU in tests/test_memory.py.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+from torch import Tensor
+
 from rcn_dist import testhooks
 from rcn_dist.config import Config, ConfigError, ModelConfig
-from rcn_dist.model import describe
+from rcn_dist.model import RCN, describe
 
 if TYPE_CHECKING:
     from rcn_dist.parallel.env import LaunchEnv
@@ -22,76 +26,97 @@ if TYPE_CHECKING:
 GiB = 2**30
 
 
-def _routed(n_child: int, child_dim: int, n_parent: int, parent_dim: int) -> int:
-    # Saved per image: the child capsules u (einsum with W), the couplings c (B, n_child, n_parent)
-    # of the last iteration (u_hat itself is not saved: c carries no gradient), and squash(s).
-    return n_child * child_dim + n_child * n_parent + 2 * n_parent * parent_dim + 4 * n_parent
+def _traced(m: ModelConfig, batch: int) -> dict[str, float]:
+    """Bytes that autograd saves for backward in one training forward (RCN.loss) of RCN(m) at
+    `batch`, by where they are saved: {"encoder", "decoder", "loop"}.
+
+    The model, image, labels and noise live on the meta device: nothing is computed or allocated,
+    but every op records what its backward will read, and saved_tensors_hooks sees each such
+    tensor (custom autograd Functions' save_for_backward included). Each storage counts once
+    (views, and a tensor several nodes save), the parameters not at all. A tensor saved while a
+    module of model.encoder (model.decoder) runs is the encoder's (decoder's); the rest ("loop") is
+    what RCN.forward, the steps between the modules and the loss keep.
+    """
+    with torch.device("meta"):
+        model = RCN(m)
+        x = torch.zeros(batch, m.in_channels, m.height, m.width)
+        y = torch.zeros(batch, dtype=torch.long)
+        eps = torch.zeros(batch, m.T, m.z_dim)
+    # A meta storage has no data pointer; its StorageImpl's address (_cdata) names it, and the
+    # tensors kept below keep every address taken while the trace runs.
+    seen = {p.untyped_storage()._cdata for p in model.parameters()}
+    kept: list[Tensor] = []
+    inside = {"encoder": 0, "decoder": 0}
+    saved = {"encoder": 0.0, "decoder": 0.0, "loop": 0.0}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s._cdata not in seen:
+            seen.add(s._cdata)
+            kept.append(t)
+            where = "encoder" if inside["encoder"] else "decoder" if inside["decoder"] else "loop"
+            saved[where] += s.nbytes()
+        return t
+
+    def enter(stack: str):
+        def hook(*_) -> None:
+            inside[stack] += 1
+        return hook
+
+    def leave(stack: str):
+        def hook(*_) -> None:
+            inside[stack] -= 1
+        return hook
+
+    for stack in inside:
+        for mod in getattr(model, stack).modules():
+            mod.register_forward_pre_hook(enter(stack))
+            mod.register_forward_hook(leave(stack))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.loss(x, y, eps)
+    return saved
 
 
-def _primary(n_caps: int, dim: int) -> int:
-    # The reshaped conv output and the squash's product (B, n, dim), four (B, n, 1) norms.
-    return 2 * n_caps * dim + 4 * n_caps
+TRACE_BATCH = 2
+"""The batch of the meta trace; the estimate scales its per-image bytes to the micro-batch."""
+
+_CACHE: dict[str, dict[str, int]] = {}
 
 
-def _rnn(n_in: int, hidden: int) -> int:
-    # LSTMCell and GRUCell both keep their input and a fused workspace of about 6 x hidden.
-    return n_in + 6 * hidden
-
-
-def _attention(c: int, h: int, w: int, n: int, read: bool) -> int:
-    # Filterbanks Fx (N, W) and Fy (N, H): difference, its scaled square, the softmax-normalised
-    # bank each; the einsum's half-contracted image (C, N, W) (twice for read: x and the error
-    # image) and the full-size image it works on (x_hat for read, the canvas increment for write);
-    # with C > 1 the read's einsum keeps a contiguous copy of both x and x_hat.
-    k = 2 if read else 1
-    full = 2 if read and c > 1 else 1
-    return full * c * h * w + 3 * n * (h + w) + k * c * n * (w + n) + 16
+def saved_elements(m: ModelConfig) -> dict[str, int]:
+    """Elements per image that autograd saves for backward, {"encoder", "decoder", "loop"}: the
+    meta trace's bytes (`_traced`, an fp32 model) / 4 / its batch. Cached per model config (its
+    repr: every field), for check_fits' three estimates."""
+    key = repr(m)
+    if key not in _CACHE:
+        _CACHE[key] = {k: round(v / 4 / TRACE_BATCH) for k, v in _traced(m, TRACE_BATCH).items()}
+    return dict(_CACHE[key])
 
 
 def activation_elements(m: ModelConfig) -> dict[str, int]:
-    """Elements saved for backward per image: {"encoder": ..., "decoder": ..., "loop": ...}.
+    """Elements saved for backward per image: {"encoder": ..., "decoder": ..., "loop": ...}, from
+    the meta-device trace of one training forward (`saved_elements`).
 
-    "encoder"/"decoder" are each stack's own (all T steps), "loop" the tensors of the loop
-    between them (error image, reparameterisation, KL), and "columns": the largest im2col buffer
-    of one convolution, "u_hat": the largest routing prediction tensor of one layer call.
+    "encoder"/"decoder" are what each stack's modules save (all T steps), "loop" the tensors
+    saved between them (the input cat, error image, reparameterisation, KL, the likelihood). Not
+    saved, so counted from the config's sizes: "columns", the largest im2col buffer of one
+    convolution, and "u_hat", the largest routing prediction tensor of one layer call (workspace
+    that lives only while its layer runs).
     """
-    c, h, w = m.in_channels, m.height, m.width
-    # Encoder capsules, once per image: input, each ReLU output, primary capsules, class capsules.
-    enc_once, columns = c * h * w, 0
-    for ch, out, (mh, mw) in zip((c, *m.enc_conv_channels), m.enc_conv_channels, m.enc_conv_maps()):
+    c = m.in_channels
+    columns = 0
+    for ch, (mh, mw) in zip((c, *m.enc_conv_channels), m.enc_conv_maps()):
         columns = max(columns, ch * m.enc_conv_kernel**2 * mh * mw)
-        enc_once += out * mh * mw
     gh, gw = m.enc_primary_grid()
     columns = max(columns, m.enc_conv_channels[-1] * m.enc_primary_kernel**2 * gh * gw)
-    enc_n = m.enc_primary_caps()
-    enc_once += _primary(enc_n, m.enc_primary_dim)
-    enc_once += _routed(enc_n, m.enc_primary_dim, m.n_classes, m.class_caps_dim)
-    # Encoder, per step: read, RNN_enc, the latent head's input.
-    enc_step = _rnn(m.enc_rnn_in(), m.enc_hidden) + m.enc_hidden
-    if m.read_attn and m.enc_read == "on":
-        enc_step += _attention(c, h, w, m.read_n, read=True)
-    # Decoder, per step: seed map, transposed convs, primary capsules, routing, RNN_dec, write.
-    dec_step = m.z_dim + m.dec_seed_channels * m.dec_seed_size**2
     sizes = [m.dec_seed_size, *m.dec_deconv_maps()]
-    for out, size, grown in zip(m.dec_deconv_channels, sizes, sizes[1:]):
+    for out, size in zip(m.dec_deconv_channels, sizes):
         columns = max(columns, out * m.dec_deconv_kernel**2 * size * size)
-        dec_step += out * grown * grown
     g = m.dec_primary_grid()
     columns = max(columns, m.dec_deconv_channels[-1] * m.dec_primary_kernel**2 * g * g)
-    dec_n = m.dec_primary_caps()
-    dec_step += _primary(dec_n, m.dec_primary_dim)
-    dec_step += _routed(dec_n, m.dec_primary_dim, m.dec_caps, m.dec_caps_dim)
-    dec_step += _rnn(m.dec_rnn_in(), m.dec_hidden) + m.dec_hidden
-    if m.write_attn:
-        dec_step += _attention(c, h, w, m.write_n, read=False)
-    # Between the stacks, per step: sigmoid(c_{t-1}) for the error image; z = mu + sigma * eps
-    # and the KL keep exp(logvar / 2), eps and the stacked mu / logvar.
-    loop_step = c * h * w + 4 * m.z_dim
-    # The discretised logistic of c_T keeps about 11 (C, H, W) intermediates; Bernoulli none.
-    likelihood = 11 * c * h * w if m.likelihood == "logistic" else 0
+    enc_n, dec_n = m.enc_primary_caps(), m.dec_primary_caps()
     u_hat = max(enc_n * m.n_classes * m.class_caps_dim, dec_n * m.dec_caps * m.dec_caps_dim)
-    return {"encoder": enc_once + m.T * enc_step, "decoder": m.T * dec_step, "loop": m.T * loop_step + likelihood,
-            "columns": columns, "u_hat": u_hat,
+    return {**saved_elements(m), "columns": columns, "u_hat": u_hat,
             "dec_u_hat_all_steps": m.T * dec_n * m.dec_caps * m.dec_caps_dim}
 
 
@@ -131,8 +156,6 @@ def available_bytes(device: str, local_world_size: int = 1) -> int:
     """Memory one rank may use: the GPU's total memory, or on CPU the node's available RAM
     (/proc/meminfo MemAvailable) shared by the ranks on this node."""
     if device.startswith("cuda"):
-        import torch
-
         index = int(device.split(":")[1]) if ":" in device else 0
         return torch.cuda.get_device_properties(index).total_memory
     with open("/proc/meminfo") as f:

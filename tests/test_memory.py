@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import collections
+import time
 
 import pytest
 import torch
 from conftest import PY, cli_env, rcn, run
 
+from rcn_dist import memory
 from rcn_dist.config import ConfigError, apply_overrides, preset
 from rcn_dist.memory import activation_elements, check_fits, estimate
-from rcn_dist.model import RCN, describe
+from rcn_dist.model import RCN, Decoder, describe
 from rcn_dist.parallel.env import detect
 
 # A fresh process: load every kernel once on the tiny model (library start-up is not training
@@ -77,6 +79,47 @@ def test_activation_count_matches_autograd(name, overrides):
     n = activation_elements(cfg.model)
     counted = n["encoder"] + n["decoder"] + n["loop"]
     assert counted == pytest.approx(saved_elements(cfg), rel=0.05)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.enc_read=off"], ["model.likelihood=logistic", "data.binarize=none"], ["model.rnn=gru"],
+    ["model.dec_z_skip=true"],
+])
+def test_meta_trace_equals_what_autograd_keeps_on_cpu(overrides):
+    """The estimate's activations come from a trace on the meta device: the same bytes, to the
+    rounding of each part, as autograd saves in a real forward on CPU."""
+    cfg = apply_overrides(preset("tiny"), overrides)
+    n = activation_elements(cfg.model)
+    assert n["encoder"] + n["decoder"] + n["loop"] == pytest.approx(saved_elements(cfg), abs=2)
+
+
+def test_estimate_follows_a_model_change(monkeypatch):
+    """A change to the model that the config does not show (here each decoder step also keeps
+    exp(z_t), (B, z_dim), for its backward) moves the estimate by exactly what it saves: a
+    hand count from the config's sizes would not have moved."""
+    cfg = preset("tiny")
+    m, mb = cfg.model, 8
+    before = estimate(cfg, mb, 0, 1, "fp32")
+    step = Decoder.step
+
+    def keeps_more(self, z, state, canvas_prev):
+        state, canvas, win = step(self, z, state, canvas_prev)
+        return state, canvas + torch.exp(z).sum(1).view(-1, 1, 1, 1), win  # exp saves its output
+
+    monkeypatch.setattr(Decoder, "step", keeps_more)
+    monkeypatch.setattr(memory, "_CACHE", {})  # the trace is cached per config, which did not change
+    after = estimate(cfg, mb, 0, 1, "fp32")
+    assert after["activations"] - before["activations"] == 4 * mb * m.T * m.z_dim
+    n = activation_elements(m)
+    assert n["encoder"] + n["decoder"] + n["loop"] == pytest.approx(saved_elements(cfg), abs=2)
+
+
+def test_meta_trace_of_the_paper_sizes_takes_seconds(monkeypatch):
+    monkeypatch.setattr(memory, "_CACHE", {})
+    for name in ("mnist", "cifar10"):
+        t0 = time.perf_counter()
+        estimate(preset(name), 4, 0, 1, "fp32")
+        assert time.perf_counter() - t0 < 30, name
 
 
 def test_parts_follow_zero_and_precision():

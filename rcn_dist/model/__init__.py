@@ -4,6 +4,7 @@ from rcn_dist.model.capsules import PrimaryCapsules, RoutedCapsules, dynamic_rou
 from rcn_dist.model.losses import bits_per_dim, kl_standard_normal, margin_loss
 from rcn_dist.model.rcn import (
     RCN,
+    Carry,
     Decoder,
     Encoder,
     RCNOutput,
@@ -14,7 +15,7 @@ from rcn_dist.model.rcn import (
 )
 
 __all__ = [
-    "RCN", "RCNOutput", "Encoder", "Decoder", "squash", "dynamic_routing", "PrimaryCapsules",
+    "RCN", "RCNOutput", "Carry", "Encoder", "Decoder", "squash", "dynamic_routing", "PrimaryCapsules",
     "RoutedCapsules", "margin_loss", "kl_standard_normal", "bits_per_dim", "sample_noise", "noise_for",
     "step_noise_seed", "describe",
 ]

@@ -35,7 +35,72 @@ from rcn_dist.model.cells import Linear, LSTMCell, linear_grads
 from rcn_dist.model.precision import at_least_fp32, autocast_dtype, cast_to, no_autocast, wide_dtype
 
 State = tuple[Tensor, ...]
-"""RNN state: (h, c) for an LSTM, (h,) for a GRU; h is always state[0]."""
+"""RNN state: (h, c) for an LSTM, (h,) for a GRU; h is always state[0] (`hidden`)."""
+
+
+def hidden(state: State) -> Tensor:
+    """The hidden output h of an RNN state, (B, hidden): what the next layer reads."""
+    return state[0]
+
+
+@dataclass
+class Carry:
+    """What passes between drawing steps, and between the encoder and the decoder of one step.
+
+    RCN.forward hands one from step to step (enc_state, dec_state, canvas); the pipeline's stages
+    (parallel/pipeline.py) send one across each rank boundary, where it also holds what the last
+    stage needs from the encoder rank (caps, kl) and, from enc_t to dec_t, z_t. A field that does
+    not cross a boundary is left empty there (() for a state, None for a tensor).
+
+    The fields' order is the order of `tensors`, the flat tuple that travels.
+    """
+
+    enc_state: State = ()
+    """RNN_enc's state after the step, (h, c) or (h,), each (B, enc_hidden)."""
+    caps: Tensor | None = None
+    """The class capsules flattened, (B, n_classes * class_caps_dim): computed once per image."""
+    kl: Tensor | None = None
+    """(B,) the KL summed over the steps so far (the pipeline's; RCN.forward stacks mu, logvar)."""
+    dec_state: State = ()
+    """RNN_dec's state, (h, c) or (h,), each (B, dec_hidden); h is h_dec (`h_dec`)."""
+    canvas: Tensor | None = None
+    """(B, C, H, W) the canvas logits c_t, fp32 at least."""
+    z: Tensor | None = None
+    """(B, z_dim) the latent sample z_t, from the encoder to the decoder of step t."""
+
+    FIELDS = ("enc_state", "caps", "kl", "dec_state", "canvas", "z")
+    """Every field, in the order `tensors` lays them out."""
+
+    @property
+    def h_dec(self) -> Tensor:
+        """h_dec (B, dec_hidden): the decoder's hidden output, which the next encoder step reads."""
+        return hidden(self.dec_state)
+
+    def tensors(self, fields: Sequence[str]) -> tuple[Tensor, ...]:
+        """The named fields (a state as its tensors) as one flat tuple, in FIELDS order: what a
+        pipeline stage returns. Each must be set."""
+        out: list[Tensor] = []
+        for f in self.FIELDS:
+            if f not in fields:
+                continue
+            v = getattr(self, f)
+            if v is None or (isinstance(v, tuple) and not v):
+                raise ValueError(f"carry field {f} is not set")
+            out += v if isinstance(v, tuple) else [v]
+        return tuple(out)
+
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[Tensor], fields: Sequence[str], state_size: int) -> Carry:
+        """The inverse of `tensors`: the named fields back from the flat tuple; each RNN state is
+        `state_size` tensors (2 for an LSTM, 1 for a GRU)."""
+        it = iter(tensors)
+        kw: dict[str, object] = {}
+        for f in cls.FIELDS:
+            if f in fields:
+                kw[f] = tuple(next(it) for _ in range(state_size)) if f.endswith("_state") else next(it)
+        if next(it, None) is not None:
+            raise ValueError(f"more carried tensors than the fields {tuple(fields)} hold")
+        return cls(**kw)  # type: ignore[arg-type]
 
 
 def _cell(kind: str, n_in: int, hidden: int) -> nn.Module:
@@ -61,7 +126,7 @@ class _Stack(nn.Module):
             # cells.lstm_cell on the module's own parameters, through the module's forward: the FLOP
             # counter's hooks and ZeRO-3's parameter gathering hang on it.
             return self.rnn(inp, state)  # a tuple (h, c) already
-        return (self.rnn(inp, state[0]),)
+        return (self.rnn(inp, hidden(state)),)
 
 
 class _GaussianFn(torch.autograd.Function):
@@ -196,7 +261,7 @@ class Encoder(_Stack):
         state = self._run_rnn(inp, state)
         # The head's matmul in its weights' dtype, its output widened once: mu, logvar, sigma and
         # z = mu + sigma * eps in fp32 at least.
-        z, mu, logvar = self.latent(state[0], eps_t)
+        z, mu, logvar = self.latent(hidden(state), eps_t)
         return state, z, mu, logvar, win
 
 
@@ -220,7 +285,7 @@ class Decoder(_Stack):
 
     def step(self, z: Tensor, state: State, canvas_prev: Tensor) -> tuple[State, Tensor, dict[str, Tensor] | None]:
         """One decoder step: z (B, z_dim), RNN_dec state, canvas_prev (B, C, H, W) logits ->
-        (state, canvas (B, C, H, W) logits, the write window record (B, 5) or None). h_dec_t is state[0].
+        (state, canvas (B, C, H, W) logits, the write window record (B, 5) or None). h_dec_t is hidden(state).
 
         z may be fp32 for a bf16-held decoder (each layer casts it where it enters); the canvas
         returned is fp32 at least (fp64 for an fp64 model), whatever canvas_prev's dtype.
@@ -234,11 +299,11 @@ class Decoder(_Stack):
                 inp = torch.cat([inp, z], 1)  # (B, dec_caps * dec_caps_dim + z_dim), cast by _run_rnn
         state = self._run_rnn(inp, state)
         if self.cfg.write_attn:
-            canvas, win = self.writer(state[0], canvas_prev)  # c_{t-1} + write(h_dec_t), fp32 at least
+            canvas, win = self.writer(hidden(state), canvas_prev)  # c_{t-1} + write(h_dec_t), fp32 at least
         else:
             # One add: type promotion widens a bf16 write to the fp32 canvas inside it (no cast
             # op), and the sum of T writes is kept in fp32.
-            canvas, win = at_least_fp32(canvas_prev) + self.writer(state[0]).view_as(canvas_prev), None
+            canvas, win = at_least_fp32(canvas_prev) + self.writer(hidden(state)).view_as(canvas_prev), None
         return state, canvas, win
 
     def recon_nll(self, canvas_logits: Tensor, x: Tensor) -> Tensor:
@@ -332,13 +397,13 @@ class RCN(nn.Module):
         else:  # no classifier: zero-length class capsules, nothing for RNN_enc
             caps = x.new_zeros(b, self.cfg.n_classes, self.cfg.class_caps_dim)
             caps_flat = x.new_zeros(b, 0)
-        enc_state, dec_state = self.encoder.init_state(b, x), self.decoder.init_state(b, x)
-        canvas = torch.zeros_like(x, dtype=wide_dtype(x.dtype))  # c_0 = 0, (B, C, H, W)
+        carry = Carry(enc_state=self.encoder.init_state(b, x), dec_state=self.decoder.init_state(b, x),
+                      canvas=torch.zeros_like(x, dtype=wide_dtype(x.dtype)))  # c_0 = 0, (B, C, H, W)
         steps = []  # (canvas, mu, logvar, read windows, write windows) of each step
         for eps_t in eps.unbind(1):  # one op, not a select a step
-            enc_state, z, mu, logvar, rwin = self.encoder.step(x, caps_flat, canvas, dec_state[0], enc_state, eps_t)
-            dec_state, canvas, wwin = self.decoder.step(z, dec_state, canvas)
-            steps.append((canvas, mu, logvar, rwin, wwin))
+            carry, mu, logvar, rwin, wwin = self.draw_step(carry, x, caps_flat, eps_t)
+            steps.append((carry.canvas, mu, logvar, rwin, wwin))
+        canvas = carry.canvas
         canvases, mus, logvars, rwins, wwins = zip(*steps)
         mu, logvar = torch.stack(mus, 1), torch.stack(logvars, 1)
         with torch.no_grad():  # the record (RCNOutput.canvas); the loss reads c_T, `canvas` here
@@ -348,6 +413,16 @@ class RCN(nn.Module):
             kl=losses.kl_standard_normal(mu, logvar), mu=mu, logvar=logvar,
             read_windows=_stack_windows(rwins), write_windows=_stack_windows(wwins),
         )
+
+    def draw_step(self, carry: Carry, x: Tensor, caps_flat: Tensor, eps_t: Tensor
+                  ) -> tuple[Carry, Tensor, Tensor, dict[str, Tensor] | None, dict[str, Tensor] | None]:
+        """One drawing step t: the encoder, then the decoder, on carry (the states and c_{t-1})
+        -> (the carry after step t, mu_t, logvar_t (B, z_dim), the read and write window records
+        (B, 5) or None). x (B, C, H, W); caps_flat (B, K*D); eps_t (B, z_dim)."""
+        enc_state, z, mu, logvar, rwin = self.encoder.step(x, caps_flat, carry.canvas, carry.h_dec,
+                                                           carry.enc_state, eps_t)
+        dec_state, canvas, wwin = self.decoder.step(z, carry.dec_state, carry.canvas)
+        return Carry(enc_state=enc_state, dec_state=dec_state, canvas=canvas, z=z), mu, logvar, rwin, wwin
 
     def loss_terms(self, x: Tensor, y: Tensor, eps: Tensor | None = None, out: RCNOutput | None = None,
                    x_caps: Tensor | None = None) -> dict[str, Tensor]:

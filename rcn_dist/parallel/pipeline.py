@@ -9,6 +9,7 @@ terms. docs/parallelism.md has the schedule, what travels between stages, and th
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rcn_dist.config import Config, ConfigError
-from rcn_dist.model import RCN, RCNOutput, kl_standard_normal
+from rcn_dist.model import RCN, Carry, RCNOutput, kl_standard_normal
 from rcn_dist.model.precision import wide_dtype
 from rcn_dist.parallel import collectives
 from rcn_dist.parallel.async_schedule import AsyncLoopedBFS
@@ -77,17 +78,34 @@ def _autocast(device: torch.device, on: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
 
 
+def carried(src: str, t: int, T: int) -> tuple[str, ...]:
+    """The Carry fields that cross the boundary after virtual stage `src`_t ("enc" or "dec", t
+    counted from 0) of T steps: the one place that says what travels (docs/parallelism.md).
+
+    enc_t -> dec_t: the encoder state (not after the last encoder step), caps and KL, the decoder
+    state and canvas from t = 1 on (at t = 0 dec_0 starts from zeros), z_t.
+    dec_t -> enc_t+1 (t < T - 1): everything but z."""
+    if src == "dec":
+        return ("enc_state", "caps", "kl", "dec_state", "canvas")
+    enc_state = ("enc_state",) if t < T - 1 else ()
+    dec_side = ("dec_state", "canvas") if t > 0 else ()
+    return (*enc_state, "caps", "kl", *dec_side, "z")
+
+
 class EncoderStep(nn.Module):
     """Virtual stage enc_t (t counted from 0) around the rank's one Encoder."""
 
     def __init__(self, encoder: nn.Module, t: int, T: int, bf16: bool) -> None:
         super().__init__()
         self.encoder, self.t, self.T, self.bf16 = encoder, t, T, bf16
-        self.n = 2 if encoder.cfg.rnn == "lstm" else 1
+        self.state_size = 2 if encoder.cfg.rnn == "lstm" else 1
+        self.inputs = carried("dec", t - 1, T) if t > 0 else ()
+        self.outputs = carried("enc", t, T)
 
     def forward(self, *carry: Tensor, x: Tensor, eps: Tensor, caps: Tensor | None = None) -> tuple[Tensor, ...]:
-        """caps: the class capsules (B, K*D) when computed outside (our schedules), else None."""
-        enc, n = self.encoder, self.n
+        """carry: the flat Carry from dec_{t-1} (nothing at t = 0); caps: the class capsules
+        (B, K*D) when computed outside (our schedules), else None. Returns the flat Carry for dec_t."""
+        enc = self.encoder
         # x and eps in fp32 at least (fp64 for the fp64 parity tests), never rounded to a bf16 stack.
         dtype = wide_dtype(enc.latent.weight.dtype)
         x = x.to(dtype)
@@ -95,19 +113,14 @@ class EncoderStep(nn.Module):
             if self.t == 0:
                 # Image -> class capsules runs once; the decoder's zero state and canvas are implied.
                 caps = enc.capsules(x).flatten(1) if caps is None else caps
-                state, kl = enc.init_state(x.shape[0], x), x.new_zeros(x.shape[0])
-                h_dec, canvas, dec_rest = x.new_zeros(x.shape[0], enc.cfg.dec_hidden), torch.zeros_like(x), ()
+                c = Carry(enc_state=enc.init_state(x.shape[0], x), caps=caps, kl=x.new_zeros(x.shape[0]))
+                h_dec, canvas = x.new_zeros(x.shape[0], enc.cfg.dec_hidden), torch.zeros_like(x)
             else:
-                state, caps, kl = carry[:n], carry[n], carry[n + 1]
-                dec_rest, canvas = carry[n + 2:-1], carry[-1]
-                h_dec = dec_rest[0]
-            state, z, mu, logvar, _ = enc.step(x, caps, canvas, h_dec, state, eps[:, self.t].to(dtype))
-            kl = kl + kl_standard_normal(mu, logvar)
-        if self.t == 0:
-            head = (*state, caps, kl) if self.T > 1 else (caps, kl)
-            return (*head, z)
-        head = (*state, caps, kl) if self.t < self.T - 1 else (caps, kl)
-        return (*head, *dec_rest, canvas, z)
+                c = Carry.from_tensors(carry, self.inputs, self.state_size)
+                h_dec, canvas = c.h_dec, c.canvas
+            state, z, mu, logvar, _ = enc.step(x, c.caps, canvas, h_dec, c.enc_state, eps[:, self.t].to(dtype))
+            kl = c.kl + kl_standard_normal(mu, logvar)
+        return replace(c, enc_state=state, kl=kl, z=z).tensors(self.outputs)
 
 
 class DecoderStep(nn.Module):
@@ -116,27 +129,29 @@ class DecoderStep(nn.Module):
     def __init__(self, decoder: nn.Module, t: int, T: int, bf16: bool) -> None:
         super().__init__()
         self.decoder, self.t, self.T, self.bf16 = decoder, t, T, bf16
-        self.n = 2 if decoder.cfg.rnn == "lstm" else 1
+        self.state_size = 2 if decoder.cfg.rnn == "lstm" else 1
+        self.inputs = carried("enc", t, T)
+        self.outputs = carried("dec", t, T) if t < T - 1 else ()
 
     def forward(self, *carry: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, ...] | Tensor:
-        dec, n, last = self.decoder, self.n, self.t == self.T - 1
+        """carry: the flat Carry from enc_t. Returns the flat Carry for enc_{t+1}, or at the last
+        step the loss terms (B, 6)."""
+        dec, last = self.decoder, self.t == self.T - 1
         dtype = wide_dtype(dec.rnn.weight_hh.dtype)
         x = x.to(dtype)
-        enc_state = () if last else carry[:n]
-        rest = carry[len(enc_state):]
-        caps, kl, z = rest[0], rest[1], rest[-1]
+        c = Carry.from_tensors(carry, self.inputs, self.state_size)
         if self.t == 0:
             state, canvas = dec.init_state(x.shape[0], x), torch.zeros_like(x)
         else:
-            state, canvas = rest[2:-2], rest[-2]
+            state, canvas = c.dec_state, c.canvas
         with _autocast(x.device, self.bf16):
-            state, canvas, _ = dec.step(z, state, canvas)
+            state, canvas, _ = dec.step(c.z, state, canvas)
         if not last:
-            return (*enc_state, caps, kl, *state, canvas)
+            return replace(c, dec_state=state, canvas=canvas, z=None).tensors(self.outputs)
         cfg = dec.cfg
-        class_caps = caps.view(-1, cfg.n_classes, cfg.class_caps_dim)
+        class_caps = c.caps.view(-1, cfg.n_classes, cfg.class_caps_dim)
         out = RCNOutput(canvas=canvas.unsqueeze(1), last_canvas=canvas, class_caps=class_caps, class_lengths=class_caps.norm(dim=-1),
-                        kl=kl.unsqueeze(1), mu=None, logvar=None, read_windows=None, write_windows=None)
+                        kl=c.kl.unsqueeze(1), mu=None, logvar=None, read_windows=None, write_windows=None)
         with _autocast(x.device, self.bf16):
             terms = dec.loss_terms(out, x, y.to(dtype) if y.is_floating_point() else y)
         # fp32 at least (as the unsplit loop's LossModule), fp64 when the stack is fp64.
