@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from rcn_dist import quality
-from rcn_dist.config import apply_overrides, preset
+from rcn_dist.config import apply_overrides, from_dict, preset
 from rcn_dist.data import sources
 from rcn_dist.model import RCN
 from rcn_dist.model.attention import window_area, window_params
@@ -66,10 +66,12 @@ def main() -> None:
     ap.add_argument("--data", default="data/fashion-mnist",
                     help="prepared shards whose cached feature classifier --coverage uses")
     ap.add_argument("--save", help="write the trained model's config and weights here (torch.save)")
+    ap.add_argument("--load", help="measure a model --save wrote instead of training one (steps: 0)")
     ap.add_argument("--out", help="a JSON-lines file to append the result to")
     args = ap.parse_intermixed_args()  # overrides may follow the options
 
-    cfg = apply_overrides(preset("small"), args.overrides)
+    saved = torch.load(args.load, map_location="cpu", weights_only=False) if args.load else None
+    cfg = from_dict(saved["config"]) if saved else apply_overrides(preset("small"), args.overrides)
     m = cfg.model
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -83,6 +85,8 @@ def main() -> None:
     grey = args.caps_input == "grey"
 
     model = RCN(m)
+    if saved:
+        model.load_state_dict(saved["model"])
     writer = model.decoder.writer
     if args.delta_init and writer is not None:
         with torch.no_grad():  # p[3] = log delta~: the stride is (max(A, B) - 1) / (N - 1) * exp(p[3])
@@ -94,7 +98,7 @@ def main() -> None:
             areas.append(window_area(w["cx"], w["cy"], w["delta"], m.write_n, m.height, m.width))
         writer.window.register_forward_hook(keep_area)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    warm, total = cfg.train.warmup_steps, args.steps
+    warm, total = cfg.train.warmup_steps, 0 if saved else args.steps
 
     def lr_factor(s: int) -> float:
         if s < warm:
@@ -176,7 +180,7 @@ def prior_figures(model: RCN, n: int, data_dir: str, classifier_steps: int) -> d
         out |= {f"prior_{k}": v for k, v in window_figures(windows, m.write_n, m.height, m.width).items()}
     cache = quality.classifier_dir(data_dir, Path(data_dir))
     net, known = quality.feature_classifier(data_dir, cache, classifier_steps)
-    means = torch.sigmoid(canvases[:, -1])  # (n, C, H, W) the decoder's means
+    means = canvases[:, -1]  # (n, C, H, W) the decoder's means: generate returns them in [0, 1]
     test_x = torch.cat([b[0] for b in quality._grey_batches(data_dir, "test")])
     hist = quality.class_histogram(quality.logits_of(net, means), quality.logits_of(net, test_x),
                                    list(sources.FASHION_CLASSES))
