@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from rcn_dist import __version__, signals, testhooks
 from rcn_dist.errors import RcnError
+from rcn_dist.parallel.teardown import exit_process
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("rcn_dist.data.prepare", "convert a dataset into WebDataset shards + manifest"),
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_main(fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
     """Run a sub-command; an RcnError becomes one line on stderr and its exit code, a stop before
     the first step (signals.Stopped, its line already printed) exit 3."""
+    # Local: rcn_dist.parallel.safety imports torch, which this module must not load before entry()
+    # has caught the signals and the command is known (`rcn --help` stays instant).
     from rcn_dist.parallel.safety import restrict_umask
 
     restrict_umask()  # nothing we (or DeepSpeed) write may be world-writable, whatever the umask
@@ -82,7 +85,6 @@ def entry() -> None:
         # command-line tools do, and send what is left of stdout nowhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 1
-    from rcn_dist.parallel.teardown import exit_process
 
     exit_process(code)  # sys.exit(code); no abort at exit after a distributed run
 

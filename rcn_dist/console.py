@@ -7,6 +7,11 @@ import sys
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
+from rich.console import Console as RichConsole
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import track as rich_track
+from rich.table import Table
+
 T = TypeVar("T")
 
 
@@ -26,9 +31,6 @@ class Console:
         if not sys.stdout.isatty():
             print(f"{title}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in rows.items()), flush=True)
             return
-        from rich.console import Console as RichConsole
-        from rich.table import Table
-
         tab = Table(title=title)
         tab.add_column("metric")
         tab.add_column("value", justify="right")
@@ -54,8 +56,6 @@ class TrainProgress:
         self.every = max(1, (total - start) // 20)
         self._bar = None
         if con.enabled and sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
             self._task = self._bar.add_task(label, total=total, completed=start, stats="")
@@ -88,6 +88,4 @@ def track(it: Iterable[T], label: str, enabled: bool = True) -> Iterable[T]:
     """Iterate with a rich progress bar when enabled and on a terminal, silently otherwise."""
     if not (enabled and sys.stdout.isatty()):
         return it
-    from rich.progress import track as rich_track
-
     return rich_track(it, description=label, transient=True)

@@ -26,13 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rcn_dist import console
+from rcn_dist import console, quality
 from rcn_dist.config import Config, ConfigError, apply_overrides
+from rcn_dist.data.loader import EvalStream, Manifest
 from rcn_dist.errors import CheckpointError, DataError
 from rcn_dist.files import atomic_write
+from rcn_dist.information import information_figures, mutual_information_terms, posterior_sums
 from rcn_dist.loop import EVAL_NOISE_SEED, LossModule, caps_input, evaluate, test_stream
 from rcn_dist.model import bits_per_dim, sample_noise, step_noise_seed
+from rcn_dist.model.usage import ablation_elbos, capsule_stats
 from rcn_dist.parallel import collectives
+from rcn_dist.parallel.checkpoint import load_model
+from rcn_dist.parallel.env import detect, init_process_group
+from rcn_dist.sample import grid, window_figures
 
 PARTS = ("test", "caps", "iw", "info", "nn", "fd", "c2st", "window")
 SAMPLE_PARTS = {"nn", "fd", "c2st", "window"}
@@ -210,8 +216,6 @@ def capsule_usage(model, stream, cfg: Config, device: str, examples: int = 0,
     so "caps_*" increases are against exactly the `test_elbo` images' terms. Every figure is a
     mean over images (the statistics: over batches, weighted by their images), all-reduced.
     """
-    from rcn_dist.model.usage import ablation_elbos, capsule_stats
-
     m = cfg.model
     names: list[str] = []
     sums: Tensor | None = None
@@ -242,8 +246,6 @@ def information(model, stream, cfg: Config, device: str, examples: int = 0, mi_e
     `mi_examples` (0: all), the first `mi_paths` of each mixture giving a path (the evaluation
     noise's). A rank forms its mixtures from its own share of the test split and drops a last,
     incomplete one; a rank whose share holds no whole mixture is an error. All-reduced."""
-    from rcn_dist.information import information_figures, mutual_information_terms, posterior_sums
-
     m = cfg.model
     base = cfg.train.seed + EVAL_NOISE_SEED
     shapes = {"kl": (m.T,), "m": (m.T, m.z_dim), "m2": (m.T, m.z_dim), "n": (), "w": (m.T, m.z_dim)}
@@ -293,8 +295,6 @@ def information(model, stream, cfg: Config, device: str, examples: int = 0, mi_e
 def _first_images(data_dir: str, split: str, n: int, binarize: str = "none") -> tuple[Tensor, Tensor]:
     """The first n images (n, C, H, W) of a split and their labels, streamed: grey, or binarised
     as the test stream binarises (binarize, seed 0)."""
-    from rcn_dist.data.loader import EvalStream
-
     imgs, labels = [], []
     for batch in EvalStream(data_dir, min(max(n, 1), 512), 0, 1, split=split, binarize=binarize):
         imgs.append(batch["image"][batch["mask"]])
@@ -336,8 +336,6 @@ def draw_like_data(model, means: Tensor, cfg: Config, seed: int = DRAW_SEED) -> 
 
 
 def _train_batches(data_dir: str, progress: bool):
-    from rcn_dist.data.loader import EvalStream
-
     train = EvalStream(data_dir, 1024, 0, 1, split="train", binarize="none")  # grey (B, D), shard by shard
     return console.track((b["image"][b["mask"]].flatten(1) for b in train), "nearest neighbours", enabled=progress)
 
@@ -355,10 +353,6 @@ def sample_quality(model, cfg: Config, data_dir: str, run_dir: Path, device: str
       against as many test images binarised alike, and its real-against-real control;
     - window: the write window's area and centre per step over eval.fd_samples samples.
     """
-    from rcn_dist import quality
-    from rcn_dist.data.loader import Manifest
-    from rcn_dist.sample import grid, window_figures
-
     e, m = cfg.eval, cfg.model
     manifest = Manifest.load(data_dir)
     n_test = manifest.num_samples("test")
@@ -428,9 +422,6 @@ def _checkpoint_step(where: Path) -> int | None:
 def load_for_eval(run: str, data: str | None, device: str):
     """(cfg, fp32 model, checkpoint dir, data dir, manifest): checkpoint.load_model, then one clear
     error for data that does not fit the model."""
-    from rcn_dist.data.loader import Manifest
-    from rcn_dist.parallel.checkpoint import load_model
-
     run_path = Path(run)
     if not run_path.is_dir():
         raise CheckpointError(f"{run_path}: no such run directory")
@@ -449,8 +440,6 @@ def load_for_eval(run: str, data: str | None, device: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rcn_dist.parallel.env import detect, init_process_group
-
     args = build_parser().parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not parts or parts - set(PARTS):

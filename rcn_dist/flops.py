@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from rcn_dist.model import RCN
 from rcn_dist.model.attention import Reader, Writer
 from rcn_dist.model.capsules import RoutedCapsules
 
@@ -72,8 +73,6 @@ def count_forward(model: nn.Module, run: Callable[[nn.Module], object]) -> dict[
 
 def rcn_flops(cfg) -> dict[str, int]:
     """Forward FLOPs per image of RCN(cfg) (a ModelConfig), counted on the meta device."""
-    from rcn_dist.model import RCN
-
     with torch.device("meta"):
         model = RCN(cfg)
         x = torch.zeros(1, cfg.in_channels, cfg.height, cfg.width)

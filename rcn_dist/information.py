@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor
 
+from rcn_dist.model.attention import window_area
 from rcn_dist.model.precision import wide_dtype
 from rcn_dist.model.rcn import hidden
 
@@ -63,8 +64,6 @@ def batch_information(model, x: Tensor, eps: tuple[Tensor, Tensor], x_caps: Tens
     eval`'s over the test set) and, with write attention, info_write_area, the mean share of the
     image the write window covers (rcn_dist.model.attention.window_area) over steps and images while the
     model reconstructs x."""
-    from rcn_dist.model.attention import window_area
-
     outs = [model(x, e, x_caps) for e in eps]
     out: dict[str, float] = {"info_active_units": information_figures(_moments(outs))["info_active_units"]}
     win, c = outs[0].write_windows, model.cfg

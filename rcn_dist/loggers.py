@@ -31,11 +31,11 @@ class Logger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         if "tensorboard" in names:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # local: an optional extra, only if asked
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=30)
         if "wandb" in names:
-            import wandb
+            import wandb  # local: an optional extra, only if asked
 
             run_dir.joinpath("wandb").mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(project="rcn_dist", name=run_dir.name, dir=str(run_dir),

@@ -19,9 +19,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from rcn_dist import console
+from rcn_dist.data.loader import EvalStream, Manifest, load_arrays
 from rcn_dist.errors import DataError
+from rcn_dist.files import atomic_write
+from rcn_dist.model.losses import top_k_correct
+from rcn_dist.parallel.engine import build_adam
 
 NN_RATIO_FLAG = 0.25
 """Flag memorisation when the generated samples' median nearest-neighbour distance is below this
@@ -253,8 +260,6 @@ def classifier_dir(data_dir: str | Path, run_dir: Path) -> Path:
 
 
 def _grey_batches(data_dir: str | Path, split: str, batch: int = 512) -> Iterator[tuple[Tensor, Tensor]]:
-    from rcn_dist.data.loader import EvalStream
-
     for b in EvalStream(data_dir, batch, 0, 1, split=split, binarize="none"):
         yield b["image"][b["mask"]], b["label"][b["mask"]]
 
@@ -269,8 +274,6 @@ def logits_of(net: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
 @torch.no_grad()
 def split_accuracy(net: FeatureNet, data_dir: str | Path, split: str) -> float:
     """The classifier's accuracy on a whole split (MultiMNIST: both of the top 2 right)."""
-    from rcn_dist.model.losses import top_k_correct
-
     right = n = 0
     for x, y in _grey_batches(data_dir, split):
         right += int(top_k_correct(logits_of(net, x), y).sum())
@@ -295,9 +298,6 @@ def _read_cache(meta: Path, weights: Path, identity: dict[str, Any], net: Featur
         raise corrupt(f"{meta.name}: {type(e).__name__} {e}".strip()) from None
     if not same:
         return None
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not weights.is_file():
         raise corrupt(f"{weights.name} is missing")
     try:
@@ -318,13 +318,6 @@ def feature_classifier(data_dir: str | Path, cache_dir: Path, steps: int, batch_
     validation splits, and saved there (model.safetensors, then meta.json, each written whole:
     two evaluations sharing the cache never read half a file).
     """
-    from safetensors.torch import save
-
-    from rcn_dist import console
-    from rcn_dist.data.loader import Manifest, load_arrays
-    from rcn_dist.files import atomic_write
-    from rcn_dist.parallel.engine import build_adam
-
     manifest = Manifest.load(data_dir)
     c, h, w = manifest.image_shape
     shards = hashlib.sha256("".join(e["sha256"] for e in manifest.shards("train")).encode()).hexdigest()

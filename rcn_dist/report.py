@@ -68,10 +68,11 @@ def eval_split(evals: list[dict]) -> str:
 
 
 def _pyplot():
+    # Local: matplotlib (pyplot, ~0.4 s) is heavy and only the figures need it.
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): pyplot settles its backend on import
 
     return plt
 
@@ -183,6 +184,7 @@ def run_report(run_dir: Path) -> Path:
         out.append(f"`rcn eval` of `{ev.get('checkpoint')}` (step {ev.get('step')}), {ev.get('world_size')} rank(s)"
                    + (", **reduced** evaluation" if ev.get("reduced") else "")
                    + f"; eval settings: {', '.join(f'{k}={v}' for k, v in ev.get('eval', {}).items())}.")
+        # Local: rcn_dist.eval imports torch, which a report of a run without eval.json never loads.
         from rcn_dist.eval import METRICS
 
         # The lists (per step, per class, per cell) get tables of their own below.

@@ -21,7 +21,15 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from rcn_dist import quality
+from rcn_dist.config import ConfigError, apply_overrides
+from rcn_dist.data.loader import EvalStream, Manifest
+from rcn_dist.errors import DataError
+from rcn_dist.files import atomic_write
+from rcn_dist.loop import EVAL_NOISE_SEED, caps_input
+from rcn_dist.model import sample_noise
 from rcn_dist.model.attention import window_area
+from rcn_dist.parallel.checkpoint import load_model
 
 RED = (255, 0, 0)
 PATH_COLOUR = (255, 210, 0)
@@ -206,8 +214,6 @@ def capsule_classes(model, cfg, images: Tensor, batch: int = 512) -> Tensor:
 
 def class_index(spec: str, names: list[str]) -> int:
     """--class as a class index: an integer 0..len(names)-1, or a class name (case ignored)."""
-    from rcn_dist.config import ConfigError
-
     if spec.strip().lstrip("-").isdigit():
         k = int(spec)
         if 0 <= k < len(names):
@@ -239,8 +245,6 @@ def samples_of_class(model, cfg, k: int, n: int, seed: int, device: str, max_dra
     Sample i's noise is sample_noise(i, seed): the kept set does not depend on `batch` or the
     device's batch split, and the same seed gives the same images.
     """
-    from rcn_dist.model import sample_noise
-
     c = model.cfg
     kept, found, drawn = [], 0, 0
     while found < n and drawn < max_draws:
@@ -261,12 +265,6 @@ def class_samples(model, cfg, args, data_dir: str, out_dir: Path, device: str) -
     class_K.json (the kept and drawn counts, the acceptance rate kept / drawn, and the share of the
     kept samples that the data set's feature classifier, rcn_dist.quality, also calls K, with its
     95% Wilson interval). Exit 0 when any were found, else 1 (the JSON is written either way)."""
-    from rcn_dist import quality
-    from rcn_dist.config import ConfigError
-    from rcn_dist.data.loader import Manifest
-    from rcn_dist.errors import DataError
-    from rcn_dist.files import atomic_write
-
     try:
         manifest = Manifest.load(data_dir)
     except DataError as e:
@@ -331,13 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
-    from rcn_dist.config import ConfigError, apply_overrides
-    from rcn_dist.data.loader import EvalStream, Manifest
-    from rcn_dist.errors import DataError
-    from rcn_dist.loop import EVAL_NOISE_SEED, caps_input
-    from rcn_dist.model import sample_noise
-    from rcn_dist.parallel.checkpoint import load_model
-
     args = build_parser().parse_args(argv)
     for name in ("n", "animate", "recon", "scale", "max_draws"):
         if getattr(args, name) < (1 if name in ("n", "scale", "max_draws") else 0):

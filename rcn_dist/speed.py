@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rcn_dist.model.rcn import Decoder, Encoder
+
 
 @dataclass(frozen=True)
 class Speed:
@@ -82,8 +84,6 @@ def compile_steps(model: nn.Module, cuda_graphs: bool = False) -> None:
     not grow with T. With `cuda_graphs`, mode="reduce-overhead": inductor records each graph
     once as a CUDA graph and replays it, one launch for the step's kernels.
     """
-    from rcn_dist.model.rcn import Decoder, Encoder
-
     mode = "reduce-overhead" if cuda_graphs else None
     for mod in model.modules():
         if isinstance(mod, (Encoder, Decoder)) and not getattr(mod, "_compiled_step", False):

@@ -25,8 +25,10 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from rcn_dist import signals
+from rcn_dist.cli import run_main
 from rcn_dist.config import ConfigError
 from rcn_dist.errors import RcnError
+from rcn_dist.report import main as report_main
 from rcn_dist.signals import EXIT_STOPPED
 
 
@@ -45,8 +47,7 @@ class TrainJob(Checkpointable):
             # Threads per task: the CPUs Slurm gave it (torch would otherwise take every core). Set
             # before torch is imported, which reads it once.
             os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
-            from rcn_dist.cli import run_main
-            from rcn_dist.train import main
+            from rcn_dist.train import main  # local: here, after catch() and OMP_NUM_THREADS (see above)
 
             rc = run_main(main, self.argv)
         finally:
@@ -82,6 +83,8 @@ def _out_of(argv: list[str]) -> str:
 
 def check_train_args(train_argv: list[str]) -> str:
     """Refuse here, before anything is queued, what `rcn train` would refuse in the job; returns RUN_DIR."""
+    # Local: a job unpickles TrainJob, importing this module, before TrainJob.__call__ catches the
+    # signals; the training modules (torch) must not load at this module's top (rcn_dist.signals).
     from rcn_dist.train import build_parser, config_from_args
 
     out = _out_of(train_argv)
@@ -216,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # one failed point should not hide the others
                 failed += 1
                 print(f"{d}: failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}", file=sys.stderr)
-        from rcn_dist.report import main as report_main
 
         report_main(["--runs", *[str(d) for d, _ in runs], "--out", str(out_dir / "compare")])
         return 1 if failed else 0

@@ -17,6 +17,7 @@ import os
 import resource
 import runpy
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,16 +27,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rcn_dist import speed
-from rcn_dist.bench.base import ops_report, rcn_inputs
+from rcn_dist.bench.base import PHASES, count_ops, ops_report, rcn_inputs
+from rcn_dist.config import apply_overrides, preset
+from rcn_dist.data.loader import TrainStream
+from rcn_dist.data.prepare import main as prepare
 from rcn_dist.errors import RcnError
 from rcn_dist.flops import count_forward, rcn_flops, train_flops_per_image
-from rcn_dist.model import PrimaryCapsules, RoutedCapsules, margin_loss
+from rcn_dist.loop import LossModule
+from rcn_dist.model import RCN, PrimaryCapsules, RoutedCapsules, margin_loss, sample_noise
 from rcn_dist.parallel import collectives
 from rcn_dist.parallel.engine import build_adam
+from rcn_dist.parallel.env import detect, free_port, init_process_group
 
 WORKLOADS = ("capsnet-sabour", "rcn-small", "rcn-mnist", "rcn-cifar10", "ops", "noise", "loader", "pipeline",
              "quickstart")
@@ -240,8 +247,6 @@ def bench_capsnet(batch: int, steps: int, warmup: int, opt: Options, compare_wit
 
 def rcn_step(cfg, batch: int, opt: Options, seed: int = 0) -> Callable[[], Tensor]:
     """A full training step of RCN(cfg.model) on synthetic inputs."""
-    from rcn_dist.model import RCN
-
     torch.manual_seed(seed)
     model = RCN(cfg.model)
     return train_step(model, lambda x, y, eps: model.loss(x, y, eps)[0], rcn_inputs(cfg, batch, seed), opt,
@@ -252,8 +257,6 @@ def bench_rcn(workload: str, batch: int, steps: int, warmup: int, opt: Options,
               eager_too: bool = False) -> dict[str, Any]:
     """rcn-small / rcn-mnist / rcn-cifar10: forward, backward and Adam of the preset
     (optionally alternated with the eager fp32 step)."""
-    from rcn_dist.config import preset
-
     cfg = preset(RCN_PRESETS[workload])
     fns = {"ours": rcn_step(cfg, batch, opt)}
     if eager_too:
@@ -266,9 +269,6 @@ def bench_rcn(workload: str, batch: int, steps: int, warmup: int, opt: Options,
 def bench_noise(batch: int, steps: int, warmup: int, opt: Options) -> dict[str, Any]:
     """noise: a step's latent noise (sample_noise, `small`'s T and z_dim, on the device) against
     the `small` training step at the same batch, timed alternately: the noise's share of a step."""
-    from rcn_dist.config import preset
-    from rcn_dist.model import sample_noise
-
     cfg = preset("small")
     idx = torch.randperm(60_000)[:batch]
     fns = {"noise": lambda: sample_noise(idx, 1234, cfg.model.T, cfg.model.z_dim, device=opt.device),
@@ -283,11 +283,6 @@ def bench_noise(batch: int, steps: int, warmup: int, opt: Options) -> dict[str, 
 def _scaling_worker(rank: int, mode: str, world: int, port: int, batch: int, steps: int, warmup: int,
                     out_dir: str) -> None:
     """One process of a scaling phase, 1 thread. mode "ddp": DDP over gloo; "solo": no process group."""
-    from rcn_dist.config import preset
-    from rcn_dist.loop import LossModule
-    from rcn_dist.model import RCN
-    from rcn_dist.parallel.env import detect, init_process_group
-
     torch.set_num_threads(1)
     cfg = preset("small")
     torch.manual_seed(0)
@@ -313,10 +308,6 @@ def _scaling_worker(rank: int, mode: str, world: int, port: int, batch: int, ste
 
 def _phase(mode: str, world: int, batch: int, steps: int, warmup: int) -> float:
     """img/s of one phase: `world` processes side by side, each its own median step."""
-    import torch.multiprocessing as mp
-
-    from rcn_dist.parallel.env import free_port
-
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_scaling_worker, args=(mode, world, free_port(), batch, steps, warmup, tmp),
                            nprocs=world, start_method="spawn")
@@ -331,8 +322,6 @@ def bench_scaling(nproc: int, batch: int, steps: int, warmup: int, rounds: int =
     """rcn-small data-parallel scaling on CPU: DDP on `nproc` processes (gloo, 1 thread each, batch
     per rank), against 1 process alone and the ceiling, `nproc` independent 1-process runs side by
     side. The phases take turns for `rounds` rounds; each figure is the best round's."""
-    from rcn_dist.config import preset
-
     res: dict[str, list[float]] = {"single": [], "ceiling": [], "ddp": []}
     for _ in range(rounds):
         res["single"].append(_phase("solo", 1, batch, steps, warmup))
@@ -353,9 +342,6 @@ def bench_ops(presets: list[str], batch: int, device: torch.device, ts: tuple[in
     """ops: one ops_report per preset (profiles at T = ts[0] and ts[1], extrapolated to the
     preset's T). check_linear: also profile at the preset's own T and report that count
     (ops_per_step_measured) and whether the extrapolation hit it (linear)."""
-    from rcn_dist.bench.base import PHASES, count_ops
-    from rcn_dist.config import preset
-
     rows = []
     for name in presets:
         cfg = preset(name)
@@ -373,12 +359,8 @@ def bench_loader(data_dir: str | None, batch: int, workers: int, seconds: float)
     """The data path alone: samples/s of one rank's TrainStream over `seconds`, after a first batch
     (which pays for starting the workers: startup_s). Without --data, a small Fashion-MNIST set is
     prepared into a temporary directory first."""
-    from rcn_dist.data.loader import TrainStream
-
     with tempfile.TemporaryDirectory() as tmp:
         if data_dir is None:
-            from rcn_dist.data.prepare import main as prepare
-
             data_dir = str(Path(tmp, "fmnist"))
             with contextlib.redirect_stdout(sys.stderr):  # stdout carries the one JSON line
                 prepare(["--dataset", "fashion-mnist", "--out", data_dir, "--limit", "2048",
@@ -399,8 +381,8 @@ def bench_loader(data_dir: str | None, batch: int, workers: int, seconds: float)
 
 def bench_pipeline_workload(batch: int, steps: int) -> dict[str, Any]:
     """The 2-stage pipeline benchmark of rcn_dist.bench.pipeline on the small preset."""
+    # Local: a top-level import would load it twice under `python -m rcn_dist.bench.pipeline` (runpy).
     from rcn_dist.bench.pipeline import bench_pipeline
-    from rcn_dist.config import apply_overrides, preset
 
     cfg = apply_overrides(preset("small"), [f"train.batch_size={batch}"])
     rows = bench_pipeline(cfg, ms=(1, 2), steps=steps, out=lambda line: print(line, file=sys.stderr))
@@ -422,8 +404,6 @@ def bench_quickstart(run_dir: str, execute: bool) -> dict[str, Any]:
     when training starts) to eval.json (written when evaluation ends). With `execute`, runs
     launch/quickstart.sh into RUN_DIR first and times it itself.
     """
-    import subprocess
-
     run = Path(run_dir)
     if execute:
         t0 = time.perf_counter()

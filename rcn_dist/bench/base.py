@@ -30,6 +30,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from rcn_dist.model import RCN
+from rcn_dist.parallel.engine import build_adam
 
 
 def rcn_inputs(cfg, batch: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,8 +89,6 @@ def count_events(events: Any) -> dict[str, Any]:
     """Counts of one profile's events (torch.profiler's `prof.events()`): "aten" (top-level aten
     ops), "launching" (those that launch a kernel), "kernels" and "memops" (CUDA kernel and
     memcpy/memset events; 0 on CPU), "by_name" (a Counter of the top-level aten ops)."""
-    from torch.autograd import DeviceType
-
     top = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")
            and not _has_aten_ancestor(e)]
     device = [e for e in events if e.device_type == DeviceType.CUDA]
@@ -103,11 +106,6 @@ def count_ops(cfg, batch: int = 2, device: torch.device | str = "cpu", T: int | 
     the second: the first also creates Adam's state (exp_avg, exp_avg_sq, step) and, on a GPU,
     initialises the cuBLAS/cuDNN handles, whose launches are not part of a training step.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    from rcn_dist.model import RCN
-    from rcn_dist.parallel.engine import build_adam
-
     dev = torch.device(device)
     if T is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, T=T))

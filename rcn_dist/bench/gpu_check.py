@@ -17,6 +17,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from functools import partial
@@ -24,10 +26,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from rcn_dist import speed
-from rcn_dist.bench import CapsNetSabour, Options, bench_capsnet, bench_rcn, rcn_inputs, rcn_step, train_step
+from rcn_dist.bench import (
+    RCN_PRESETS,
+    CapsNetSabour,
+    Options,
+    bench_capsnet,
+    bench_rcn,
+    rcn_inputs,
+    rcn_step,
+    time_steps,
+    train_step,
+)
+from rcn_dist.bench.base import count_events
+from rcn_dist.config import apply_overrides, preset
+from rcn_dist.flops import rcn_flops, train_flops_per_image
+from rcn_dist.loop import LossModule
+from rcn_dist.model import RCN
 from rcn_dist.parallel import collectives
+from rcn_dist.parallel import engine as eng
+from rcn_dist.parallel.env import detect, init_process_group
 
 
 def _rel(a: float, b: float) -> float:
@@ -36,8 +57,6 @@ def _rel(a: float, b: float) -> float:
 
 def _losses(name: str, opt: Options, batch: int, steps: int = 2) -> list[float]:
     """Losses of `steps` training steps of CapsNetSabour (name "capsnet") or of preset `name`'s RCN."""
-    from rcn_dist.config import preset
-
     if name != "capsnet":
         step = rcn_step(preset(name), batch, opt)
     else:
@@ -80,18 +99,11 @@ def check_fp16_scaled(dev: torch.device, batch: int, preset_name: str, steps: in
 
 def check_zero(dev: torch.device, batch: int, preset_name: str, stage: int, steps: int = 3) -> dict[str, Any]:
     """A 1-process DeepSpeed engine with ZeRO `stage`: NCCL + bf16 on a GPU, gloo + fp32 on CPU."""
-    from rcn_dist.config import apply_overrides, preset
-    from rcn_dist.loop import LossModule
-    from rcn_dist.model import RCN
-    from rcn_dist.parallel import engine as eng
-
     precision = "bf16" if dev.type == "cuda" else "fp32"
     cfg = apply_overrides(preset(preset_name), [f"train.batch_size={batch}", f"train.precision={precision}",
                                                 f"parallel.zero_stage={stage}", "train.warmup_steps=0"])
     eng.resolve_engine_settings(cfg, {}, 1, dev.type)
     if not torch.distributed.is_initialized():
-        from rcn_dist.parallel.env import detect, init_process_group
-
         init_process_group(detect({}, cuda=dev.type == "cuda"), deepspeed=True)  # one process
     x, y, eps = (t.to(dev) for t in rcn_inputs(cfg, batch))
     torch.manual_seed(0)
@@ -127,9 +139,6 @@ def check_train_resume(dev: torch.device, data: str, dry_run: bool) -> dict[str,
     steps, and again with a SIGTERM at step K (the stop protocol: checkpoint at the step boundary,
     exit 3) and a restart that resumes; with train.deterministic the losses after K must be
     bit-identical. Then `rcn eval --reduced` on the resumed run."""
-    import subprocess
-    import sys
-
     preset_name, steps, stop = ("tiny", 6, 3) if dry_run else ("mnist", 30, 12)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            str(REPO / "launch" / "train.py"), "--deepspeed", str(REPO / "configs" / "ds.json"), "--preset",
@@ -178,10 +187,6 @@ def check_train_resume(dev: torch.device, data: str, dry_run: bool) -> dict[str,
 def check_engine_numerics(dev: torch.device, batch: int, preset_name: str) -> dict[str, Any]:
     """A model held in bf16 (and fp16 on a GPU) as DeepSpeed's engines hold it, at T = 64,
     against the same weights in fp32: the negative ELBO's relative difference (<= 0.5%)."""
-    from rcn_dist.config import apply_overrides, preset
-    from rcn_dist.loop import LossModule
-    from rcn_dist.model import RCN
-
     cfg = apply_overrides(preset("tiny"), ["model.T=64"])
     x, y, eps = (t.to(dev) for t in rcn_inputs(cfg, 16))
     torch.manual_seed(0)
@@ -204,11 +209,6 @@ def profile_step(step, dev: torch.device) -> dict[str, Any]:
     """One (warm) training step under torch.profiler: the kernels it launches (CUDA; on the CPU the
     top-level aten ops, their proxy) and the GPU's busy fraction, kernel time over the step's wall
     time (a launch-bound step leaves the GPU idle between its kernels)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    from rcn_dist.bench.base import count_events
-
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     step()
     sync()
@@ -229,10 +229,6 @@ def profile_step(step, dev: torch.device) -> dict[str, Any]:
 def _timed_rcn(workload: str, batch: int, steps: int, warmup: int, opt: Options, variant: str) -> dict[str, Any]:
     """bench_rcn's row for `opt`, the first call (compilation, graph capture) timed apart, and
     the same step's profile (profile_step)."""
-    from rcn_dist.bench import RCN_PRESETS, time_steps
-    from rcn_dist.config import preset
-    from rcn_dist.flops import rcn_flops, train_flops_per_image
-
     cfg = preset(RCN_PRESETS[workload])
     t0 = time.perf_counter()
     step = rcn_step(cfg, batch, opt)

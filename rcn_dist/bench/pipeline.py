@@ -20,12 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 from torch import Tensor
 from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B, ScheduleLoopedBFS
 
 from rcn_dist.bench.base import rcn_inputs
-from rcn_dist.config import Config, ConfigError
-from rcn_dist.parallel.pipeline import PipelineRank
+from rcn_dist.config import Config, ConfigError, apply_overrides, from_dict, resolve
+from rcn_dist.model import RCN
+from rcn_dist.parallel import collectives
+from rcn_dist.parallel.engine import build_adam
+from rcn_dist.parallel.env import detect, free_port, init_process_group
+from rcn_dist.parallel.pipeline import PipelineRank, make_groups
 
 SCHEDULES = {"looped_bfs": ScheduleLoopedBFS, "interleaved_1f1b": ScheduleInterleaved1F1B}
 """torch.distributed.pipelining's lock-step looped schedules, for comparison with ours."""
@@ -35,9 +40,6 @@ class _Unsplit:
     """The whole model on one process; a step cuts the batch into m accumulated pieces."""
 
     def __init__(self, cfg: Config) -> None:
-        from rcn_dist.model import RCN
-        from rcn_dist.parallel.engine import build_adam
-
         torch.manual_seed(cfg.train.seed)
         self.model = RCN(cfg.model)
         # The pipeline ranks' Adam, so that the rows differ only in how the work is split.
@@ -125,11 +127,6 @@ def _worker(rank: int, port: int, cfg_json: str, ms: Sequence[int], schedules: S
     """One of 2 processes, 1 thread each. Every round times each variant once, interleaved, so
     that load from elsewhere on the machine falls on all of them alike; the median round counts.
     The unsplit variants run on rank 0 while rank 1 waits (1 process, 1 core)."""
-    from rcn_dist.config import apply_overrides, from_dict
-    from rcn_dist.parallel import collectives
-    from rcn_dist.parallel.env import detect, init_process_group
-    from rcn_dist.parallel.pipeline import make_groups
-
     torch.set_num_threads(1)
     init_process_group(detect({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_PORT": str(port)}, cuda=False))
     pp_group, dp_group = make_groups(2)
@@ -189,10 +186,6 @@ def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5
     then one {"mode": "balance", "enc_s", "dec_s", "bound", "best_M", "best_speedup",
     "fraction_of_bound", "loadavg_1min", "cpus"} row. `out` gets a readable line per row.
     """
-    import torch.multiprocessing as mp
-
-    from rcn_dist.parallel.env import free_port
-
     b = cfg.train.batch_size
     bad = [m for m in ms if b % m]
     if bad:
@@ -237,8 +230,6 @@ def bench_pipeline(cfg: Config, ms: Sequence[int] = (1, 2, 4, 8), steps: int = 5
 
 def main(argv: list[str] | None = None) -> int:
     """python -m rcn_dist.bench.pipeline --config configs/bench_pipeline_balanced.toml"""
-    from rcn_dist.config import resolve
-
     ap = argparse.ArgumentParser(prog="python -m rcn_dist.bench.pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("--preset")
     ap.add_argument("--config")

@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from rcn_dist import __version__
 from rcn_dist.data import shards, sources, urls
 from rcn_dist.errors import DataError
 
@@ -114,11 +117,6 @@ def hold_out_val(data: dict[str, tuple[np.ndarray, np.ndarray]], n_val: int
 
 def prepare(args: argparse.Namespace) -> Path:
     """Do the work of `rcn prepare`; returns the output directory."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from rcn_dist import __version__
-
     for flag, value, least in (("--shard-size", args.shard_size, 1), ("--limit", args.limit, 1),
                                ("--val", args.val, 0), ("--pairs", args.pairs, 1)):
         if value is not None and value < least:
