@@ -284,8 +284,8 @@ def _scaling_worker(rank: int, mode: str, world: int, port: int, batch: int, ste
                     out_dir: str) -> None:
     """One process of a scaling phase, 1 thread. mode "ddp": DDP over gloo; "solo": no process group."""
     from rcn_dist.config import preset
-    from rcn_dist.loop import LossModule
     from rcn_dist.model import RCN
+    from rcn_dist.model.losses import LossModule
     from rcn_dist.parallel.env import detect, init_process_group
 
     torch.set_num_threads(1)

@@ -81,8 +81,8 @@ def check_fp16_scaled(dev: torch.device, batch: int, preset_name: str, steps: in
 def check_zero(dev: torch.device, batch: int, preset_name: str, stage: int, steps: int = 3) -> dict[str, Any]:
     """A 1-process DeepSpeed engine with ZeRO `stage`: NCCL + bf16 on a GPU, gloo + fp32 on CPU."""
     from rcn_dist.config import apply_overrides, preset
-    from rcn_dist.loop import LossModule
     from rcn_dist.model import RCN
+    from rcn_dist.model.losses import LossModule
     from rcn_dist.parallel import engine as eng
 
     precision = "bf16" if dev.type == "cuda" else "fp32"
@@ -179,8 +179,8 @@ def check_engine_numerics(dev: torch.device, batch: int, preset_name: str) -> di
     """A model held in bf16 (and fp16 on a GPU) as DeepSpeed's engines hold it, at T = 64,
     against the same weights in fp32: the negative ELBO's relative difference (<= 0.5%)."""
     from rcn_dist.config import apply_overrides, preset
-    from rcn_dist.loop import LossModule
     from rcn_dist.model import RCN
+    from rcn_dist.model.losses import LossModule
 
     cfg = apply_overrides(preset("tiny"), ["model.T=64"])
     x, y, eps = (t.to(dev) for t in rcn_inputs(cfg, 16))
