@@ -92,7 +92,8 @@ def check_zero(dev: torch.device, batch: int, preset_name: str, stage: int, step
     if not torch.distributed.is_initialized():
         from rcn_dist.parallel.env import detect, init_process_group
 
-        init_process_group(detect({}, cuda=dev.type == "cuda"), deepspeed=True)  # one process
+        launch = init_process_group(detect({}, cuda=dev.type == "cuda"))  # one process
+        eng.init_distributed(launch.backend)  # DeepSpeed's comm layer, as the deepspeed layout's init_comm
     x, y, eps = (t.to(dev) for t in rcn_inputs(cfg, batch))
     torch.manual_seed(0)
     plain = float(RCN(cfg.model).to(dev).loss(x, y, eps)[0])
