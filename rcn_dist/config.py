@@ -335,8 +335,15 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the model is spread over processes (data parallelism comes from the world size)."""
+    """How the model is spread over processes (data parallelism comes from the world size).
 
+    The layout's own fields are checked by the layout (rcn_dist.parallel.layouts), not here: a
+    new layout needs no change to this file."""
+
+    layout: str = "auto"
+    """The registered layout (rcn_dist.parallel.layouts) that trains the run: "deepspeed" (the whole
+    model in one DeepSpeed engine per rank), "pipeline" (the 2-stage split), or "auto", the one
+    for pipeline_stages (1: deepspeed, 2: pipeline)."""
     pipeline_stages: int = 1
     """1: every rank holds the whole model. 2: encoder stack on one rank, decoder on the next."""
     micro_batches: int = 1
@@ -350,8 +357,9 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _choice(self.pipeline_schedule, "parallel.pipeline_schedule",
                 ("async_bfs", "looped_bfs", "interleaved_1f1b"))
-        _choice(self.pipeline_stages, "parallel.pipeline_stages", (1, 2))
-        _ints(self, "parallel", 1, "micro_batches")
+        _ints(self, "parallel", 1, "pipeline_stages", "micro_batches")
+        _require(isinstance(self.layout, str) and self.layout.strip() == self.layout != "", "parallel.layout",
+                 f"must be a layout's name or \"auto\", got {self.layout!r}")
         _choice(self.zero_stage, "parallel.zero_stage", (-1, 0, 1, 2, 3))
 
 
@@ -426,9 +434,6 @@ class Config:
     """Evaluation and sampling."""
 
     def __post_init__(self) -> None:
-        _require(self.parallel.pipeline_stages == 1 or (self.model.enc_capsules and self.model.dec_capsules),
-                 "parallel.pipeline_stages", "the pipeline split needs both capsule networks "
-                 "(model.enc_capsules and model.dec_capsules are ablations for one stage)")
         _require(self.model.likelihood != "logistic" or self.data.binarize == "none", "data.binarize",
                  "the logistic likelihood models grey levels: set data.binarize=none")
 

@@ -6,7 +6,7 @@
 
 Writes RUN_DIR/eval.json (rank 0) and prints a table. On N ranks the test split is split by
 rank (every test image counted once) and the sums are all-reduced; the sample-quality figures
-(nn, fd, c2st, window) are computed on rank 0 alone. The test part is `rcn_dist.loop.evaluate`, the training
+(nn, fd, c2st, window) are computed on rank 0 alone. The test part is `rcn_dist.evaluation.evaluate`, the training
 loop's own function with the same noise, in the run's training precision; the other parts run
 in fp32.
 """
@@ -30,10 +30,11 @@ from rcn_dist import console, quality
 from rcn_dist.config import Config, ConfigError, apply_overrides
 from rcn_dist.data.loader import EvalStream, Manifest
 from rcn_dist.errors import CheckpointError, DataError
+from rcn_dist.evaluation import EVAL_NOISE_SEED, caps_input, eval_stream, evaluate
 from rcn_dist.files import atomic_write
 from rcn_dist.information import information_figures, mutual_information_terms, posterior_sums
-from rcn_dist.loop import EVAL_NOISE_SEED, LossModule, caps_input, evaluate, test_stream
 from rcn_dist.model import bits_per_dim, sample_noise, step_noise_seed
+from rcn_dist.model.losses import LossModule
 from rcn_dist.model.usage import ablation_elbos, capsule_stats
 from rcn_dist.parallel import collectives
 from rcn_dist.parallel.checkpoint import load_model
@@ -54,7 +55,7 @@ NN_SEED = 1234
 DRAW_SEED = 4321
 """Seed of the draws from the decoder's likelihood (the samples as images like the data)."""
 RIDE_ALONG = ("caps_", "info_")
-"""Prefixes of the training loop's one-batch figures (rcn_dist.loop.evaluate): `rcn eval`'s own
+"""Prefixes of the training loop's one-batch figures (rcn_dist.evaluation.evaluate): `rcn eval`'s own
 parts replace them with figures over many images."""
 
 METRICS = {
@@ -449,51 +450,51 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"rcn eval takes only eval.* overrides, got {bad[0]!r}")
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
-    le = detect()
-    if le.world_size > 1:
-        init_process_group(le)  # also binds this rank's GPU (le.device)
-    elif le.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(le.device))
-    cfg, model, where, data_dir, manifest = load_for_eval(args.run, args.data, le.device)
+    launch = detect()
+    if launch.world_size > 1:
+        init_process_group(launch)  # also binds this rank's GPU (launch.device)
+    elif launch.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(launch.device))
+    cfg, model, where, data_dir, manifest = load_for_eval(args.run, args.data, launch.device)
     if args.reduced:  # the caps first, so that --iw and eval.* overrides (applied next) win
         cfg.eval = dataclasses.replace(cfg.eval, **{
             k: (v if getattr(cfg.eval, k) == 0 else min(getattr(cfg.eval, k), v)) for k, v in REDUCED.items()})
     overrides = ([f"eval.iw_samples={args.iw}"] if args.iw is not None else []) + args.overrides
     cfg = apply_overrides(cfg, overrides) if overrides else cfg
-    rank0 = le.rank == 0
+    rank0 = launch.rank == 0
     con = console.Console(rank0)
     e, t = cfg.eval, cfg.train
-    con.info(f"evaluating {where} on {data_dir} ({le.world_size} rank(s), {le.device})"
+    con.info(f"evaluating {where} on {data_dir} ({launch.world_size} rank(s), {launch.device})"
              + (f"; reduced: IW K={e.iw_samples} on {e.iw_examples or 'all'} test images, "
                 f"information on {e.info_examples or 'all'} (MI on {e.mi_examples or 'all'}), "
                 f"{e.nn_samples} samples vs {e.nn_train_images or 'all'} training images, "
                 f"Frechet on {e.fd_samples}, two-sample test on {e.c2st_samples}" if args.reduced else ""))
     metrics: dict[str, Any] = {}
-    stream = partial(test_stream, cfg, data_dir, t.micro_batch or t.batch_size, le.rank, le.world_size)
+    stream = partial(eval_stream, cfg, data_dir, t.micro_batch or t.batch_size, launch.rank, launch.world_size)
     if "test" in parts:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
         test_model = copy.deepcopy(model).to(dtype) if dtype else model
         # Exactly the loop's call: the same stream, batch, noise and reduction.
-        ev = evaluate(LossModule(test_model), stream(), cfg, le.device, progress=rank0)
+        ev = evaluate(LossModule(test_model), stream(), cfg, launch.device, progress=rank0)
         # The loop's caps_* and info_* ride-alongs come from one batch; eval.json's are the caps and
         # info parts', over eval.caps_examples and eval.info_examples images, when those parts run.
         metrics |= {k: v for k, v in ev.items() if not k.startswith(RIDE_ALONG)}
         if manifest.multi_label:
             metrics["two_object_accuracy"] = 1.0 - metrics["test_error"]
     if "caps" in parts:
-        metrics |= capsule_usage(model, stream(), cfg, le.device, e.caps_examples, progress=rank0)
+        metrics |= capsule_usage(model, stream(), cfg, launch.device, e.caps_examples, progress=rank0)
     if "iw" in parts:
-        metrics |= importance_weighted(model, stream(), cfg, le.device, e.iw_samples, e.iw_examples, progress=rank0)
+        metrics |= importance_weighted(model, stream(), cfg, launch.device, e.iw_samples, e.iw_examples, progress=rank0)
     if "info" in parts:
-        metrics |= information(model, stream(), cfg, le.device, e.info_examples, e.mi_examples, e.mi_batch,
+        metrics |= information(model, stream(), cfg, launch.device, e.info_examples, e.mi_examples, e.mi_batch,
                                e.mi_paths, progress=rank0)
     if rank0 and parts & SAMPLE_PARTS:
         is_run_dir = (Path(args.run) / "checkpoints").is_dir()  # not a checkpoint or export dir
-        metrics |= sample_quality(model, cfg, data_dir, Path(args.run), le.device, parts, progress=True,
+        metrics |= sample_quality(model, cfg, data_dir, Path(args.run), launch.device, parts, progress=True,
                                   pictures=Path(args.run) / "samples" if is_run_dir else None)
     if rank0:
         report = {"run": str(args.run), "checkpoint": str(where), "step": _checkpoint_step(where),
-                  "data": str(data_dir), "dataset": manifest.dataset, "world_size": le.world_size,
+                  "data": str(data_dir), "dataset": manifest.dataset, "world_size": launch.world_size,
                   "precision": t.precision, "reduced": bool(args.reduced), "parts": sorted(parts),
                   "eval": dataclasses.asdict(e), "metrics": metrics}
         out = Path(args.out) if args.out else Path(args.run) / "eval.json"
@@ -502,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         con.table(f"eval {where.name}" + (" (reduced)" if args.reduced else ""),
                   {k: v for k, v in metrics.items() if not isinstance(v, list)})
         con.info(f"wrote {out}")
-    if le.world_size > 1:
+    if launch.world_size > 1:
         collectives.destroy()
     return 0
 

@@ -59,7 +59,7 @@ def posterior_sums(model, x: Tensor, eps: tuple[Tensor, Tensor], x_caps: Tensor 
 
 @torch.no_grad()
 def batch_information(model, x: Tensor, eps: tuple[Tensor, Tensor], x_caps: Tensor | None = None) -> dict[str, float]:
-    """The training loop's one-batch figures (rcn_dist.loop.evaluate): info_active_units of this
+    """The training loop's one-batch figures (rcn_dist.evaluation.evaluate): info_active_units of this
     batch (information_figures over its B images, two paths each: a noisier count than `rcn
     eval`'s over the test set) and, with write attention, info_write_area, the mean share of the
     image the write window covers (rcn_dist.model.attention.window_area) over steps and images while the

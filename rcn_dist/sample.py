@@ -25,8 +25,8 @@ from rcn_dist import quality
 from rcn_dist.config import ConfigError, apply_overrides
 from rcn_dist.data.loader import EvalStream, Manifest
 from rcn_dist.errors import DataError
+from rcn_dist.evaluation import EVAL_NOISE_SEED, caps_input
 from rcn_dist.files import atomic_write
-from rcn_dist.loop import EVAL_NOISE_SEED, caps_input
 from rcn_dist.model import sample_noise
 from rcn_dist.model.attention import window_area
 from rcn_dist.parallel.checkpoint import load_model

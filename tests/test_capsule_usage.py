@@ -75,7 +75,7 @@ def test_trained_tiny_model_carries_the_image_through_its_decoder_capsules(fmnis
     assert 0 < figs["caps_decoder_length"] < 1 and 0 < figs["caps_encoder_length"] < 1
 
     # A reader's own measurement: roll the decoder capsules' outputs across the batch with a hook.
-    from rcn_dist.loop import EVAL_NOISE_SEED
+    from rcn_dist.evaluation import EVAL_NOISE_SEED
     from rcn_dist.model import sample_noise
 
     diffs = []

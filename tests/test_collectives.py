@@ -61,10 +61,10 @@ def _processes(name: str) -> list[dict[str, str]]:
 @pytest.mark.parametrize("name", ["torchrun.json", "deepspeed.json", "srun_gpus_per_task.json"])
 def test_a_recorded_nccl_launch_reduces_on_the_ranks_gpu(name):
     for env in _processes(name):
-        le = detect(env, cuda=True)
-        assert le.backend == "nccl"
-        dev = collectives.device_for_backend(le.backend, le.device)
-        assert dev.type == "cuda" and dev == torch.device(le.device)
+        launch = detect(env, cuda=True)
+        assert launch.backend == "nccl"
+        dev = collectives.device_for_backend(launch.backend, launch.device)
+        assert dev.type == "cuda" and dev == torch.device(launch.device)
         if name == "srun_gpus_per_task.json":  # one GPU visible per task: always its cuda:0
             assert dev == torch.device("cuda:0")
         else:
@@ -73,8 +73,8 @@ def test_a_recorded_nccl_launch_reduces_on_the_ranks_gpu(name):
 
 def test_a_gloo_launch_reduces_on_the_cpu():
     for env in _processes("torchrun.json"):
-        le = detect(env, cuda=False)
-        assert collectives.device_for_backend(le.backend, le.device) == torch.device("cpu")
+        launch = detect(env, cuda=False)
+        assert collectives.device_for_backend(launch.backend, launch.device) == torch.device("cpu")
 
 
 class _Reached(Exception):

@@ -49,12 +49,12 @@ def test_detect_recorded_launch(name):
     procs = processes(name)
     assert len(procs) == world
     for rank, env in enumerate(procs):
-        le = detect(env, cuda=False)
-        assert (le.launcher, le.rank, le.local_rank) == (launcher, rank, local_ranks[rank])
-        assert (le.world_size, le.local_world_size) == (world, local_world)
-        assert (le.master_addr, le.master_port) == (addr, port)
-        assert (le.device, le.backend) == ("cpu", "gloo")
-        assert (le.dp_rank, le.pp_rank, le.dp_size) == (rank, 0, world)
+        launch = detect(env, cuda=False)
+        assert (launch.launcher, launch.rank, launch.local_rank) == (launcher, rank, local_ranks[rank])
+        assert (launch.world_size, launch.local_world_size) == (world, local_world)
+        assert (launch.master_addr, launch.master_port) == (addr, port)
+        assert (launch.device, launch.backend) == ("cpu", "gloo")
+        assert (launch.dp_rank, launch.pp_rank, launch.dp_size) == (rank, 0, world)
         gpu = detect(env, cuda=True)
         assert (gpu.device, gpu.backend) == (f"cuda:{GPU.get(name, local_ranks)[rank]}", "nccl")
         # Two pipeline stages: consecutive ranks form one pipeline (encoder stage, decoder stage).
@@ -72,8 +72,8 @@ def test_mpirun_inside_slurm_reads_ompi_not_slurm_procid():
 
 
 def test_no_launcher_is_a_single_process():
-    le = detect({}, cuda=False)
-    assert (le.launcher, le.rank, le.world_size, le.local_world_size) == ("single", 0, 1, 1)
+    launch = detect({}, cuda=False)
+    assert (launch.launcher, launch.rank, launch.world_size, launch.local_world_size) == ("single", 0, 1, 1)
 
 
 @pytest.mark.parametrize("nodelist,host", [("node[1-2]", "node1"), ("gpu[07,09-12],cpu1", "gpu07"),
@@ -114,8 +114,8 @@ def test_srun_uneven_task_layout():
     layout = [(0, 0, 0), (1, 1, 0), (2, 0, 1)]  # (rank, local rank, node)
     got = [detect(base | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(lr), "SLURM_NODEID": str(n)}, cuda=False)
            for r, lr, n in layout]
-    assert [(le.rank, le.local_rank, le.local_world_size) for le in got] == [(0, 0, 2), (1, 1, 2), (2, 0, 1)]
-    assert {le.world_size for le in got} == {3} and {le.master_addr for le in got} == {"node1"}
+    assert [(launch.rank, launch.local_rank, launch.local_world_size) for launch in got] == [(0, 0, 2), (1, 1, 2), (2, 0, 1)]
+    assert {launch.world_size for launch in got} == {3} and {launch.master_addr for launch in got} == {"node1"}
 
 
 def test_one_gpu_per_task_is_cuda0_and_exported_as_local_rank_0(monkeypatch):
@@ -125,8 +125,8 @@ def test_one_gpu_per_task_is_cuda0_and_exported_as_local_rank_0(monkeypatch):
     from rcn_dist.parallel.env import finish_rendezvous
 
     second = processes("srun_gpus_per_task")[1]
-    le = detect(second, cuda=True)
-    assert (le.local_rank, le.device, le.backend) == (1, "cuda:0", "nccl")
+    launch = detect(second, cuda=True)
+    assert (launch.local_rank, launch.device, launch.backend) == (1, "cuda:0", "nccl")
     for k, v in second.items():
         monkeypatch.setenv(k, v)
     # finish_rendezvous exports these; set them through monkeypatch first so that they are
@@ -134,8 +134,8 @@ def test_one_gpu_per_task_is_cuda0_and_exported_as_local_rank_0(monkeypatch):
     # wait for a rendezvous that never comes).
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(k, second.get(k, ""))
-    finish_rendezvous(le)
-    assert (le.device, os.environ["LOCAL_RANK"], os.environ["RANK"]) == ("cuda:0", "0", "1")
+    finish_rendezvous(launch)
+    assert (launch.device, os.environ["LOCAL_RANK"], os.environ["RANK"]) == ("cuda:0", "0", "1")
 
 
 def test_rendezvous_timeout_is_short_only_for_a_bare_rank_in_the_environment():
@@ -183,3 +183,17 @@ def test_a_stale_rank_in_the_shell_is_one_line_and_an_exit_within_60_s(tmp_path)
         assert len(lines) == 1 and "unset RANK, WORLD_SIZE" in lines[0] and f"rank {rank} of 2" in lines[0], err
         assert "Traceback" not in err, err[-2000:]
     assert time.monotonic() - t0 < 60
+
+
+def test_the_rank_grid_owns_every_rank_number():
+    """RankLayout: consecutive ranks form one model copy (pipeline), a stage's ranks across the
+    copies a data-parallel group; LaunchEnv's dp/pp ranks are its."""
+    from rcn_dist.parallel.env import LaunchEnv, RankLayout
+
+    grid = RankLayout(world_size=6, rank=5, pipeline_stages=2)
+    assert (grid.dp_size, grid.dp_rank, grid.pp_rank) == (3, 2, 1)
+    assert [grid.pipeline_ranks(k) for k in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    assert [grid.data_ranks(s) for s in range(2)] == [[0, 2, 4], [1, 3, 5]]
+    assert RankLayout(3, 2).data_ranks(0) == [0, 1, 2] and RankLayout(3, 2).pp_rank == 0
+    launch = LaunchEnv("torchrun", 5, 1, 6, 2, "127.0.0.1", 1, "cpu", "gloo", pipeline_stages=2)
+    assert launch.ranks == grid and (launch.dp_rank, launch.pp_rank, launch.dp_size) == (2, 1, 3)

@@ -69,7 +69,7 @@ def test_iw_bound_equals_the_elbo_for_one_sample_and_is_tighter_for_more(fmnist_
     first = next(iter(EvalStream(fmnist_small, 16, 0, 1)))
     x, idx = first["image"], first["index"]
     assert idx.tolist() == list(range(16))
-    from rcn_dist.loop import EVAL_NOISE_SEED
+    from rcn_dist.evaluation import EVAL_NOISE_SEED
 
     eps = sample_noise(idx, cfg.train.seed + EVAL_NOISE_SEED, cfg.model.T, cfg.model.z_dim)
     with torch.no_grad():
@@ -171,7 +171,7 @@ def test_information_part_counts_its_images_and_matches_the_models_kl(fmnist_sma
     assert -0.2 < figs["mi_lower"] < 0.5 and -0.2 < figs["mi_upper"] < 0.5
     assert 0 <= figs["info_active_units"] <= figs["info_units"] == 32
     # The rate is the model's KL under the evaluation noise and IW sample 1's, averaged.
-    from rcn_dist.loop import EVAL_NOISE_SEED
+    from rcn_dist.evaluation import EVAL_NOISE_SEED
     from rcn_dist.model import step_noise_seed
 
     batch = next(iter(EvalStream(fmnist_small, 48, 0, 1)))

@@ -13,7 +13,7 @@ from pathlib import Path
 from rcn_dist.cli import COMMANDS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rcn_dist"
-ABOVE_LAYERS = {"rcn_dist.loop", "rcn_dist.backends", "rcn_dist.cli"} | {m for m, _ in COMMANDS.values()}
+ABOVE_LAYERS = {"rcn_dist.loop", "rcn_dist.cli"} | {m for m, _ in COMMANDS.values()}
 """What parallel/ and model/ may not import (rcn_dist.parallel.env, itself a command, excepted for parallel/)."""
 DISTRIBUTED = ("torch.distributed", "deepspeed", "mpi4py", "rcn_dist.parallel")
 
@@ -76,8 +76,8 @@ def test_the_graph_is_read_from_the_source():
     g = import_graph()
     # Module-level and function-level imports, relative and absolute, are all edges.
     assert "rcn_dist.loop" in g["rcn_dist.train"]
-    assert "rcn_dist.backends" in g["rcn_dist.train"]  # imported inside run()
-    assert "rcn_dist.parallel.pipeline" in g["rcn_dist.backends"]  # `from rcn_dist.parallel import pipeline`
+    assert "rcn_dist.parallel.collectives" in g["rcn_dist.parallel.env"]  # imported inside RankLayout.groups
+    assert "rcn_dist.parallel.checkpoint" in g["rcn_dist.parallel.pipeline"]  # `from rcn_dist.parallel import checkpoint`
     assert "rcn_dist.bench.pipeline" in g["rcn_dist.bench"]
 
 

@@ -2,10 +2,10 @@
 stage, the precision or the loader changes.
 
 - A resume on another world size (1 -> 2, 2 -> 1) or ZeRO stage (3 -> 1, 2 -> 3) goes through
-  DeepSpeed's universal checkpoint (rcn_dist/backends.py): the weights and the Adam state the
+  DeepSpeed's universal checkpoint (rcn_dist/parallel/deepspeed_layout.py): the weights and the Adam state the
   resumed engine holds equal the saved ones, tensor by tensor. The saved side is read here from
   DeepSpeed's own files (`saved_state`), the loaded side is what the engine dumps right after its
-  load (RCN_DUMP_LOADED_STATE, a test hook in backends.py).
+  load (RCN_DUMP_LOADED_STATE, a test hook in parallel/deepspeed_layout.py).
 - The default configs/ds.json (ZeRO-2 + bf16) on 2 ranks against fp32; a bf16 resume is exact.
 - An exact 2-rank resume with 2 loader workers per rank.
 - `rcn eval` counts every image once on an uneven split (1,001 test images on 2 ranks).

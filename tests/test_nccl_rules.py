@@ -518,7 +518,8 @@ def test_encoder_rank_eval_terms_are_made_on_the_rank_device(monkeypatch):
     """PipelineRank.__call__ on the encoder rank (its schedule returns None) builds the zeros on
     runner.device: with a CPU-only torch the rank's device is stood in by "meta", which a tensor
     only reaches by being made there."""
-    from rcn_dist.parallel.pipeline import TERMS, PipelineRank
+    from rcn_dist.model.losses import TERMS
+    from rcn_dist.parallel.pipeline import PipelineRank
 
     runner = PipelineRank(_cfg(2), 0, None, None, dtype=torch.float64)
     monkeypatch.setattr(runner, "_run", lambda kw, train: None)

@@ -188,7 +188,8 @@ def test_pipeline_resume_and_single_process_eval(fmnist_small, tmp_path):
     """Real shards through `launch/train.py` under torchrun: the pipeline's losses equal the unsplit
     `rcn train`'s (fp32); a stop after step 5 and a resume give steps 6-10 bit-identical to an
     uninterrupted run; the pipeline checkpoint loads and evaluates in one process."""
-    from rcn_dist.loop import LossModule, evaluate, test_stream
+    from rcn_dist.evaluation import eval_stream, evaluate
+    from rcn_dist.model.losses import LossModule
     from rcn_dist.parallel.checkpoint import load_model
 
     common = [*TINY, "--data", fmnist_small, "--steps", STEPS, "train.eval_every=10"]
@@ -212,7 +213,7 @@ def test_pipeline_resume_and_single_process_eval(fmnist_small, tmp_path):
     # The pipeline's final checkpoint is the full RCN: one process evaluates it to the same numbers.
     cfg, model, where = load_model(straight)
     assert where.name == "step_00000010"
-    ev = evaluate(LossModule(model), test_stream(cfg, fmnist_small, 16, 0, 1), cfg, "cpu")
+    ev = evaluate(LossModule(model), eval_stream(cfg, fmnist_small, 16, 0, 1), cfg, "cpu")
     logged = metrics(straight, "eval")[-1]
     assert logged["step"] == STEPS and ev["test_n"] == logged["test_n"] == 512
     for k in ("test_elbo", "test_error", "test_margin"):
@@ -239,7 +240,7 @@ def test_two_by_two_bf16_zero1_trains(fmnist_small, tmp_path):
 
 
 # ---------------------------------------------------------------- refusals
-def _le(world: int) -> LaunchEnv:
+def _launch(world: int) -> LaunchEnv:
     return LaunchEnv("torchrun", 0, 0, world, world, "127.0.0.1", 1, "cpu", "gloo", pipeline_stages=2)
 
 
@@ -247,7 +248,7 @@ def test_check_pipeline_config_refuses_each_case():
     from rcn_dist.bench.pipeline import check_lockstep
     from rcn_dist.parallel.pipeline import check_pipeline_config
 
-    check_pipeline_config(_cfg(4), _le(4))
+    check_pipeline_config(_cfg(4), _launch(4))
     cases = {
         "zero_stage=2": (lambda c: setattr(c.parallel, "zero_stage", 2), 2),
         "not divisible by parallel.micro_batches=3": (lambda c: setattr(c.parallel, "micro_batches", 3), 2),
@@ -260,10 +261,10 @@ def test_check_pipeline_config_refuses_each_case():
         cfg = _cfg(4)
         change(cfg)
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
-            check_pipeline_config(cfg, _le(world))
+            check_pipeline_config(cfg, _launch(world))
     bfs = _cfg(4)
     bfs.parallel.micro_batches, bfs.train.micro_batch = 5, 10
-    check_pipeline_config(bfs, _le(2))  # our schedule takes any M that divides the batch
+    check_pipeline_config(bfs, _launch(2))  # our schedule takes any M that divides the batch
     # The benchmark's torch schedules: interleaved 1F1B needs M a multiple of max(1, M // 2).
     check_lockstep(_cfg(4, "interleaved_1f1b"))
     bfs.parallel.pipeline_schedule = "interleaved_1f1b"

@@ -38,8 +38,8 @@ from rcn_dist.data.loader import TrainStream
 from rcn_dist.data.prepare import main as prepare
 from rcn_dist.errors import RcnError
 from rcn_dist.flops import count_forward, rcn_flops, train_flops_per_image
-from rcn_dist.loop import LossModule
 from rcn_dist.model import RCN, PrimaryCapsules, RoutedCapsules, margin_loss, sample_noise
+from rcn_dist.model.losses import LossModule
 from rcn_dist.parallel import collectives
 from rcn_dist.parallel.engine import build_adam
 from rcn_dist.parallel.env import detect, free_port, init_process_group

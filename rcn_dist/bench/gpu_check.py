@@ -44,8 +44,8 @@ from rcn_dist.bench import (
 from rcn_dist.bench.base import count_events
 from rcn_dist.config import apply_overrides, preset
 from rcn_dist.flops import rcn_flops, train_flops_per_image
-from rcn_dist.loop import LossModule
 from rcn_dist.model import RCN
+from rcn_dist.model.losses import LossModule
 from rcn_dist.parallel import collectives
 from rcn_dist.parallel import engine as eng
 from rcn_dist.parallel.env import detect, init_process_group
@@ -104,7 +104,8 @@ def check_zero(dev: torch.device, batch: int, preset_name: str, stage: int, step
                                                 f"parallel.zero_stage={stage}", "train.warmup_steps=0"])
     eng.resolve_engine_settings(cfg, {}, 1, dev.type)
     if not torch.distributed.is_initialized():
-        init_process_group(detect({}, cuda=dev.type == "cuda"), deepspeed=True)  # one process
+        launch = init_process_group(detect({}, cuda=dev.type == "cuda"))  # one process
+        eng.init_distributed(launch.backend)  # DeepSpeed's comm layer, as the deepspeed layout's init_comm
     x, y, eps = (t.to(dev) for t in rcn_inputs(cfg, batch))
     torch.manual_seed(0)
     plain = float(RCN(cfg.model).to(dev).loss(x, y, eps)[0])

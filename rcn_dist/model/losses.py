@@ -10,9 +10,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from rcn_dist.model.precision import at_least_fp32, common_wide
+
+TERMS = ("loss", "margin", "recon", "kl", "elbo")
+"""The per-sample loss parts of RCN.loss_terms that training logs, in this order: the columns of
+every layout's step result (the training loop's rows, the pipeline's last stage)."""
 
 
 def margin_loss(
@@ -86,3 +90,24 @@ def discretized_logistic_nll(logits: Tensor, log_scale: Tensor, x: Tensor) -> Te
 def bits_per_dim(nats: Tensor | float, n_dims: int) -> Tensor | float:
     """Nats per image -> bits per sub-pixel (n_dims = C * H * W)."""
     return nats / (n_dims * math.log(2))
+
+
+class LossModule(nn.Module):
+    """The RCN and its per-sample loss terms in one forward: what a layout that holds the whole
+    model trains (the DeepSpeed engine wraps it) and what `rcn_dist.evaluation.evaluate` calls.
+
+    Inputs pass as they come (fp32), whatever dtype DeepSpeed's bf16/fp16 engine cast the weights
+    to: the model casts each layer's input to that layer's weights and keeps the canvas, the
+    likelihoods, the KL and the latent noise eps in fp32 (docs/training.md, "Precision"). Rounding
+    eps or x to bf16 here would change the sample and the likelihood, not just the arithmetic.
+    The terms come back in fp32 at least, so that sums over a test set stay exact enough to
+    compare across layouts.
+    """
+
+    def __init__(self, rcn: nn.Module):
+        super().__init__()
+        self.rcn = rcn
+
+    def forward(self, x: Tensor, y: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> dict[str, Tensor]:
+        terms = self.rcn.loss_terms(x, y, eps=eps, x_caps=x_caps)
+        return {k: at_least_fp32(v) if v.is_floating_point() else v for k, v in terms.items()}

@@ -116,8 +116,8 @@ def damage(d: Path) -> str | None:
 
 
 def _damage_cached(d: Path) -> str | None:
-    # train's checks and the run's set-up look up the same checkpoint: verify it once per
-    # process, keyed by its COMPLETE's inode, mtime and size.
+    # find_latest and set_aside_damaged (rank 0, at a run's start) look up the same checkpoints:
+    # verify each once per process, keyed by its COMPLETE's inode, mtime and size.
     try:
         st = (d / COMPLETE).stat()
     except OSError:
@@ -143,8 +143,8 @@ def find_latest(run_dir: str | Path) -> tuple[Path | None, list[str]]:
     """The newest intact complete checkpoint of a run, and one note per checkpoint passed over
     (incomplete ones newer than it; damaged ones, each with its first bad file).
 
-    Deterministic over the files, so every rank of a run picks the same one (each reads the
-    candidates itself; no collective). `latest` is never read: it is written for people and
+    Reads and CRCs the candidates, so a run calls it on rank 0 only (agree_latest tells the
+    others). `latest` is never read: it is written for people and
     other tools, and a resume cannot be led outside the run by it. Raises CheckpointError when
     complete checkpoints exist but every one is damaged: starting afresh over them would lose them.
     """
@@ -174,11 +174,29 @@ def find_latest(run_dir: str | Path) -> tuple[Path | None, list[str]]:
     return best, notes
 
 
+def agree_latest(run_dir: str | Path, rank: int) -> tuple[Path | None, list[str]]:
+    """Collective, at a run's start: find_latest on rank 0 alone (it reads and CRCs the
+    candidates), its answer broadcast, so that every rank resumes from the checkpoint rank 0
+    checked, and a CheckpointError (every complete one damaged) is raised on every rank alike.
+    Without a process group, find_latest itself."""
+    answer: tuple[str | None, list[str], str | None] = (None, [], None)
+    if rank == 0:
+        try:
+            best, notes = find_latest(run_dir)
+            answer = (None if best is None else best.name, notes, None)
+        except CheckpointError as e:
+            answer = (None, [], str(e))
+    tag, notes, error = collectives.broadcast_object(answer)
+    if error is not None:
+        raise CheckpointError(error)
+    return (None if tag is None else ckpt_root(run_dir) / tag), notes
+
+
 def set_aside_damaged(run_dir: str | Path, resumed: Path, rank: int) -> list[Path]:
     """Collective, when a run resumes from `resumed`: rank 0 moves every complete checkpoint
     newer than it (find_latest passed over them as damaged) to damaged_<tag>, where neither a
     save of the same step nor pruning touches it. Returns the new paths (rank 0)."""
-    collectives.barrier()  # every rank is done reading them (find_latest); a no-op without a group
+    collectives.barrier()  # every rank is done with them (agree_latest); a no-op without a group
     moved = []
     if rank == 0:
         for d in sorted(ckpt_root(run_dir).glob("step_*")):
@@ -291,7 +309,7 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
         sd = engine._zero3_consolidated_16bit_state_dict() or {}
     else:
         sd = engine.module.state_dict()
-    # The engine wraps RCN in train.LossModule: keys start with "rcn.".
+    # The engine wraps RCN in model.losses.LossModule: keys start with "rcn.".
     return {k.removeprefix("rcn."): v for k, v in sd.items()}
 
 

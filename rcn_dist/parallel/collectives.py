@@ -73,6 +73,12 @@ def broadcast_object(obj, src: int = 0, group=None):
     return box[0]
 
 
+def new_group(ranks: list[int]):
+    """A process group of `ranks`, on the default group's backend (a collective: every rank of
+    the world calls it, for every group, in the same order; RankLayout.groups)."""
+    return dist.new_group(ranks)
+
+
 def destroy() -> None:
     """The barrier, then the process group's teardown. Without the barrier, 2 of 6 gloo runs ended
     with SIGABRT ("terminate called without an active exception"); with it, 0 of 30."""

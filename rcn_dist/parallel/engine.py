@@ -58,7 +58,7 @@ def resolve_engine_settings(cfg: Config, ds: dict[str, Any], dp_size: int, devic
     Fills train.precision ("auto"), train.micro_batch (0) and parallel.zero_stage (-1) in place
     and returns cfg.
     """
-    t, p = cfg.train, cfg.parallel
+    train, parallel = cfg.train, cfg.parallel
     src = "the DeepSpeed JSON"
 
     def clash(ours: str, ours_v: Any, theirs: str, theirs_v: Any) -> None:
@@ -66,13 +66,13 @@ def resolve_engine_settings(cfg: Config, ds: dict[str, Any], dp_size: int, devic
                           f"set it in one place")
 
     json_prec = _json_precision(ds)
-    if t.precision == "auto":
-        t.precision = json_prec or "fp32"
-    elif json_prec is not None and json_prec != t.precision:
-        clash("train.precision", t.precision, f"{json_prec}.enabled", True)
-    if t.precision == "fp16" and not device.startswith("cuda"):
+    if train.precision == "auto":
+        train.precision = json_prec or "fp32"
+    elif json_prec is not None and json_prec != train.precision:
+        clash("train.precision", train.precision, f"{json_prec}.enabled", True)
+    if train.precision == "fp16" and not device.startswith("cuda"):
         raise ConfigError("train.precision=fp16 needs a GPU (fp16 is not supported on CPU); use bf16 or fp32")
-    if t.cuda_graphs and not device.startswith("cuda"):
+    if train.cuda_graphs and not device.startswith("cuda"):
         raise ConfigError("train.cuda_graphs=true needs a GPU (CUDA graphs do not exist on the CPU); "
                           "use train.compile=steps there")
 
@@ -82,38 +82,38 @@ def resolve_engine_settings(cfg: Config, ds: dict[str, Any], dp_size: int, devic
     json_stage = zero.get("stage")
     if json_stage is not None and _number(json_stage, "zero_optimization.stage") not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage={json_stage!r} in {src} must be 0, 1, 2 or 3")
-    if p.zero_stage == -1:
-        p.zero_stage = int(json_stage or 0)
-    elif json_stage is not None and int(json_stage) != p.zero_stage:
-        clash("parallel.zero_stage", p.zero_stage, "zero_optimization.stage", json_stage)
+    if parallel.zero_stage == -1:
+        parallel.zero_stage = int(json_stage or 0)
+    elif json_stage is not None and int(json_stage) != parallel.zero_stage:
+        clash("parallel.zero_stage", parallel.zero_stage, "zero_optimization.stage", json_stage)
 
-    if t.micro_batch == 0:
-        if t.batch_size % (t.grad_accum * dp_size):
-            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum="
-                              f"{t.grad_accum} x {dp_size} data-parallel ranks")
-        t.micro_batch = t.batch_size // (t.grad_accum * dp_size)
-    elif t.micro_batch * t.grad_accum * dp_size != t.batch_size:
-        raise ConfigError(f"train.micro_batch={t.micro_batch} x train.grad_accum={t.grad_accum} x "
-                          f"{dp_size} data-parallel ranks != train.batch_size={t.batch_size}")
+    if train.micro_batch == 0:
+        if train.batch_size % (train.grad_accum * dp_size):
+            raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by train.grad_accum="
+                              f"{train.grad_accum} x {dp_size} data-parallel ranks")
+        train.micro_batch = train.batch_size // (train.grad_accum * dp_size)
+    elif train.micro_batch * train.grad_accum * dp_size != train.batch_size:
+        raise ConfigError(f"train.micro_batch={train.micro_batch} x train.grad_accum={train.grad_accum} x "
+                          f"{dp_size} data-parallel ranks != train.batch_size={train.batch_size}")
 
     for key, ours, val in (
-        ("train_batch_size", "train.batch_size", t.batch_size),
-        ("train_micro_batch_size_per_gpu", "train.micro_batch", t.micro_batch),
-        ("gradient_accumulation_steps", "train.grad_accum", t.grad_accum),
-        ("gradient_clipping", "train.grad_clip", t.grad_clip),
+        ("train_batch_size", "train.batch_size", train.batch_size),
+        ("train_micro_batch_size_per_gpu", "train.micro_batch", train.micro_batch),
+        ("gradient_accumulation_steps", "train.grad_accum", train.grad_accum),
+        ("gradient_clipping", "train.grad_clip", train.grad_clip),
     ):
         if key in ds and ds[key] != "auto" and _number(ds[key], key) != float(val):
             clash(ours, val, key, ds[key])
     opt = ds.get("optimizer")
     if isinstance(opt, dict):
         lr = (opt.get("params") or {}).get("lr")
-        if lr is not None and _number(lr, "optimizer.params.lr") != t.lr:
-            clash("train.lr", t.lr, "optimizer.params.lr", lr)
+        if lr is not None and _number(lr, "optimizer.params.lr") != train.lr:
+            clash("train.lr", train.lr, "optimizer.params.lr", lr)
         if str(opt.get("type", "adam")).lower() not in ("adam", "adamw"):
             raise ConfigError(f"optimizer.type={opt.get('type')} in {src}: only Adam/AdamW is supported")
     if "scheduler" in ds:
         raise ConfigError(f"'scheduler' in {src}: the LR schedule lives in the config (train.lr_schedule)")
-    if (t.compile == "steps" or t.cuda_graphs) and p.zero_stage == 3:
+    if (train.compile == "steps" or train.cuda_graphs) and parallel.zero_stage == 3:
         raise ConfigError("train.compile=steps with ZeRO stage 3: its parameter-gathering hooks run inside the "
                           "compiled steps; use ZeRO stage 0-2 or train.compile=off")
     return cfg
@@ -121,13 +121,13 @@ def resolve_engine_settings(cfg: Config, ds: dict[str, Any], dp_size: int, devic
 
 def build_ds_config(cfg: Config, ds: dict[str, Any]) -> dict[str, Any]:
     """The dict handed to deepspeed.initialize: the JSON's engine settings plus our values."""
-    t = cfg.train
+    train = cfg.train
     out = {k: v for k, v in ds.items() if k not in ("optimizer", "bf16", "fp16")}
     out.update(
-        train_batch_size=t.batch_size,
-        train_micro_batch_size_per_gpu=t.micro_batch,
-        gradient_accumulation_steps=t.grad_accum,
-        gradient_clipping=t.grad_clip,
+        train_batch_size=train.batch_size,
+        train_micro_batch_size_per_gpu=train.micro_batch,
+        gradient_accumulation_steps=train.grad_accum,
+        gradient_clipping=train.grad_clip,
         steps_per_print=out.get("steps_per_print", 10**9),
         wall_clock_breakdown=out.get("wall_clock_breakdown", False),
     )
@@ -137,25 +137,25 @@ def build_ds_config(cfg: Config, ds: dict[str, Any]) -> dict[str, Any]:
         # Needed to write consolidated weights (model.safetensors) from a ZeRO-3 run.
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     out["zero_optimization"] = zero
-    out["bf16"] = {"enabled": t.precision == "bf16"}
+    out["bf16"] = {"enabled": train.precision == "bf16"}
     fp16 = dict(ds.get("fp16") or {})
-    fp16["enabled"] = t.precision == "fp16"
+    fp16["enabled"] = train.precision == "fp16"
     out["fp16"] = fp16
     return out
 
 
 def lr_lambda(cfg: Config):
     """LR multiplier per optimizer step: linear warm-up, then cosine to min_lr_ratio or constant."""
-    t = cfg.train
+    train = cfg.train
 
     def f(step: int) -> float:
-        if t.warmup_steps and step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        if t.lr_schedule == "constant":
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.lr_schedule == "constant":
             return 1.0
-        span = max(1, t.steps - t.warmup_steps)
-        frac = min(1.0, (step - t.warmup_steps) / span)
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+        span = max(1, train.steps - train.warmup_steps)
+        frac = min(1.0, (step - train.warmup_steps) / span)
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
     return f
 

@@ -17,8 +17,70 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from typing import Any
 
 from rcn_dist.errors import RendezvousError
+
+
+@dataclass(frozen=True)
+class RankGroups:
+    """The process groups a layout asked for (LayoutSpec.groups): this rank's pipeline (its
+    model copy's consecutive ranks) and its data-parallel group (the ranks of its stage across
+    the copies). None where not built."""
+
+    pipeline: Any = None
+    data: Any = None
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """The rank grid of a run (torchtitan's ParallelDims, for the two dimensions rcn_dist has):
+    `pipeline_stages` consecutive ranks hold one copy of the model, one stage each, and the
+    copies are data-parallel replicas. Every rank-number rule of the package is here."""
+
+    world_size: int
+    rank: int
+    pipeline_stages: int = 1
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: the world divided by the pipeline depth."""
+        return self.world_size // self.pipeline_stages
+
+    @property
+    def dp_rank(self) -> int:
+        """Data-parallel rank: the ranks of one pipeline are consecutive, so they share it."""
+        return self.rank // self.pipeline_stages
+
+    @property
+    def pp_rank(self) -> int:
+        """Stage within the pipeline (0: encoder stack, 1: decoder stack)."""
+        return self.rank % self.pipeline_stages
+
+    def pipeline_ranks(self, copy: int) -> list[int]:
+        """The ranks of model copy `copy`, stage 0 first."""
+        return list(range(copy * self.pipeline_stages, (copy + 1) * self.pipeline_stages))
+
+    def data_ranks(self, stage: int) -> list[int]:
+        """The ranks that hold stage `stage`, one per model copy."""
+        return list(range(stage, self.world_size, self.pipeline_stages))
+
+    def groups(self) -> RankGroups:
+        """Build every pipeline and data-parallel group and return this rank's (a collective:
+        every rank calls it, the groups are made in the same order everywhere)."""
+        # Imported here: LaunchEnv's module stays free of torch until a process group starts.
+        from rcn_dist.parallel import collectives
+
+        pipeline = data = None
+        for k in range(self.dp_size):
+            g = collectives.new_group(self.pipeline_ranks(k))
+            if k == self.dp_rank:
+                pipeline = g
+        for s in range(self.pipeline_stages):
+            g = collectives.new_group(self.data_ranks(s))
+            if s == self.pp_rank:
+                data = g
+        return RankGroups(pipeline=pipeline, data=data)
 
 
 @dataclass
@@ -38,21 +100,24 @@ class LaunchEnv:
     backend: str
     """"gloo" on CPU, "nccl" on GPU."""
     pipeline_stages: int = 1
+    """The layout's pipeline depth (LayoutSpec.pipeline_stages): see `ranks`."""
+
+    @property
+    def ranks(self) -> RankLayout:
+        """This rank in the run's rank grid."""
+        return RankLayout(self.world_size, self.rank, self.pipeline_stages)
 
     @property
     def dp_size(self) -> int:
-        """Data-parallel replicas: the world divided by the pipeline depth."""
-        return self.world_size // self.pipeline_stages
+        return self.ranks.dp_size
 
     @property
     def dp_rank(self) -> int:
-        """Data-parallel rank: the ranks of one pipeline are consecutive, so they share it."""
-        return self.rank // self.pipeline_stages
+        return self.ranks.dp_rank
 
     @property
     def pp_rank(self) -> int:
-        """Stage within the pipeline (0: encoder stack, 1: decoder stack)."""
-        return self.rank % self.pipeline_stages
+        return self.ranks.pp_rank
 
 
 def _int(env: Mapping[str, str], *names: str, default: int | None = None) -> int | None:
@@ -164,38 +229,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def finish_rendezvous(le: LaunchEnv) -> LaunchEnv:
+def finish_rendezvous(launch: LaunchEnv) -> LaunchEnv:
     """Fill in a missing master address/port and export RANK etc. for torch.distributed.
 
     A single process picks a free loopback port. mpirun gives no rendezvous: rank 0 picks its
     address and a free port and broadcasts them with mpi4py.
     """
-    if le.launcher == "single":
-        le.master_addr = le.master_addr or "127.0.0.1"
-        le.master_port = le.master_port or free_port()
-    elif le.launcher.startswith("mpirun") and (not le.master_addr or not le.master_port):
+    if launch.launcher == "single":
+        launch.master_addr = launch.master_addr or "127.0.0.1"
+        launch.master_port = launch.master_port or free_port()
+    elif launch.launcher.startswith("mpirun") and (not launch.master_addr or not launch.master_port):
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
         mine = None
         if comm.Get_rank() == 0:
-            host = "127.0.0.1" if le.local_world_size == le.world_size else socket.gethostname()
-            mine = (le.master_addr or host, le.master_port or free_port())
-        le.master_addr, le.master_port = comm.bcast(mine, root=0)
-    if le.device.startswith("cuda"):
+            host = "127.0.0.1" if launch.local_world_size == launch.world_size else socket.gethostname()
+            mine = (launch.master_addr or host, launch.master_port or free_port())
+        launch.master_addr, launch.master_port = comm.bcast(mine, root=0)
+    if launch.device.startswith("cuda"):
         # DeepSpeed picks its device from LOCAL_RANK, so the index is exported as LOCAL_RANK below.
         import torch
 
-        le.device = f"cuda:{gpu_index(le.local_rank, os.environ, torch.cuda.device_count() or None)}"
-    if not le.master_addr or not le.master_port:
-        raise RuntimeError(f"{le.launcher}: no MASTER_ADDR/MASTER_PORT for a {le.world_size}-process job")
+        launch.device = f"cuda:{gpu_index(launch.local_rank, os.environ, torch.cuda.device_count() or None)}"
+    if not launch.master_addr or not launch.master_port:
+        raise RuntimeError(f"{launch.launcher}: no MASTER_ADDR/MASTER_PORT for a {launch.world_size}-process job")
     os.environ.update(
-        RANK=str(le.rank), WORLD_SIZE=str(le.world_size),
-        LOCAL_RANK=le.device.split(":")[1] if le.device.startswith("cuda") else str(le.local_rank),
-        LOCAL_WORLD_SIZE=str(le.local_world_size), MASTER_ADDR=le.master_addr,
-        MASTER_PORT=str(le.master_port),
+        RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size),
+        LOCAL_RANK=launch.device.split(":")[1] if launch.device.startswith("cuda") else str(launch.local_rank),
+        LOCAL_WORLD_SIZE=str(launch.local_world_size), MASTER_ADDR=launch.master_addr,
+        MASTER_PORT=str(launch.master_port),
     )
-    return le
+    return launch
 
 
 LAUNCHER_MARKS = ("TORCHELASTIC_RUN_ID", "CROSS_RANK", "CROSS_SIZE")
@@ -209,7 +274,7 @@ srun or mpirun job start minutes apart on a slow shared file system). RCN_RENDEZ
 overrides both."""
 
 
-def rendezvous_timeout(le: LaunchEnv, environ: Mapping[str, str] | None = None) -> float:
+def rendezvous_timeout(launch: LaunchEnv, environ: Mapping[str, str] | None = None) -> float:
     """Seconds this process's rendezvous waits for the other ranks (RENDEZVOUS_TIMEOUT_S)."""
     env = os.environ if environ is None else environ
     raw = env.get("RCN_RENDEZVOUS_TIMEOUT_S", "")
@@ -221,11 +286,11 @@ def rendezvous_timeout(le: LaunchEnv, environ: Mapping[str, str] | None = None) 
         if not 0 < value < 86400:
             raise RendezvousError(f"RCN_RENDEZVOUS_TIMEOUT_S={raw!r} is not a number of seconds in (0, 86400)")
         return value
-    bare = le.launcher in ("torchrun", "deepspeed") and not any(k in env for k in LAUNCHER_MARKS)
+    bare = launch.launcher in ("torchrun", "deepspeed") and not any(k in env for k in LAUNCHER_MARKS)
     return RENDEZVOUS_TIMEOUT_S[0] if bare else RENDEZVOUS_TIMEOUT_S[1]
 
 
-def _rendezvous_store(le: LaunchEnv, timeout_s: float):
+def _rendezvous_store(launch: LaunchEnv, timeout_s: float):
     """The TCPStore every rank meets at (what torch's env:// would make), waited for at most
     timeout_s: rank 0 hosts it (unless torchrun's agent does) and waits for the others, the others
     connect. One line on failure instead of a wait without end. Its timeout is torch's default
@@ -233,17 +298,17 @@ def _rendezvous_store(le: LaunchEnv, timeout_s: float):
     import torch.distributed as dist  # torch only once a process group starts (detect() is light)
 
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    is_master = le.rank == 0 and not agent_store
-    if not is_master and not _reachable(le.master_addr, le.master_port, timeout_s):
+    is_master = launch.rank == 0 and not agent_store
+    if not is_master and not _reachable(launch.master_addr, launch.master_port, timeout_s):
         # Found out with a plain socket: torch's client would log a C++ stack at the same timeout.
-        raise RendezvousError(_no_rendezvous(le, timeout_s, "nothing listens there"))
+        raise RendezvousError(_no_rendezvous(launch, timeout_s, "nothing listens there"))
     try:
-        store = dist.TCPStore(le.master_addr, le.master_port, le.world_size,
+        store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size,
                               is_master=is_master, timeout=timedelta(seconds=timeout_s),
                               wait_for_workers=True, multi_tenant=True)
     except RuntimeError as e:  # torch's DistStoreError / DistNetworkError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise RendezvousError(_no_rendezvous(le, timeout_s, first)) from None
+        raise RendezvousError(_no_rendezvous(launch, timeout_s, first)) from None
     store.set_timeout(dist.constants.default_pg_timeout)
     return store
 
@@ -261,33 +326,29 @@ def _reachable(addr: str, port: int, timeout_s: float) -> bool:
             time.sleep(0.2)
 
 
-def _no_rendezvous(le: LaunchEnv, timeout_s: float, why: str) -> str:
-    return (f"rank {le.rank} of {le.world_size} ({le.launcher}): the other ranks did not meet at "
-            f"{le.master_addr}:{le.master_port} within {timeout_s:g} s ({why}); if this is not a "
+def _no_rendezvous(launch: LaunchEnv, timeout_s: float, why: str) -> str:
+    return (f"rank {launch.rank} of {launch.world_size} ({launch.launcher}): the other ranks did not meet at "
+            f"{launch.master_addr}:{launch.master_port} within {timeout_s:g} s ({why}); if this is not a "
             f"multi-process launch, unset RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT "
             f"(RCN_RENDEZVOUS_TIMEOUT_S sets the wait)")
 
 
-def init_process_group(le: LaunchEnv, deepspeed: bool = False) -> LaunchEnv:
+def init_process_group(launch: LaunchEnv) -> LaunchEnv:
     """Start torch.distributed for this process: the rendezvous (finish_rendezvous, then a store
     every rank meets at within rendezvous_timeout), this process's GPU as the current device, then
-    the process group on that store. A DeepSpeed engine then finds it started (its
-    init_distributed only wraps it). Every command starts it here."""
-    finish_rendezvous(le)
-    timeout_s = rendezvous_timeout(le)
-    if le.device.startswith("cuda"):
+    the process group on that store. A DeepSpeed engine then finds it started (the DeepSpeed
+    layout's LayoutSpec.init_comm only wraps it). Every command starts it here."""
+    finish_rendezvous(launch)
+    timeout_s = rendezvous_timeout(launch)
+    if launch.device.startswith("cuda"):
         import torch
 
-        torch.cuda.set_device(torch.device(le.device))
+        torch.cuda.set_device(torch.device(launch.device))
     import torch.distributed as dist
 
-    store = _rendezvous_store(le, timeout_s)
-    dist.init_process_group(le.backend, store=store, rank=le.rank, world_size=le.world_size)
-    if deepspeed:
-        from rcn_dist.parallel.engine import init_distributed
-
-        init_distributed(le.backend)
-    return le
+    store = _rendezvous_store(launch, timeout_s)
+    dist.init_process_group(launch.backend, store=store, rank=launch.rank, world_size=launch.world_size)
+    return launch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,12 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pipeline-stages", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     args = ap.parse_args(argv)
-    le = detect(pipeline_stages=args.pipeline_stages)
-    d = asdict(le) | {"dp_rank": le.dp_rank, "dp_size": le.dp_size, "pp_rank": le.pp_rank}
+    launch = detect(pipeline_stages=args.pipeline_stages)
+    d = asdict(launch) | {"dp_rank": launch.dp_rank, "dp_size": launch.dp_size, "pp_rank": launch.pp_rank}
     if args.json:
         print(json.dumps(d, sort_keys=True))
     else:
         from rcn_dist.console import Console
 
-        Console().table(f"launch environment (rank {le.rank})", d)
+        Console().table(f"launch environment (rank {launch.rank})", d)
     return 0

@@ -15,63 +15,71 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
+from rcn_dist import speed
 from rcn_dist.config import Config, ConfigError
+from rcn_dist.errors import CheckpointError
+from rcn_dist.evaluation import caps_input, evaluate
 from rcn_dist.model import RCN, Carry, RCNOutput, kl_standard_normal
+from rcn_dist.model.losses import TERMS
 from rcn_dist.model.precision import wide_dtype
+from rcn_dist.parallel import checkpoint as ckpt
 from rcn_dist.parallel import collectives
 from rcn_dist.parallel.async_schedule import AsyncLoopedBFS
+from rcn_dist.parallel.engine import build_adam, lr_lambda
+from rcn_dist.parallel.env import RankLayout
+from rcn_dist.parallel.layouts import LayoutParts, LayoutSpec, Run, register
+from rcn_dist.parallel.safety import safe_torch_load
 
-TERMS = ("loss", "margin", "recon", "kl", "elbo")
-"""Columns of the last stage's output (B, 6): these, then `correct` as 0/1."""
 ZERO_STAGES = (0, 1)
 
 
-def check_pipeline_config(cfg: Config, le, run_dir: Path | None = None) -> None:
+def check_pipeline_config(cfg: Config, launch) -> None:
     """Refuse, before any process group starts, what the pipeline cannot run (one line each).
 
     `cfg` has been through engine.resolve_engine_settings (micro_batch and zero_stage filled in);
-    `le` is the rank's LaunchEnv; a checkpoint in `run_dir` must be one this layout can resume.
+    `launch` is the rank's LaunchEnv. The checkpoint to resume is checked by `check_resume`.
     """
-    p, t = cfg.parallel, cfg.train
-    m = p.micro_batches
-    if p.pipeline_stages != 2:
-        raise ConfigError(f"parallel.pipeline_stages={p.pipeline_stages}: the pipeline has exactly 2 stages")
-    if p.zero_stage not in ZERO_STAGES:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} cannot shard a pipeline: "
+    parallel, train = cfg.parallel, cfg.train
+    micro_batches = parallel.micro_batches
+    if parallel.pipeline_stages != 2:
+        raise ConfigError(f"parallel.pipeline_stages={parallel.pipeline_stages}: the pipeline has exactly 2 stages")
+    if not (cfg.model.enc_capsules and cfg.model.dec_capsules):
+        raise ConfigError("config field parallel.pipeline_stages: the pipeline split needs both capsule networks "
+                          "(model.enc_capsules and model.dec_capsules are ablations for one stage)")
+    if parallel.zero_stage not in ZERO_STAGES:
+        raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} cannot shard a pipeline: "
                           "with pipeline_stages=2 use ZeRO stage 0 or 1")
-    if t.precision == "fp16":
+    if train.precision == "fp16":
         raise ConfigError("train.precision=fp16 is not supported with pipeline_stages=2 (no loss scaling "
                           "across stages): use bf16 or fp32")
-    if le.world_size % 2:
-        raise ConfigError(f"world size {le.world_size} is not divisible by parallel.pipeline_stages=2")
-    if t.micro_batch % m:
-        raise ConfigError(f"the per-pipeline batch train.micro_batch={t.micro_batch} is not divisible by "
-                          f"parallel.micro_batches={m}")
-    if p.pipeline_schedule != "async_bfs":
-        raise ConfigError(f"parallel.pipeline_schedule={p.pipeline_schedule}: torch's lock-step schedules are "
-                          "for comparison in the pipeline benchmark (rcn_dist.bench.pipeline) only; train with "
+    if launch.world_size % 2:
+        raise ConfigError(f"world size {launch.world_size} is not divisible by parallel.pipeline_stages=2")
+    if train.micro_batch % micro_batches:
+        raise ConfigError(f"the per-pipeline batch train.micro_batch={train.micro_batch} is not divisible by "
+                          f"parallel.micro_batches={micro_batches}")
+    if parallel.pipeline_schedule != "async_bfs":
+        raise ConfigError(f"parallel.pipeline_schedule={parallel.pipeline_schedule}: torch's lock-step schedules "
+                          "are for comparison in the pipeline benchmark (rcn_dist.bench.pipeline) only; train with "
                           "async_bfs")
-    if run_dir is not None:
-        from rcn_dist.parallel import checkpoint as ckpt
-
-        latest, _ = ckpt.find_latest(run_dir)
-        if latest is not None:
-            _check_resumable(latest, le)
 
 
-def _check_resumable(d: Path, le) -> None:
-    from rcn_dist.errors import CheckpointError
-    from rcn_dist.parallel.checkpoint import saved_layout
+def check_resume(d: Path, cfg: Config, launch) -> None:
+    """The checkpoint a pipeline run resumes from (LayoutSpec.check_resume)."""
+    _check_resumable(d, launch)
 
-    summary = saved_layout(d)
+
+def _check_resumable(d: Path, launch) -> None:
+    summary = ckpt.saved_layout(d)
     if summary.get("pipeline_stages", 1) != 2:
         raise CheckpointError(f"{d} was written by an unsplit run (parallel.pipeline_stages=1): the pipeline "
                               "does not resume it; train on a new --out (rcn eval / rcn sample read it as is)")
-    if summary.get("world_size") != le.world_size:
+    if summary.get("world_size") != launch.world_size:
         raise CheckpointError(f"{d} was written by {summary.get('world_size')} ranks, this run has "
-                              f"{le.world_size}: resume a pipeline checkpoint with the same layout")
+                              f"{launch.world_size}: resume a pipeline checkpoint with the same layout")
 
 
 def _autocast(device: torch.device, on: bool):
@@ -163,18 +171,10 @@ def make_groups(world_size: int) -> tuple[Any, Any]:
     """(this rank's pipeline group, its data-parallel group). Collective: every rank calls it.
 
     Pipeline k is ranks (2k, 2k+1); the data-parallel group of stage s is ranks s, s+2, s+4, ...
+    (env.RankLayout.groups, with 2 stages).
     """
-    rank = dist.get_rank()
-    pp_group = dp_group = None
-    for k in range(world_size // 2):
-        g = dist.new_group([2 * k, 2 * k + 1])
-        if rank // 2 == k:
-            pp_group = g
-    for s in range(2):
-        g = dist.new_group(list(range(s, world_size, 2)))
-        if rank % 2 == s:
-            dp_group = g
-    return pp_group, dp_group
+    groups = RankLayout(world_size, dist.get_rank(), pipeline_stages=2).groups()
+    return groups.pipeline, groups.data
 
 
 class PipelineRank:
@@ -187,8 +187,6 @@ class PipelineRank:
 
     def __init__(self, cfg: Config, pp_rank: int, pp_group, dp_group=None,
                  dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
-        from rcn_dist.parallel.engine import build_adam, lr_lambda
-
         self.cfg, self.pp_rank, self.pp_group, self.dp_group = cfg, pp_rank, pp_group, dp_group
         self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.device = torch.device(device)
@@ -196,7 +194,6 @@ class PipelineRank:
         full = RCN(cfg.model)
         self.prefix = "encoder." if pp_rank == 0 else "decoder."
         self.stack: nn.Module = (full.encoder if pp_rank == 0 else full.decoder).to(device=self.device, dtype=dtype)
-        self.module = self.stack  # what loop.evaluate puts in eval mode, as a DeepSpeed engine's .module
         del full
         T, bf16 = cfg.model.T, cfg.train.precision == "bf16"
         step_cls = EncoderStep if pp_rank == 0 else DecoderStep
@@ -209,6 +206,18 @@ class PipelineRank:
         self.optimizer = build_adam(self.stack.parameters(), cfg.train.lr, cfg.train.weight_decay, fused=True,
                                     zero_group=dp_group if cfg.parallel.zero_stage == 1 else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+
+    rcn = None
+    """rcn_dist.evaluation.Evaluable: no whole RCN on a pipeline rank (no capsule figures)."""
+
+    @property
+    def training(self) -> bool:
+        return self.stack.training
+
+    def train(self, mode: bool = True) -> PipelineRank:
+        """Training or evaluation mode of this rank's stack (what evaluate switches)."""
+        self.stack.train(mode)
+        return self
 
     def record_events(self, on: bool = True) -> list:
         """Start (or stop) logging stage forward/backward events; returns the (cleared) list."""
@@ -285,12 +294,12 @@ class PipelineRank:
 
     @torch.no_grad()
     def __call__(self, x: Tensor, y: Tensor, eps: Tensor, x_caps: Tensor | None = None) -> dict[str, Tensor]:
-        """Forward without gradients, called by loop.evaluate as a DeepSpeed engine is: the per-sample
+        """Forward without gradients, called by rcn_dist.evaluation.evaluate (Evaluable): the per-sample
         terms on the decoder rank, zeros on the encoder rank (masked_on_encoder_rank: none count twice)."""
         out = self._run(self._kwargs(x, y, eps, x_caps), train=False)
         if out is None:
             # (B, 6) zeros on the rank's device, in the dtype the decoder rank's last stage returns
-            # (fp32 at least): loop.evaluate multiplies them by the mask on the device.
+            # (fp32 at least): evaluate multiplies them by the mask on the device.
             odt = torch.promote_types(self.stack.latent.weight.dtype, torch.float32)
             out = torch.zeros(x.shape[0], len(TERMS) + 1, dtype=odt, device=self.device)
         else:
@@ -331,8 +340,6 @@ class PipelineRank:
     def optimizer_state(self) -> dict[str, Any] | None:
         """Optimizer + LR schedule state to save: on data-parallel rank 0, None elsewhere
         (collective over the data-parallel group under ZeRO-1)."""
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
         if isinstance(self.optimizer, ZeroRedundancyOptimizer):
             self.optimizer.consolidate_state_dict(to=0)
         if self.dp_group is not None and dist.get_rank(self.dp_group) != 0:
@@ -350,24 +357,20 @@ def masked_on_encoder_rank(stream, pp_rank: int):
 
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(runner: PipelineRank, run_dir: Path, step: int, loop_state: dict[str, Any], cfg: Config,
-                    le, keep_last: int) -> Path:
+                    launch, keep_last: int) -> Path:
     """Collective. checkpoint.commit with optim_stage{s}.pt per stack in place of DeepSpeed's files
     and model.safetensors holding the full RCN (both stacks merged by rank 0)."""
-    from safetensors.torch import save_file
-
-    from rcn_dist.parallel import checkpoint as ckpt
-
     def write_state(d: Path) -> None:
         opt = runner.optimizer_state()  # collective over the data-parallel group under ZeRO-1
-        if le.dp_rank == 0:  # this stack's weights, for rank 0 to merge
+        if launch.dp_rank == 0:  # this stack's weights, for rank 0 to merge
             part = {k: v.detach().float().contiguous().cpu() for k, v in runner.state_dict().items()}
-            save_file(part, str(d / f"model_stage{le.pp_rank}.safetensors"))
+            save_file(part, str(d / f"model_stage{launch.pp_rank}.safetensors"))
         if opt is not None:
-            torch.save(opt, d / f"optim_stage{le.pp_rank}.pt")
+            torch.save(opt, d / f"optim_stage{launch.pp_rank}.pt")
 
     def weights(d: Path) -> dict[str, Tensor]:
         collectives.barrier()  # both stacks' parts written
-        if le.rank != 0:
+        if launch.rank != 0:
             return {}
         parts = [d / f"model_stage{s}.safetensors" for s in range(2)]
         merged = {k: v for p in parts for k, v in ckpt.read_safetensors(p).items()}
@@ -375,24 +378,60 @@ def save_checkpoint(runner: PipelineRank, run_dir: Path, step: int, loop_state: 
             p.unlink()
         return merged
 
-    return ckpt.commit(run_dir, step, loop_state, cfg, le.rank, le.world_size, keep_last, write_state, weights,
+    return ckpt.commit(run_dir, step, loop_state, cfg, launch.rank, launch.world_size, keep_last, write_state, weights,
                        layout={"pipeline_stages": 2, "micro_batches": cfg.parallel.micro_batches})
 
 
-def load_checkpoint(runner: PipelineRank, d: Path, le) -> dict[str, Any]:
+def load_checkpoint(runner: PipelineRank, d: Path, launch) -> dict[str, Any]:
     """Restore this rank's stack, optimizer, LR schedule and RNG; returns its loop state."""
-    from rcn_dist.errors import CheckpointError
-    from rcn_dist.parallel.checkpoint import read_json, read_safetensors
-    from rcn_dist.parallel.safety import safe_torch_load
-
-    _check_resumable(d, le)
-    loop_file = d / f"loop_rank{le.rank}.json"
-    opt_file = d / f"optim_stage{le.pp_rank}.pt"
+    _check_resumable(d, launch)
+    loop_file = d / f"loop_rank{launch.rank}.json"
+    opt_file = d / f"optim_stage{launch.pp_rank}.pt"
     if not loop_file.is_file() or not opt_file.is_file():
-        raise CheckpointError(f"{d}: no loop or optimizer state for rank {le.rank}")
-    runner.load_state_dict(read_safetensors(d / "model.safetensors"))
+        raise CheckpointError(f"{d}: no loop or optimizer state for rank {launch.rank}")
+    runner.load_state_dict(ckpt.read_safetensors(d / "model.safetensors"))
     opt = safe_torch_load(opt_file)
     runner.optimizer.load_state_dict(opt["optimizer"])
     runner.scheduler.load_state_dict(opt["scheduler"])
-    torch.set_rng_state(read_safetensors(d / f"rng_rank{le.rank}.safetensors")["cpu"])
-    return read_json(loop_file)
+    torch.set_rng_state(ckpt.read_safetensors(d / f"rng_rank{launch.rank}.safetensors")["cpu"])
+    return ckpt.read_json(loop_file)
+
+
+# ---------------------------------------------------------------- the layout
+def build(run: Run) -> LayoutParts:
+    """The "pipeline" layout on this rank: the encoder stack on even ranks, the decoder stack on
+    odd ones; same rows, evaluation, checkpoints (model.safetensors holds the full RCN), stop
+    protocol and exit codes as the deepspeed layout."""
+    cfg, launch, out = run.cfg, run.launch, run.out
+    train_cfg, parallel = cfg.train, cfg.parallel
+    out.info(f"{launch.launcher}: {launch.world_size} rank(s) = {launch.dp_size} pipeline(s) x 2 stages, "
+             f"{launch.backend} on {launch.device}; {cfg.name} preset, {parallel.pipeline_schedule} with "
+             f"{parallel.micro_batches} micro-batch(es), ZeRO {parallel.zero_stage}, {train_cfg.precision}, "
+             f"global batch {train_cfg.batch_size} = {train_cfg.micro_batch} x {train_cfg.grad_accum} x "
+             f"{launch.dp_size}")
+    runner = PipelineRank(cfg, launch.pp_rank, run.groups.pipeline, run.groups.data, device=launch.device)
+    speed.prepare(runner.stack, run.speed)
+
+    def forward_backward(batch: dict, eps: torch.Tensor, last: bool) -> torch.Tensor | None:
+        speed.step_begins(run.speed)
+        terms = runner.forward_backward(batch["image"], batch["label"], eps, train_cfg.micro_batch * train_cfg.grad_accum,
+                                        x_caps=caps_input(batch, cfg, launch.device))
+        # The decoder rank holds the loss terms; (5,) on the device.
+        return None if terms is None else terms[:, :len(TERMS)].double().mean(0)
+
+    def update() -> None:
+        runner.optimizer_step(runner.reduce_gradients())
+
+    return LayoutParts(
+        forward_backward=forward_backward, update=update, lr=lambda: runner.scheduler.get_last_lr()[0],
+        evaluate=lambda stream, max_batches: evaluate(
+            runner, masked_on_encoder_rank(stream, launch.pp_rank), cfg, launch.device, max_batches),
+        save=lambda step, loop_state: save_checkpoint(runner, run.run_dir, step, loop_state, cfg, launch,
+                                                      train_cfg.keep_last),
+        load=lambda d: load_checkpoint(runner, d, launch), loss_ranks=launch.dp_size)
+
+
+SPEC = register(LayoutSpec(
+    name="pipeline", build=build, check_config=check_pipeline_config, check_resume=check_resume,
+    pipeline_stages=2, groups=True, auto=True,
+    describe="the encoder stack on one rank, the decoder stack on the next"))
