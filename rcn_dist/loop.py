@@ -15,7 +15,6 @@ configuration; 4 the loss became NaN/inf.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,79 +72,6 @@ def position_from_samples(stream, samples: int, dp_size: int) -> dict[str, int]:
     return stream.state_dict() | {"epoch": samples // per_epoch, "batch": (samples % per_epoch) // per_batch}
 
 
-class StopFlag:
-    """SIGTERM / SIGUSR1 / SIGUSR2 stop the run: the loop acts on them at the next step boundary
-    (or, for one that came before the first step, before it: setup_run).
-
-    The signals are caught by rcn_dist.signals, from the entry point's first line (so that one
-    that lands while torch is imported is kept, not fatal) to the end of the process (so that one
-    during the teardown changes nothing); this flag reads what it recorded. `install()` catches
-    them itself where no entry point did (an in-process call), and `restore()` then gives them
-    back.
-
-    Under submitit, its own SIGUSR2 handler (installed before ours) would requeue at once from
-    task 0 alone. We hold it back: every rank first checkpoints at the step boundary, then
-    `hand_over()` calls it, and it requeues the job (task 0) or returns (the other tasks).
-    """
-
-    HAND_OVER_WAIT_S = 10.0
-    """How long hand_over() waits for submitit's SIGUSR2 after a SIGTERM (see there)."""
-
-    def __init__(self) -> None:
-        self._owner = False
-
-    def install(self) -> StopFlag:
-        self._owner = signals.catch()
-        return self
-
-    @property
-    def received(self) -> set[int]:
-        """The stop signals this process received so far."""
-        return set(signals.received())
-
-    @property
-    def signum(self) -> int:
-        """The first stop signal received, 0 before any."""
-        got = signals.received()
-        return got[0] if got else 0
-
-    def any_rank(self) -> bool:
-        """Whether any rank received a stop signal (a collective: every rank calls it)."""
-        flag = torch.tensor([float(self.signum != 0)], dtype=torch.float64)
-        return bool(collectives.all_reduce(flag, op="max").item() > 0)
-
-    def restore(self) -> None:
-        """Give the signals back where install() caught them (an in-process run); an entry point
-        keeps them caught to the process's end."""
-        if self._owner:
-            signals.release()
-            self._owner = False
-
-    def hand_over(self) -> None:
-        """After the checkpoint: pass the signal on to submitit's handler, if it installed one.
-
-        SIGUSR2 wins over SIGTERM: submitit's preemption sends both, SIGTERM first
-        (Job._interrupt: `scancel --signal SIGTERM`, then `--signal USR2`), and only its SIGUSR2
-        handler requeues (its SIGTERM handler just logs). A stop that came from a SIGTERM alone
-        therefore waits up to HAND_OVER_WAIT_S for the SIGUSR2 that may follow, which a fast
-        checkpoint could otherwise outrun.
-        """
-        if not _is_submitit(signals.previous_handler(signal.SIGUSR2)):
-            return
-        deadline = time.monotonic() + self.HAND_OVER_WAIT_S
-        while signal.SIGUSR2 not in self.received and signal.SIGTERM in self.received \
-                and time.monotonic() < deadline:
-            time.sleep(0.05)
-        signum = signal.SIGUSR2 if signal.SIGUSR2 in self.received else self.signum
-        prev = signals.previous_handler(signum)
-        if _is_submitit(prev):
-            prev(signum, None)
-
-
-def _is_submitit(handler: Any) -> bool:
-    return callable(handler) and getattr(handler, "__module__", "").startswith("submitit")
-
-
 @dataclass(frozen=True)
 class StepFlag:
     """What the step's one all-reduce agreed on, read back to the host once: the one place that
@@ -191,14 +117,14 @@ def setup_run(cfg: Config, launch: LaunchEnv, run_dir: Path, spec: LayoutSpec,
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.local_world_size))
     testhooks.min_step_seconds()  # a bad test knob stops every rank with one line, before the process group
     logger = make_loggers(cfg, run_dir, launch.rank)  # before the process group: a missing package stops all ranks
-    stop = StopFlag().install()
+    stop = signals.StopFlag().install()
     init_process_group(launch)
     spec.init_comm(launch)
     train_cfg = cfg.train
     settings = speed.choose(launch.device, train_cfg.deterministic, train_cfg.compile, train_cfg.cuda_graphs)
     speed.apply(settings)
     out = console.Console(launch.rank == 0)
-    if stop.any_rank():
+    if collectives.any_rank(stop.signum != 0):
         # A signal before the first step (e.g. while torch was imported), on any rank: stop now,
         # all ranks alike, before the model is built. Nothing was trained, so nothing is saved;
         # the next attempt starts (or resumes) from what the run directory already holds.
@@ -319,7 +245,7 @@ def _steps(run: Run, layout: Layout, stream, step: int, samples: int, progress) 
     return False
 
 
-def _end_run(stopped: bool, steps: int, out, run_dir: Path, stop: StopFlag) -> int:
+def _end_run(stopped: bool, steps: int, out, run_dir: Path, stop: signals.StopFlag) -> int:
     """After the loop, on every rank: the last line, the process group's teardown and, under
     submitit after a stop, the requeue. Returns the exit code. The stop signals stay caught
     throughout: one that comes now is recorded, and a finished run still ends with 0."""

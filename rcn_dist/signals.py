@@ -6,7 +6,7 @@ training loop could install a handler (while torch and DeepSpeed are imported, w
 or after the loop gave its handler back (during the teardown) killed a rank: the job failed, a
 finished run's last attempt with it. So the entry points (rcn_dist.cli.entry for `rcn` and
 `python -m rcn_dist`, launch/train.py, rcn_dist.submit.TrainJob) call `catch()` first, before any
-heavy import; the signals are only recorded, and the training loop (rcn_dist.loop.StopFlag) reads
+heavy import; the signals are only recorded, and the training loop (StopFlag, below) reads
 the record: a stop at the first step boundary, or before the first step. The handlers stay in
 place to the end of the process, teardown included.
 
@@ -110,3 +110,72 @@ def wait_for_signal(timeout_s: float) -> bool:
     while len(_received) == count and time.monotonic() < deadline:
         time.sleep(0.02)
     return len(_received) > count
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT stop the run: the loop acts on them at the next step
+    boundary (or, for one that came before the first step, before it: rcn_dist.loop.setup_run,
+    where the ranks agree through rcn_dist.parallel.collectives.any_rank).
+
+    The signals are caught by rcn_dist.signals, from the entry point's first line (so that one
+    that lands while torch is imported is kept, not fatal) to the end of the process (so that one
+    during the teardown changes nothing); this flag reads what it recorded. `install()` catches
+    them itself where no entry point did (an in-process call), and `restore()` then gives them
+    back.
+
+    Under submitit, its own SIGUSR2 handler (installed before ours) would requeue at once from
+    task 0 alone. We hold it back: every rank first checkpoints at the step boundary, then
+    `hand_over()` calls it, and it requeues the job (task 0) or returns (the other tasks).
+    """
+
+    HAND_OVER_WAIT_S = 10.0
+    """How long hand_over() waits for submitit's SIGUSR2 after a SIGTERM (see there)."""
+
+    def __init__(self) -> None:
+        self._owner = False
+
+    def install(self) -> StopFlag:
+        self._owner = catch()
+        return self
+
+    @property
+    def received(self) -> set[int]:
+        """The stop signals this process received so far."""
+        return set(received())
+
+    @property
+    def signum(self) -> int:
+        """The first stop signal received, 0 before any."""
+        got = received()
+        return got[0] if got else 0
+
+    def restore(self) -> None:
+        """Give the signals back where install() caught them (an in-process run); an entry point
+        keeps them caught to the process's end."""
+        if self._owner:
+            release()
+            self._owner = False
+
+    def hand_over(self) -> None:
+        """After the checkpoint: pass the signal on to submitit's handler, if it installed one.
+
+        SIGUSR2 wins over SIGTERM: submitit's preemption sends both, SIGTERM first
+        (Job._interrupt: `scancel --signal SIGTERM`, then `--signal USR2`), and only its SIGUSR2
+        handler requeues (its SIGTERM handler just logs). A stop that came from a SIGTERM alone
+        therefore waits up to HAND_OVER_WAIT_S for the SIGUSR2 that may follow, which a fast
+        checkpoint could otherwise outrun.
+        """
+        if not _is_submitit(previous_handler(signal.SIGUSR2)):
+            return
+        deadline = time.monotonic() + self.HAND_OVER_WAIT_S
+        while signal.SIGUSR2 not in self.received and signal.SIGTERM in self.received \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signum = signal.SIGUSR2 if signal.SIGUSR2 in self.received else self.signum
+        prev = previous_handler(signum)
+        if _is_submitit(prev):
+            prev(signum, None)
+
+
+def _is_submitit(handler: Any) -> bool:
+    return callable(handler) and getattr(handler, "__module__", "").startswith("submitit")

@@ -2,7 +2,7 @@
 
 The job is a Checkpointable callable that always resumes from its RUN_DIR, so a requeue after a
 timeout or a preemption continues where the last checkpoint left off. On SIGUSR2 every rank
-checkpoints at the next step boundary first (rcn_dist.loop.StopFlag), then submitit requeues; one
+checkpoints at the next step boundary first (rcn_dist.signals.StopFlag), then submitit requeues; one
 that comes before the first step stops the attempt with nothing to save, and the requeued job
 starts over from the last checkpoint (or from scratch).
 
@@ -41,7 +41,7 @@ class TrainJob(Checkpointable):
     def __call__(self) -> dict[str, Any]:
         # First, before torch is imported: from now on a stop signal is recorded for the training
         # loop, which checkpoints and then hands it to submitit's handler (rcn_dist.signals,
-        # loop.StopFlag); submitit's handlers are given back when the run is over.
+        # signals.StopFlag); submitit's handlers are given back when the run is over.
         owner = signals.catch()
         try:
             # Threads per task: the CPUs Slurm gave it (torch would otherwise take every core). Set

@@ -33,6 +33,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -48,7 +50,9 @@ from rcn_dist import testhooks
 from rcn_dist.config import Config, from_dict, model_diff
 from rcn_dist.errors import CheckpointError
 from rcn_dist.files import atomic_write, fsync_dir, fsync_tree
+from rcn_dist.model import RCN
 from rcn_dist.parallel import collectives
+from rcn_dist.parallel.safety import check_checkpoint_dir, make_engine_loads_safe, safe_torch_load
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -332,7 +336,6 @@ def _complete_for_any_stage(udir: Path) -> None:
     optimizer_state_dict (and takes either form of the parameter files). The missing side is
     filled in from the other, values unchanged. Runs in to_universal's temporary directory,
     before its DONE marker, so a crash leaves nothing half done and a resume never repeats it."""
-    from rcn_dist.parallel.safety import safe_torch_load
 
     meta = safe_torch_load(udir / next(n for n in _MODEL_STATES if (udir / n).is_file()))
     for name in _MODEL_STATES:
@@ -362,10 +365,7 @@ def to_universal(ckpt_dir: Path) -> Path:
     """Convert a checkpoint into DeepSpeed's universal format (for another world size / ZeRO
     stage), once: <ckpt>/universal/. Every input file passes the weights-only check first, since
     the converter unpickles them freely."""
-    import subprocess
-    import sys
 
-    from rcn_dist.parallel.safety import check_checkpoint_dir
 
     out = ckpt_dir / "universal"
     if (out / "DONE").is_file():
@@ -389,7 +389,6 @@ def to_universal(ckpt_dir: Path) -> Path:
 
 def load(engine, ckpt_dir: Path, rank: int, universal: bool = False) -> dict[str, Any]:
     """Restore the engine and this rank's loop state and RNG; returns the loop state."""
-    from rcn_dist.parallel.safety import check_checkpoint_dir, make_engine_loads_safe
 
     # After a world-size change (universal), rank 0's loop state gives step and samples seen;
     # the caller re-derives each rank's data position from the samples seen.
@@ -462,7 +461,6 @@ def read_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], Pat
 def load_model(path: str | Path, device: str = "cpu"):
     """(cfg, RCN in eval mode, the checkpoint dir) from a run, checkpoint or export directory.
     A run's checkpoint saved with another model config than the run's config.json is refused."""
-    from rcn_dist.model import RCN
 
     cfg, sd, where = read_weights(path)
     run_cfg = Path(path) / "config.json"

@@ -53,6 +53,12 @@ def all_reduce(t: Tensor, op: str = "sum", group=None) -> Tensor:
     return buf.to(t.device)
 
 
+def any_rank(flag: bool, group=None) -> bool:
+    """Whether `flag` holds on any rank (a collective: every rank calls it; False, True -> True)."""
+    t = torch.tensor([float(flag)], dtype=torch.float64)
+    return bool(all_reduce(t, op="max", group=group).item() > 0)
+
+
 def barrier(group=None) -> None:
     """Every rank of `group` got here. Under NCCL on the rank's own GPU (NCCL would otherwise guess
     one from the rank number, which is wrong where each task sees a single GPU)."""

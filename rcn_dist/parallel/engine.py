@@ -8,6 +8,7 @@ process starts, naming both values.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from rcn_dist import testhooks
 from rcn_dist.config import Config, ConfigError
@@ -173,8 +175,6 @@ def build_adam(params, lr: float, weight_decay: float = 0.0, fused: bool | None 
     if fused is not None:
         opts |= {"fused": True} if fused and params[0].device.type in ("cpu", "cuda") else {"foreach": False}
     if zero_group is not None:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.Adam, process_group=zero_group, **opts)
     return torch.optim.Adam(params, **opts)
 
@@ -189,8 +189,6 @@ def _disable_cpu_shm_comm() -> None:
     """
     if testhooks.ds_shm_comm():
         return
-    import importlib
-
     # Not `import deepspeed.comm.torch as m`: the package's `torch` attribute is torch itself.
     ds_torch = importlib.import_module("deepspeed.comm.torch")
     ds_torch.build_shm_op = lambda: None
@@ -202,7 +200,7 @@ def init_distributed(backend: str) -> None:
     if backend == "gloo":
         # Say it rather than let DeepSpeed probe for a GPU and warn that it found none.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    import deepspeed  # heavy (seconds), and only after DS_ACCELERATOR is set: it reads it at import
 
     if backend == "gloo":
         _disable_cpu_shm_comm()
@@ -211,7 +209,7 @@ def init_distributed(backend: str) -> None:
 
 def initialize(model: torch.nn.Module, cfg: Config, ds: dict[str, Any], fused_adam: bool | None = None):
     """deepspeed.initialize with build_adam (fused_adam: as there) and our LR schedule."""
-    import deepspeed
+    import deepspeed  # heavy (seconds): only the layouts that build a DeepSpeed engine pay for it
 
     opt = build_adam([p for p in model.parameters() if p.requires_grad], cfg.train.lr, cfg.train.weight_decay,
                      fused=fused_adam)

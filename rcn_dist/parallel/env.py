@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 
+from rcn_dist.console import Console
 from rcn_dist.errors import RendezvousError
 
 
@@ -174,7 +175,7 @@ def detect(environ: Mapping[str, str] | None = None, cuda: bool | None = None,
     """Detect the launcher and this process's place from the environment (no side effects)."""
     env = os.environ if environ is None else environ
     if cuda is None:
-        import torch
+        import torch  # detect() and `rcn env` run without torch (a launcher's check in a second)
 
         cuda = torch.cuda.is_available()
     addr = env.get("MASTER_ADDR", "")
@@ -239,7 +240,7 @@ def finish_rendezvous(launch: LaunchEnv) -> LaunchEnv:
         launch.master_addr = launch.master_addr or "127.0.0.1"
         launch.master_port = launch.master_port or free_port()
     elif launch.launcher.startswith("mpirun") and (not launch.master_addr or not launch.master_port):
-        from mpi4py import MPI
+        from mpi4py import MPI  # optional: only mpirun launches need it, and it starts MPI at import
 
         comm = MPI.COMM_WORLD
         mine = None
@@ -340,11 +341,11 @@ def init_process_group(launch: LaunchEnv) -> LaunchEnv:
     layout's LayoutSpec.init_comm only wraps it). Every command starts it here."""
     finish_rendezvous(launch)
     timeout_s = rendezvous_timeout(launch)
-    if launch.device.startswith("cuda"):
-        import torch
+    import torch  # here, not at the top: detect() and `rcn env` stay free of torch
+    import torch.distributed as dist  # (the same)
 
+    if launch.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(launch.device))
-    import torch.distributed as dist
 
     store = _rendezvous_store(launch, timeout_s)
     dist.init_process_group(launch.backend, store=store, rank=launch.rank, world_size=launch.world_size)
@@ -362,7 +363,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(d, sort_keys=True))
     else:
-        from rcn_dist.console import Console
-
         Console().table(f"launch environment (rank {launch.rank})", d)
     return 0

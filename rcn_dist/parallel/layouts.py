@@ -94,7 +94,7 @@ class Run:
     """The rank's console (rcn_dist.console.Console: rank 0 prints)."""
     logger: Any
     stop: Any
-    """The run's stop flag (rcn_dist.loop.StopFlag)."""
+    """The run's stop flag (rcn_dist.signals.StopFlag)."""
     latest: Path | None
     """The checkpoint to resume from (rank 0 picked it, every rank was told), or None."""
     speed: Any
