@@ -15,7 +15,7 @@ budget and sizes are fixed up front) by the top-2 exact match (the two highest s
 the two classes), with a Wilson interval, split by how much the two items overlap, and on single
 shifted test items (the top-1 error: the control).
 
-    python launch/overlap_study.py --steps 1500 --seeds 0 1 --out runs/overlap/results.jsonl
+    python launch/overlap_study.py --steps 600 --seeds 0 1 --out runs/overlap/results.jsonl
 
 One JSON line per (model, seed) is appended to --out; --table prints the markdown table of a
 results file.
